@@ -1,0 +1,56 @@
+"""VSD on the analytic prior in 3D: procedural shapes as the "text-to-image" model.
+
+Sized for a 2-core CPU (a few minutes). The prior is a mixture over the
+reference shapes of `prior.references`, rendered exactly from each particle's
+camera (design.md, "The analytic prior"); eps_phi is a tiny pixel-space UNet
+trained from scratch. The README's first command runs this file.
+
+  python -m vsdjax.main --config experiments/toy.py --workdir workdirs/toy
+  # two references, four particles:
+  ... --config.prior.references='sphere:#d04040,cube:#3060c0' --config.n_particles=4
+"""
+from vsdjax import defaults
+
+
+def get_config():
+  c = defaults.get_config()
+  c.steps = 600                 # a few minutes on 2 CPU cores
+  c.n_particles = 1
+  c.prompt = ""                 # analytic prior: "" = all references (a name selects one)
+
+  c.prior.kind = "analytic"
+  c.prior.references = "sphere:#d04040"  # "shape:#rrggbb,..."; shapes: sphere, cube,
+                                         # torus, cylinder, cone (colour optional)
+  c.prior.sigma_ref = 0.0       # point masses at the references
+
+  c.guidance.scale = 1.0        # "" prompt: cond = uncond, CFG has no effect
+  c.guidance.t_switch_step = 300  # t_max 0.98 -> 0.5 half way, as at 5k of 25k
+  c.guidance.view_prompts = False
+
+  c.eps_phi.base = "tiny"       # small pixel-space UNet from scratch
+  c.eps_phi.mode = "full"       # all its weights train (no pretrained base to keep)
+  c.eps_phi.lr = 1e-3
+
+  c.scene.n_levels = 8          # a small hash grid for the CPU
+  c.scene.log2_table_size = 14
+  c.scene.per_level_scale = 1.5
+  c.scene.hidden = 32
+  c.scene.background = "white"  # the references are rendered on white
+  c.scene.random_bg_prob = 0.0
+  c.loss.sparsity = 0.0         # no regulariser needed against an exact prior
+
+  c.render.resolution = 32      # render = prior size; no resolution switch
+  c.render.resolution_after = 32
+  c.render.n_samples = 32
+  c.render.chunk = 16
+
+  c.optim.grid_lr = 1e-2
+  c.optim.lr = 1e-3
+
+  c.log_every = 25
+  c.checkpoint_every = 200
+  c.export.resolution = 64
+  c.export.views = 4
+  c.export.video_frames = 24
+  c.export.mesh_resolution = 64
+  return c

@@ -1,0 +1,45 @@
+"""Frozen score models behind one interface: Stable Diffusion and the analytic prior.
+
+  sd = prior.load_stable_diffusion(name_or_path, dtype=jnp.float32)
+  emb = prior.encode_prompts(sd, ["a hamburger", ""])        # [B, 77, D]
+  eps = prior.predict_eps(sd, sd.unet_params, x_t, t, emb)   # [B, 4, h, w]
+  lat = prior.encode_images(sd, rgb)     # [B, H, W, 3] in [0, 1] -> [B, 4, H/8, W/8]
+  img = prior.decode_latents(sd, lat)    # -> [B, H, W, 3] in [0, 1]
+
+The analytic prior (`prior.make_prior`) answers the same calls: its prompt
+embeddings are component masks [B, K], its "params" are the component means
+[B, K, 3, H, W] (they depend on the camera), and its latents are the pixels
+(2 rgb - 1, channel first).
+"""
+from vsdjax.prior import analytic, schedule, stable_diffusion
+from vsdjax.prior.analytic import AnalyticPrior, make_prior
+from vsdjax.prior.stable_diffusion import StableDiffusion, load_stable_diffusion
+
+
+def _module(model):
+  if isinstance(model, StableDiffusion):
+    return stable_diffusion
+  if isinstance(model, AnalyticPrior):
+    return analytic
+  raise ValueError(f"model must be a StableDiffusion or an AnalyticPrior, got "
+                   f"{type(model).__name__}")
+
+
+def encode_prompts(model, prompts):
+  """Prompt conditioning: [B, 77, D] text states (SD) or [B, K] masks (analytic)."""
+  return _module(model).encode_prompts(model, prompts)
+
+
+def predict_eps(model, params, x_t, t, emb):
+  """eps [B, C, h, w] of x_t [B, C, h, w] at integer t [B] under conditioning emb."""
+  return _module(model).predict_eps(model, params, x_t, t, emb)
+
+
+def encode_images(model, rgb):
+  """rgb [B, H, W, 3] in [0, 1] -> latents [B, C, h, w] (differentiable)."""
+  return _module(model).encode_images(model, rgb)
+
+
+def decode_latents(model, latents):
+  """latents [B, C, h, w] -> rgb [B, H, W, 3] in [0, 1]."""
+  return _module(model).decode_latents(model, latents)
