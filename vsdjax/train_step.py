@@ -85,7 +85,7 @@ def init_state(config, models, frozen, key: jax.Array) -> dict:
   }
 
 
-def _reference_means(models, c2w, fovy, size):
+def reference_means(models, c2w, fovy, size):
   """Analytic prior means at one camera: [1, K, 3, size, size]."""
   rgb = shapes.render_views(models.references, c2w, fovy, size, size)["rgb"]  # [K, H, W, 3]
   return analytic.encode_images(models.prior, rgb)[None]
@@ -135,7 +135,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       out = None
       x0 = params["image"][None]  # [1, 3, h, w]
     label = cameras.view_label(cam.elevation, cam.azimuth)
-    means = (_reference_means(models, cam.c2w, cam.fovy, x0.shape[-1])
+    means = (reference_means(models, cam.c2w, cam.fovy, x0.shape[-1])
              if models.is_analytic else None)
     t = distill.sample_t(k_t, t_lo, t_hi, num_t, (1,))  # [1]
     a_t, s_t = schedule.coefficients(prior.alphas_cumprod, t)
