@@ -1,0 +1,372 @@
+"""Cameras around the object, ray generation and view-dependent prompts.
+
+Conventions (used by every module of vsdjax):
+
+- World frame: z is up and the object sits at the origin.
+- A camera is given by its distance `radius` to the origin, its `elevation` (the
+  angle above the xy-plane, in degrees) and its `azimuth` (degrees, measured in
+  the xy-plane from +x towards +y). Azimuth 0 looks at the object from +x,
+  azimuth 90 from +y. The camera position is
+      radius * (cos(e) cos(a), cos(e) sin(a), sin(e)).
+- `fovy` is the vertical field of view in degrees; pixels are square, so the
+  horizontal field of view follows from the aspect ratio width / height.
+- Camera-to-world matrices c2w [..., 4, 4] follow OpenGL / NeRF: in camera space
+  +x points right, +y up and the camera looks along -z. Columns 0..2 of c2w are
+  those axes expressed in world coordinates, column 3 is the camera position and
+  the last row is (0, 0, 0, 1).
+- Cameras built from spherical coordinates always look at the origin and keep
+  "right" horizontal, right = (-sin(a), cos(a), 0); this frame stays well
+  defined straight above or below the object (elevation +-90).
+- `sample` draws radius, elevation, azimuth and fovy independently and
+  uniformly in their ranges. Elevation is uniform in degrees (as in
+  threestudio's default), not uniform on the sphere.
+- Images have row 0 at the top; rays go through pixel centres.
+- View labels follow threestudio: "overhead" if elevation > 60; otherwise, with
+  the azimuth wrapped to [-180, 180), "front" if |azimuth| < 45, "back" if
+  |azimuth| > 135 and "side" otherwise.
+"""
+import dataclasses
+import functools
+import math
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VIEW_NAMES = ("front", "side", "back", "overhead")
+
+# threestudio's prompt-processor thresholds, in degrees.
+_OVERHEAD_ELEVATION = 60.0
+_FRONT_AZIMUTH = 45.0
+_BACK_AZIMUTH = 135.0
+
+
+def _is_concrete(x) -> bool:
+  """True when `x` holds actual values (not a tracer under jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_finite(name: str, x) -> None:
+  """Raises ValueError naming `name` if a concrete `x` holds NaN or inf."""
+  if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+    raise ValueError(f"{name} must be finite, got {np.asarray(x)!r}")
+
+
+def _check_range(name: str, x, low: float, high: float,
+                 low_open: bool, high_open: bool) -> None:
+  """Raises ValueError naming `name` if a concrete `x` leaves (low, high)."""
+  if not _is_concrete(x):
+    return
+  v = np.asarray(x)
+  below = v <= low if low_open else v < low
+  above = v >= high if high_open else v > high
+  if np.any(below) or np.any(above):
+    lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
+    raise ValueError(f"{name} must lie in {lb}{low}, {high}{hb}, got {v!r}")
+
+
+def _check_positive_int(name: str, n) -> int:
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"{name} must be a positive integer, got {n!r}")
+  return int(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class CameraRanges:
+  """(min, max) ranges that `sample` draws cameras from, uniformly.
+
+  Attributes:
+    radius: distance of the camera to the origin, world units, min > 0.
+    elevation: degrees above the xy-plane, within [-90, 90].
+    azimuth: degrees; any finite range (angles wrap around).
+    fovy: vertical field of view in degrees, within (0, 180).
+  """
+  radius: Tuple[float, float] = (1.0, 1.5)
+  elevation: Tuple[float, float] = (-10.0, 45.0)
+  azimuth: Tuple[float, float] = (-180.0, 180.0)
+  fovy: Tuple[float, float] = (40.0, 70.0)
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      try:
+        low, high = (float(v) for v in value)
+      except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"CameraRanges.{field.name} must be a (min, max) pair of numbers, "
+            f"got {value!r}") from e
+      if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(
+            f"CameraRanges.{field.name} must be finite, got {value!r}")
+      if low > high:
+        raise ValueError(
+            f"CameraRanges.{field.name} needs min <= max, got {value!r}")
+      # Store plain float tuples so instances hash and compare by value.
+      object.__setattr__(self, field.name, (low, high))
+    if self.radius[0] <= 0.0:
+      raise ValueError(f"CameraRanges.radius must be > 0, got {self.radius!r}")
+    if self.elevation[0] < -90.0 or self.elevation[1] > 90.0:
+      raise ValueError("CameraRanges.elevation must lie in [-90, 90], got "
+                       f"{self.elevation!r}")
+    if self.fovy[0] <= 0.0 or self.fovy[1] >= 180.0:
+      raise ValueError(
+          f"CameraRanges.fovy must lie in (0, 180), got {self.fovy!r}")
+
+
+class Cameras(NamedTuple):
+  """A batch of cameras with any leading shape [...]."""
+  c2w: jnp.ndarray        # [..., 4, 4] camera-to-world, OpenGL axes.
+  fovy: jnp.ndarray       # [...] vertical field of view, degrees.
+  elevation: jnp.ndarray  # [...] degrees.
+  azimuth: jnp.ndarray    # [...] degrees.
+  radius: jnp.ndarray     # [...] world units.
+
+
+def _safe_normalize(v: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """v / |v| along the last axis; zero vectors stay zero, gradients finite."""
+  sq = jnp.sum(v * v, axis=-1, keepdims=True)
+  return v * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def _assemble_c2w(right, up, back, position) -> jnp.ndarray:
+  """Stacks axis columns [..., 3] and the position [..., 3] into [..., 4, 4]."""
+  rot = jnp.stack([right, up, back, position], axis=-1)  # [..., 3, 4]
+  bottom = jnp.broadcast_to(
+      jnp.array([0.0, 0.0, 0.0, 1.0], rot.dtype), rot.shape[:-2] + (1, 4))
+  return jnp.concatenate([rot, bottom], axis=-2)  # [..., 4, 4]
+
+
+@jax.jit
+def _look_at(eye, target, up):
+  """look_at's maths on validated float32 inputs [..., 3]."""
+  forward = _safe_normalize(target - eye)  # [..., 3]
+  up = _safe_normalize(up)  # [..., 3]
+  right = jnp.cross(forward, up)  # [..., 3]
+  norm = jnp.linalg.norm(right, axis=-1, keepdims=True)  # [..., 1]
+  # Fallback when forward is parallel to up: any horizontal direction.
+  axis = jax.nn.one_hot(jnp.argmin(jnp.abs(up), axis=-1), 3, dtype=up.dtype)
+  fallback = _safe_normalize(jnp.cross(up, axis))  # [..., 3]
+  ok = norm > 1e-6
+  right = jnp.where(ok, right / jnp.where(ok, norm, 1.0), fallback)
+  right = jnp.broadcast_to(right, jnp.broadcast_shapes(right.shape,
+                                                       forward.shape))
+  cam_up = jnp.cross(right, forward)  # [..., 3], unit: right _|_ forward.
+  eye = jnp.broadcast_to(eye, right.shape)
+  return _assemble_c2w(right, cam_up, -forward, eye)
+
+
+def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> jnp.ndarray:
+  """Camera-to-world matrix of a camera at `eye` looking at `target`.
+
+  The camera's -z axis points from eye to target and its +x axis ("right") is
+  horizontal with respect to `up`. When the view direction is parallel to
+  `up` (e.g. the eye straight above the target), "right" falls back to
+  normalize(up x e_k), e_k the world axis least aligned with `up`; for the
+  default up this is +y, the same frame `from_spherical` gives at azimuth 0.
+
+  Args:
+    eye: [..., 3] camera positions.
+    target: [..., 3] points looked at (broadcasts against eye).
+    up: [3] or [..., 3] world up direction, need not be unit.
+
+  Returns:
+    c2w: [..., 4, 4] float32 camera-to-world matrices.
+  """
+  eye = jnp.asarray(eye, jnp.float32)
+  target = jnp.asarray(target, jnp.float32)
+  up = jnp.asarray(up, jnp.float32)
+  for name, v in (("eye", eye), ("target", target), ("up", up)):
+    if v.ndim < 1 or v.shape[-1] != 3:
+      raise ValueError(f"{name} must have shape [..., 3], got {v.shape}")
+    _check_finite(name, v)
+  if _is_concrete(up) and np.any(np.linalg.norm(np.asarray(up), axis=-1) == 0):
+    raise ValueError("up must be a non-zero vector")
+  if (_is_concrete(eye) and _is_concrete(target) and
+      np.any(np.all(np.asarray(eye) == np.asarray(target), axis=-1))):
+    raise ValueError("eye and target must differ")
+
+  return _look_at(eye, target, up)
+
+
+@jax.jit
+def _spherical_c2w(radius, elevation, azimuth):
+  """c2w [..., 4, 4] of cameras looking at the origin; inputs [...] float32."""
+  e = jnp.deg2rad(elevation)  # [...]
+  a = jnp.deg2rad(azimuth)  # [...]
+  ce, se, ca, sa = jnp.cos(e), jnp.sin(e), jnp.cos(a), jnp.sin(a)
+  back = jnp.stack([ce * ca, ce * sa, se], axis=-1)  # [..., 3], camera +z.
+  right = jnp.stack([-sa, ca, jnp.zeros_like(a)], axis=-1)  # [..., 3]
+  up = jnp.stack([-se * ca, -se * sa, ce], axis=-1)  # [..., 3] = back x right.
+  return _assemble_c2w(right, up, back, radius[..., None] * back)
+
+
+def from_spherical(radius, elevation, azimuth, fovy) -> Cameras:
+  """Cameras looking at the origin from spherical coordinates.
+
+  Args:
+    radius: [...] distance to the origin, > 0.
+    elevation: [...] degrees above the xy-plane.
+    azimuth: [...] degrees from +x towards +y.
+    fovy: [...] vertical field of view in degrees, in (0, 180).
+    All four broadcast against each other.
+
+  Returns:
+    Cameras whose fields have the broadcast shape [...] (c2w [..., 4, 4]).
+  """
+  named = (("radius", radius), ("elevation", elevation), ("azimuth", azimuth),
+           ("fovy", fovy))
+  for name, v in named:
+    _check_finite(name, v)
+  _check_range("radius", radius, 0.0, math.inf, True, True)
+  _check_range("fovy", fovy, 0.0, 180.0, True, True)
+  try:
+    shape = jnp.broadcast_shapes(*(jnp.shape(v) for _, v in named))
+  except ValueError as e:
+    raise ValueError("radius, elevation, azimuth and fovy must broadcast, got "
+                     f"shapes {[jnp.shape(v) for _, v in named]}") from e
+  radius, elevation, azimuth, fovy = (
+      jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for _, v in named)
+
+  return Cameras(c2w=_spherical_c2w(radius, elevation, azimuth), fovy=fovy,
+                 elevation=elevation, azimuth=azimuth, radius=radius)
+
+
+def sample(key: jax.Array, ranges: CameraRanges, n: int) -> Cameras:
+  """Draws n cameras, each parameter uniform in its range of `ranges`.
+
+  Args:
+    key: PRNG key.
+    ranges: CameraRanges (degrees and world units).
+    n: number of cameras.
+
+  Returns:
+    Cameras with leading shape [n].
+  """
+  if not isinstance(ranges, CameraRanges):
+    raise ValueError(f"ranges must be a CameraRanges, got {type(ranges)}")
+  n = _check_positive_int("n", n)
+  k_r, k_e, k_a, k_f = jax.random.split(key, 4)
+
+  def uniform(k, bounds):
+    return jax.random.uniform(k, (n,), jnp.float32, bounds[0], bounds[1])
+
+  return from_spherical(uniform(k_r, ranges.radius),
+                        uniform(k_e, ranges.elevation),
+                        uniform(k_a, ranges.azimuth),
+                        uniform(k_f, ranges.fovy))
+
+
+def orbit(n_views: int, radius: float, elevation: float,
+          fovy: float) -> Cameras:
+  """A 360-degree ring of cameras at fixed radius and elevation (for videos).
+
+  View i has azimuth 360 * i / n_views degrees, wrapped to [-180, 180): the
+  ring starts at the front view and turns towards +y, without repeating the
+  first view at the end.
+
+  Returns:
+    Cameras with leading shape [n_views].
+  """
+  n_views = _check_positive_int("n_views", n_views)
+  azimuth = 360.0 * jnp.arange(n_views, dtype=jnp.float32) / n_views  # [n]
+  azimuth = jnp.mod(azimuth + 180.0, 360.0) - 180.0
+  return from_spherical(radius, elevation, azimuth, fovy)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _rays(c2w, fovy, height, width):
+  """rays' maths on validated inputs c2w [..., 4, 4], fovy [...]."""
+  batch = jnp.broadcast_shapes(c2w.shape[:-2], fovy.shape)
+  focal = 0.5 * height / jnp.tan(0.5 * jnp.deg2rad(fovy))  # [...]
+  focal = jnp.broadcast_to(focal, batch)[..., None, None]  # [..., 1, 1]
+  cols = jnp.arange(width, dtype=jnp.float32) + 0.5 - 0.5 * width  # [W]
+  rows = jnp.arange(height, dtype=jnp.float32) + 0.5 - 0.5 * height  # [H]
+  x = jnp.broadcast_to(cols[None, :] / focal, batch + (height, width))
+  y = jnp.broadcast_to(-rows[:, None] / focal, batch + (height, width))
+  d_cam = jnp.stack([x, y, -jnp.ones_like(x)], axis=-1)  # [..., H, W, 3]
+  rot = jnp.broadcast_to(c2w[..., :3, :3], batch + (3, 3))  # [..., 3, 3]
+  d_world = jnp.einsum("...ij,...hwj->...hwi", rot, d_cam)  # [..., H, W, 3]
+  directions = _safe_normalize(d_world)
+  position = jnp.broadcast_to(c2w[..., :3, 3], batch + (3,))  # [..., 3]
+  origins = jnp.broadcast_to(position[..., None, None, :], directions.shape)
+  return origins, directions
+
+
+def rays(c2w, fovy, height: int, width: int):
+  """Rays through the pixel centres of a pinhole camera.
+
+  Pixel (i, j) (row i from the top, column j from the left) has camera-space
+  direction ((j + 0.5 - W / 2) / f, -(i + 0.5 - H / 2) / f, -1) with focal
+  length f = (H / 2) / tan(fovy / 2) in pixels.
+
+  Args:
+    c2w: [..., 4, 4] camera-to-world matrices (usually [4, 4]).
+    fovy: [...] vertical field of view in degrees (broadcasts against c2w's
+      leading shape).
+    height: H, image rows.
+    width: W, image columns.
+
+  Returns:
+    origins: [..., H, W, 3] the camera positions.
+    directions: [..., H, W, 3] unit world-space directions.
+  """
+  c2w = jnp.asarray(c2w, jnp.float32)
+  fovy = jnp.asarray(fovy, jnp.float32)
+  if c2w.ndim < 2 or c2w.shape[-2:] != (4, 4):
+    raise ValueError(f"c2w must have shape [..., 4, 4], got {c2w.shape}")
+  height = _check_positive_int("height", height)
+  width = _check_positive_int("width", width)
+  try:
+    jnp.broadcast_shapes(c2w.shape[:-2], fovy.shape)
+  except ValueError as e:
+    raise ValueError(f"fovy shape {fovy.shape} does not broadcast with c2w's "
+                     f"leading shape {c2w.shape[:-2]}") from e
+  _check_finite("c2w", c2w)
+  _check_finite("fovy", fovy)
+  _check_range("fovy", fovy, 0.0, 180.0, True, True)
+
+  return _rays(c2w, fovy, height, width)
+
+
+@jax.jit
+def _view_label(elevation, azimuth):
+  """view_label's maths on float32 inputs [...]."""
+  # |azimuth| after wrapping to [-180, 180): [...] in [0, 180].
+  wrapped = jnp.abs(jnp.mod(azimuth + 180.0, 360.0) - 180.0)
+  label = jnp.where(wrapped < _FRONT_AZIMUTH, 0,
+                    jnp.where(wrapped > _BACK_AZIMUTH, 2, 1))
+  label = jnp.where(elevation > _OVERHEAD_ELEVATION, 3, label)
+  return label.astype(jnp.int32)
+
+
+def view_label(elevation, azimuth) -> jnp.ndarray:
+  """View-direction class of cameras, as an index into VIEW_NAMES.
+
+  Args:
+    elevation: [...] degrees.
+    azimuth: [...] degrees, any value (wrapped to [-180, 180) here).
+
+  Returns:
+    [...] int32: 0 front, 1 side, 2 back, 3 overhead.
+  """
+  elevation = jnp.asarray(elevation, jnp.float32)
+  azimuth = jnp.asarray(azimuth, jnp.float32)
+  _check_finite("elevation", elevation)
+  _check_finite("azimuth", azimuth)
+  return _view_label(elevation, azimuth)
+
+
+def view_prompt(prompt: str, label) -> str:
+  """'<prompt>, <view> view' for a (host-side, concrete) label in 0..3."""
+  if not isinstance(prompt, str):
+    raise ValueError(f"prompt must be a str, got {type(prompt)}")
+  if isinstance(label, jax.core.Tracer):
+    raise ValueError("label must be concrete (call view_prompt on the host)")
+  value = np.asarray(label)
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+    raise ValueError(f"label must be an integer scalar, got {label!r}")
+  if not 0 <= int(value) < len(VIEW_NAMES):
+    raise ValueError(
+        f"label must be in 0..{len(VIEW_NAMES) - 1}, got {label!r}")
+  return f"{prompt}, {VIEW_NAMES[int(value)]} view"
