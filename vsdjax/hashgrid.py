@@ -1,0 +1,218 @@
+"""Instant-NGP multiresolution hash encoding (Müller et al., 2022) in pure JAX.
+
+Conventions follow tiny-cuda-nn's `GridEncoding` (used by threestudio's
+"HashGrid" and so by ProlificDreamer), for 3D inputs and linear interpolation:
+
+- Level l (0-based) has
+      scale_l      = base_resolution * per_level_scale**l - 1,
+      resolution_l = ceil(scale_l) + 1,
+      size_l       = min(T, next multiple of 8 of resolution_l**3),
+  with T = 2**log2_table_size. A point x in [0, 1]^3 (inputs outside are
+  clamped; tiny-cuda-nn does not clamp) sits at the continuous grid position
+  pos = x * scale_l + 0.5, in the cell floor(pos), with trilinear weights from
+  frac = pos - floor(pos).
+- The table row of an integer corner c = (c0, c1, c2) is, modulo size_l:
+  dense (row-major, c0 fastest) c0 + c1 * res + c2 * res**2 where
+  resolution_l**3 <= T, else the spatial hash
+  (c0 * 1) xor (c1 * 2654435761) xor (c2 * 805459861) in uint32 arithmetic.
+  As in tiny-cuda-nn, when scale_l is an integer or frac(scale_l) >= 0.5, the
+  upper corner of the last cell along an axis (points with x * scale_l + 0.5 >
+  ceil(scale_l), near x = 1) has coordinate resolution_l, one past the dense
+  grid; its row wraps exactly as tiny-cuda-nn's does (row-major overflow, then
+  modulo size_l), so both implementations read the same rows.
+- Every level owns a [T, F] slice of one [L, T, F] table (tiny-cuda-nn packs
+  only size_l rows per level; rows >= size_l of a dense level are never read
+  and get zero gradient). Initialisation is uniform in [-init_scale,
+  init_scale] (tiny-cuda-nn: 1e-4).
+- The output concatenates levels in order, [level 0 features, level 1
+  features, ...], i.e. [..., L * F] with feature f of level l at l * F + f.
+
+scale_l is computed in float64 here (tiny-cuda-nn: float32 exp2f); the two
+agree to about 1e-7 relative. All levels are handled by one gather of
+[N, L, 8] rows, so the backward pass w.r.t. the tables is one scatter-add.
+Reverse mode keeps the [N, L, 8] rows and weights (64 bytes per point and
+level), so differentiate through `encode` in chunks of points (the volume
+renderer's rematerialised scan does).
+"""
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Instant-NGP's hashing primes, one per dimension.
+_PRIMES = (1, 2654435761, 805459861)
+# [8, 3] corner offsets of a cell; corner k has offset (k >> d) & 1 along dim d.
+_CORNERS = np.array(
+    [[(k >> d) & 1 for d in range(3)] for k in range(8)], dtype=np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+  """Static settings of the hash grid (defaults: threestudio / ProlificDreamer).
+
+  Attributes:
+    n_levels: number of resolution levels L.
+    n_features: features per level F.
+    log2_table_size: log2 of the rows T per level.
+    base_resolution: resolution of the coarsest level (>= 2).
+    per_level_scale: growth factor of the scale from one level to the next.
+    init_scale: tables start uniform in [-init_scale, init_scale].
+  """
+  n_levels: int = 16
+  n_features: int = 2
+  log2_table_size: int = 19
+  base_resolution: int = 16
+  per_level_scale: float = 1.447269
+  init_scale: float = 1e-4
+
+  def __post_init__(self):
+    for name in ("n_levels", "n_features", "log2_table_size",
+                 "base_resolution"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"GridSpec.{name} must be an integer, got {value!r}")
+      object.__setattr__(self, name, int(value))
+    for name in ("per_level_scale", "init_scale"):
+      value = getattr(self, name)
+      try:
+        value = float(value)
+      except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"GridSpec.{name} must be a number, got {value!r}") from e
+      if not math.isfinite(value):
+        raise ValueError(f"GridSpec.{name} must be finite, got {value!r}")
+      object.__setattr__(self, name, value)
+    if self.n_levels < 1:
+      raise ValueError(f"GridSpec.n_levels must be >= 1, got {self.n_levels}")
+    if self.n_features < 1:
+      raise ValueError(
+          f"GridSpec.n_features must be >= 1, got {self.n_features}")
+    if not 3 <= self.log2_table_size <= 30:
+      raise ValueError("GridSpec.log2_table_size must lie in [3, 30], got "
+                       f"{self.log2_table_size}")
+    if self.n_levels << self.log2_table_size > 2**31 - 1:
+      raise ValueError(
+          "GridSpec.n_levels * 2**log2_table_size must fit in int32, got "
+          f"{self.n_levels} * 2**{self.log2_table_size}")
+    if self.base_resolution < 2:
+      raise ValueError("GridSpec.base_resolution must be >= 2, got "
+                       f"{self.base_resolution}")
+    if self.per_level_scale < 1.0:
+      raise ValueError("GridSpec.per_level_scale must be >= 1, got "
+                       f"{self.per_level_scale}")
+    if self.init_scale < 0.0:
+      raise ValueError(
+          f"GridSpec.init_scale must be >= 0, got {self.init_scale}")
+    top = levels(self).resolution[-1]
+    if top >= 2**31:
+      raise ValueError(
+          f"GridSpec gives a finest resolution of {top}, beyond uint32 maths")
+
+  @property
+  def table_size(self) -> int:
+    """Rows T per level."""
+    return 2**self.log2_table_size
+
+  @property
+  def n_output(self) -> int:
+    """Width L * F of the encoding."""
+    return self.n_levels * self.n_features
+
+
+class Levels(NamedTuple):
+  """Per-level layout (numpy, static), each [L]."""
+  scale: np.ndarray       # float64, scale_l = base * per_level_scale**l - 1.
+  resolution: np.ndarray  # int64, ceil(scale_l) + 1.
+  size: np.ndarray        # int64, rows used: min(T, ceil8(resolution**3)).
+  dense: np.ndarray       # bool, resolution**3 <= T (else hashed).
+
+
+def levels(spec: GridSpec) -> Levels:
+  """The static layout of every level of `spec` (see the module docstring)."""
+  l = np.arange(spec.n_levels, dtype=np.float64)
+  scale = spec.base_resolution * spec.per_level_scale**l - 1.0
+  resolution = np.ceil(scale).astype(np.int64) + 1
+  cells = resolution.astype(np.float64)**3  # float: no int64 overflow.
+  t = spec.table_size
+  size = np.minimum(t, 8 * np.ceil(cells / 8))
+  return Levels(scale=scale, resolution=resolution,
+                size=size.astype(np.int64), dense=cells <= t)
+
+
+def init(key: jax.Array, spec: GridSpec) -> dict:
+  """Initial hash-grid parameters.
+
+  Args:
+    key: PRNG key.
+    spec: grid settings.
+
+  Returns:
+    {'tables': [L, T, F] float32}, uniform in [-init_scale, init_scale].
+  """
+  shape = (spec.n_levels, spec.table_size, spec.n_features)
+  tables = jax.random.uniform(key, shape, jnp.float32,
+                              -spec.init_scale, spec.init_scale)
+  return {"tables": tables}
+
+
+def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
+  """Encodes positions with the multiresolution hash grid.
+
+  Args:
+    params: {'tables': [L, T, F]} from `init`.
+    x: [..., 3] positions in the unit cube [0, 1]^3 (clamped to it).
+    spec: grid settings matching `params`.
+
+  Returns:
+    [..., L * F] interpolated features, level-major, in the dtype of
+    `x` and the tables promoted together. Differentiable w.r.t. the tables and
+    w.r.t. `x` (piecewise trilinear; the gradient is zero outside the cube).
+  """
+  tables = jnp.asarray(params["tables"])
+  n_levels, t, n_features = spec.n_levels, spec.table_size, spec.n_features
+  if tables.shape != (n_levels, t, n_features):
+    raise ValueError(
+        f"params['tables'] must have shape {(n_levels, t, n_features)} for "
+        f"{spec}, got {tables.shape}")
+  x = jnp.asarray(x)
+  if x.ndim < 1 or x.shape[-1] != 3:
+    raise ValueError(f"x must have shape [..., 3], got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a floating-point array, got {x.dtype}")
+  if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(x)):
+    raise ValueError("x must be finite")
+
+  lv = levels(spec)
+  dtype = jnp.promote_types(x.dtype, tables.dtype)
+  batch_shape = x.shape[:-1]
+  x = jnp.clip(x.astype(dtype).reshape(-1, 1, 3), 0.0, 1.0)  # [N, 1, 3]
+  scale = jnp.asarray(lv.scale[:, None], dtype)  # [L, 1]
+  pos = x * scale + 0.5  # [N, L, 3]
+  cell = jnp.floor(pos)  # [N, L, 3]
+  frac = pos - cell  # [N, L, 3]
+
+  # Integer corners and their table rows, all levels at once.
+  corner = (cell.astype(jnp.uint32)[:, :, None, :]
+            + jnp.asarray(_CORNERS))  # [N, L, 8, 3]
+  c0, c1, c2 = corner[..., 0], corner[..., 1], corner[..., 2]  # [N, L, 8]
+  res = jnp.asarray(lv.resolution[:, None], jnp.uint32)  # [L, 1]
+  dense_row = c0 + c1 * res + c2 * (res * res)  # [N, L, 8]
+  hashed_row = (c0 * jnp.uint32(_PRIMES[0])
+                ^ c1 * jnp.uint32(_PRIMES[1])
+                ^ c2 * jnp.uint32(_PRIMES[2]))  # [N, L, 8]
+  row = jnp.where(lv.dense[:, None], dense_row, hashed_row)  # [N, L, 8]
+  row = row % jnp.asarray(lv.size[:, None], jnp.uint32)  # [N, L, 8]
+  level_start = jnp.asarray(np.arange(n_levels)[:, None] * t, jnp.int32)
+  flat_row = row.astype(jnp.int32) + level_start  # [N, L, 8]
+  feats = tables.astype(dtype).reshape(n_levels * t, n_features).at[
+      flat_row].get(mode="promise_in_bounds")  # [N, L, 8, F]
+
+  # Trilinear weights: product over dims of frac (offset 1) or 1 - frac.
+  upper = jnp.asarray(_CORNERS, bool)  # [8, 3]
+  f = frac[:, :, None, :]  # [N, L, 1, 3]
+  weights = jnp.prod(jnp.where(upper, f, 1.0 - f), axis=-1)  # [N, L, 8]
+  out = jnp.sum(weights[..., None] * feats, axis=-2)  # [N, L, F]
+  return out.reshape(*batch_shape, n_levels * n_features)
