@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps_phi.weight_decay = 0.0  # AdamW weight decay
   c.eps_phi.camera_dropout = 0.1  # probability the camera is replaced by zeros
   c.eps_phi.steps_per_step = 1  # eps_phi updates per particle update
-  c.eps_phi.tiny_channels = (32, 64)  # "tiny" base: UNet block widths (multiples of 32)
+  c.eps_phi.tiny_channels = (64, 64)  # "tiny" base: UNet level widths (>= 64, multiples of 32)
 
   # --- scene: one NeRF per particle (field.py, hashgrid.py, background.py) ---
   c.scene = ml_collections.ConfigDict()

@@ -52,13 +52,24 @@ class Models:
 
 
 def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
-  """Config of a small diffusers UNet for pixel-space eps_phi (analytic prior)."""
+  """Config of a small diffusers UNet for pixel-space eps_phi (analytic prior).
+
+  One level per entry of `channels`, cross-attention on the first. Each width
+  must be a multiple of 32 and at least 64: diffusers' Flax GroupNorm has 32
+  groups, and with 32 channels every channel is its own group, so the
+  normalisation removes the time (and camera) embedding's per-channel shift.
+  """
+  channels = tuple(int(c) for c in channels)
+  if not channels or any(c < 64 or c % 32 for c in channels):
+    raise ValueError("eps_phi.tiny_channels must be widths >= 64 that are multiples "
+                     f"of 32 (GroupNorm has 32 groups), got {channels}")
+  n = len(channels)
   return {
       "sample_size": size,
       "in_channels": in_channels,
       "out_channels": in_channels,
-      "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+      "down_block_types": ["CrossAttnDownBlock2D"] + ["DownBlock2D"] * (n - 1),
+      "up_block_types": ["UpBlock2D"] * (n - 1) + ["CrossAttnUpBlock2D"],
       "block_out_channels": list(channels),
       "layers_per_block": 1,
       "attention_head_dim": 8,
