@@ -6,7 +6,7 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir;
 `--config.mode=export` only writes the exports of the latest checkpoint.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vsdjax import train
@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
