@@ -8,6 +8,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vsdjax", "vsdjax.*"]),
+    # The real SD 2.1 / 2.1-base config files (shapes, schedule) ship as data.
+    package_data={"vsdjax.prior": ["configs/*/*.json", "configs/*/*/*.json", "configs/*.md"]},
     python_requires=">=3.10",
     install_requires=[
         # Versions tested together; diffusers removed its Flax classes in 0.40

@@ -4,8 +4,9 @@
   models: static description (modules, specs, schedules) closed over by jit;
   frozen: the arrays the step reads but never updates, passed to the jitted
     step as an argument (never baked in as constants):
-      'prior':     SD UNet params ({} for the analytic prior)
-      'vae':       SD VAE params ({} for the analytic prior)
+      'prior':     the StableDiffusion pytree (UNet and VAE params; the text
+                   encoder is dropped once the prompts are encoded); {} for the
+                   analytic prior
       'phi_base':  eps_phi's base UNet params ({} for SDS)
       'emb_cond':  [4, L, D] prompt conditioning per view label (cameras.VIEW_NAMES)
       'emb_uncond': [L, D] unconditional conditioning
@@ -20,7 +21,7 @@ import numpy as np
 
 from vsdjax import cameras, eps_phi, shapes
 from vsdjax import prior as prior_lib
-from vsdjax.prior import schedule, stable_diffusion
+from vsdjax.prior import stable_diffusion
 
 # Text conditioning of the tiny eps_phi UNet used with the analytic prior (a
 # single zero token: the analytic prior has one prompt).
@@ -32,7 +33,7 @@ class Models:
   """Static parts of the score models (hashed by identity).
 
   Attributes:
-    prior: StableDiffusion or AnalyticPrior.
+    prior: StableDiffusion without weights (they are in `frozen`) or AnalyticPrior.
     references: the analytic prior's reference shapes (empty for SD).
     phi_unet: eps_phi's FlaxUNet2DConditionModel, None for SDS.
     phi_spec: eps_phi.EpsPhiSpec, None for SDS.
@@ -54,7 +55,7 @@ class Models:
 def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
   """Config of a small diffusers UNet for pixel-space eps_phi (analytic prior).
 
-  One level per entry of `channels`, cross-attention on the first. Each width
+  One level per entry of `channels`, attention only on the coarsest (cheap). Each width
   must be a multiple of 32 and at least 64: diffusers' Flax GroupNorm has 32
   groups, and with 32 channels every channel is its own group, so the
   normalisation removes the time (and camera) embedding's per-channel shift.
@@ -68,8 +69,8 @@ def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
       "sample_size": size,
       "in_channels": in_channels,
       "out_channels": in_channels,
-      "down_block_types": ["CrossAttnDownBlock2D"] + ["DownBlock2D"] * (n - 1),
-      "up_block_types": ["UpBlock2D"] * (n - 1) + ["CrossAttnUpBlock2D"],
+      "down_block_types": ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D"],
+      "up_block_types": ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (n - 1),
       "block_out_channels": list(channels),
       "layers_per_block": 1,
       "attention_head_dim": 8,
@@ -93,18 +94,19 @@ def build(config, key: jax.Array):
   vsd = config.guidance.mode == "vsd"
   if config.guidance.mode not in ("vsd", "sds"):
     raise ValueError(f"guidance.mode must be 'vsd' or 'sds', got {config.guidance.mode!r}")
-  frozen = {"prior": {}, "vae": {}, "phi_base": {}}
+  frozen = {"prior": {}, "phi_base": {}}
   if kind == "stable_diffusion":
     sd = prior_lib.load_stable_diffusion(config.prior.name, dtype=_dtype(config.prior.dtype))
     prompts = [cameras.view_prompt(config.prompt, i) if config.guidance.view_prompts
                else config.prompt for i in range(len(cameras.VIEW_NAMES))]
     emb = prior_lib.encode_prompts(sd, prompts + [""])  # [5, 77, D]
-    frozen.update(prior=sd.unet_params, vae=sd.vae_params,
-                  emb_cond=emb[:-1], emb_uncond=emb[-1], phi_emb=emb[:-1])
-    models = Models(prior=sd)
+    sd = dataclasses.replace(sd, text_params={})
+    frozen.update(prior=sd, emb_cond=emb[:-1], emb_uncond=emb[-1], phi_emb=emb[:-1])
+    # The static copy keeps the modules and the schedule, not the weights.
+    models = Models(prior=dataclasses.replace(sd, unet_params={}, vae_params={}))
     if vsd:
       base = config.eps_phi.base
-      phi_sd = sd if base == "prior" else stable_diffusion.load_stable_diffusion(
+      phi_sd = sd if base == "prior" else prior_lib.load_stable_diffusion(
           base, dtype=jnp.float32)
       frozen["phi_base"] = phi_sd.unet_params
       models = dataclasses.replace(

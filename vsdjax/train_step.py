@@ -18,7 +18,6 @@ One step, for key k = fold_in(key, step):
   eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all particles at a
     fresh t', camera dropout; AdamW step of phi.
 """
-import dataclasses
 import functools
 from typing import Callable
 
@@ -111,7 +110,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
   def encode(frozen, rgb):  # [1, H, W, 3] -> [1, C, h, w]
     if models.is_analytic:
       return analytic.encode_images(prior, rgb)
-    return sd_lib.encode_images(dataclasses.replace(prior, vae_params=frozen["vae"]), rgb)
+    return sd_lib.encode_images(frozen["prior"], rgb)
 
   def prior_eps(frozen, x_t, t, label, means):
     cond, uncond = frozen["emb_cond"][label][None], frozen["emb_uncond"][None]
@@ -121,7 +120,8 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
                                   jnp.concatenate([uncond, cond]))
       eps_u, eps_c = jnp.split(eps2, 2)
       return schedule.cfg(eps_u, eps_c, g.scale)
-    return sd_lib.predict_eps_cfg(prior, frozen["prior"], x_t, t, cond, uncond, g.scale)
+    sd = frozen["prior"]
+    return sd_lib.predict_eps_cfg(sd, sd.unet_params, x_t, t, cond, uncond, g.scale)
 
   def particle_loss(params, key, phi, frozen, t_lo, t_hi):
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
