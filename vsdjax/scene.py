@@ -29,12 +29,15 @@ class SceneSpec:
     shading: one of field_lib.SHADINGS ("diffuse" / "textureless" use a random light).
     background: "mlp" (view-direction MLP) or "white".
     random_bg_prob: probability of one random solid background colour per render.
+    with_normals: also render normals under "albedo" shading (the orientation
+      regulariser needs them; shaded modes always compute them).
   """
   field: field_lib.FieldSpec = field_lib.FieldSpec()
   render: render_lib.RenderSpec = render_lib.RenderSpec()
   shading: str = "albedo"
   background: str = "mlp"
   random_bg_prob: float = 0.0
+  with_normals: bool = False
 
   def __post_init__(self):
     if self.shading not in field_lib.SHADINGS:
@@ -69,7 +72,8 @@ def spec_from_config(config) -> SceneSpec:
           n_samples=r.n_samples, chunk=r.chunk, bound=s.bound),
       shading=s.shading,
       background=s.background,
-      random_bg_prob=s.random_bg_prob)
+      random_bg_prob=s.random_bg_prob,
+      with_normals=config.loss.orientation > 0)
 
 
 def camera_ranges_from_config(config) -> cameras.CameraRanges:
@@ -123,7 +127,8 @@ def render_camera(params: dict,
     light = field_lib.sample_light(k_light, 1, eye[None])[0]
   point_fn = field_lib.point_fn(
       params["field"], spec.field, spec.shading,
-      light_dir=None if spec.shading == "albedo" else light)
+      light_dir=None if spec.shading == "albedo" else light,
+      with_normals=spec.with_normals)
 
   def background_fn(d):  # [N, 3] -> [N, 3]
     bg = (jnp.ones_like(d) if spec.background == "white" else
