@@ -79,6 +79,9 @@ def test_run_workdir_and_resume(tmp_path):
 def test_step_compiles_once_and_sds_is_the_same_step():
   for mode in ("vsd", "sds"):
     c = tiny_config(**{"guidance.mode": mode})
+    if mode == "sds":  # also exercise every regulariser (orientation needs normals)
+      for name in ("sparsity", "opaque", "entropy", "orientation"):
+        c.loss[name] = 0.1
     m, frozen = models.build(c, jax.random.PRNGKey(0))
     state = train_step.init_state(c, m, frozen, jax.random.PRNGKey(1))
     step = train_step.make_train_step(c, m, frozen, c.render.resolution)
@@ -89,6 +92,9 @@ def test_step_compiles_once_and_sds_is_the_same_step():
     assert ("phi_loss" in metrics) == (mode == "vsd")
     assert (state["phi"] == {}) == (mode == "sds")
     assert np.isfinite(float(metrics["loss"]))
+    if mode == "sds":
+      assert all(float(metrics[f"loss_{n}"]) > 0 for n in ("sparsity", "opaque", "entropy"))
+      assert float(metrics["loss_orientation"]) >= 0
 
 
 def test_2d_mode_step():
