@@ -26,12 +26,15 @@ from vsdjax import background, cameras, field, hashgrid, render, scene, shapes
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--shape", default="torus:#d08030", help="reference, shape:#rrggbb")
-  p.add_argument("--views", type=int, default=24, help="training views")
+  p.add_argument("--views", type=int, default=40, help="training views")
+  p.add_argument("--bound", type=float, default=0.6,
+                 help="half-size of the scene cube; the shapes fit in radius 0.5, and a "
+                 "cube that excludes the cameras leaves no room for floaters")
   p.add_argument("--heldout", type=int, default=8, help="held-out views")
   p.add_argument("--size", type=int, default=64, help="image size (square)")
-  p.add_argument("--steps", type=int, default=1500)
-  p.add_argument("--rays", type=int, default=4096, help="rays per step")
-  p.add_argument("--samples", type=int, default=64, help="samples per ray")
+  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--rays", type=int, default=1024, help="rays per step")
+  p.add_argument("--samples", type=int, default=32, help="samples per ray")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="out/fit_multiview", help="folder for PNGs")
   return p.parse_args()
@@ -60,8 +63,9 @@ def main():
   train_rgb, train_o, train_d = (v.reshape(-1, 3) for v in (train_rgb, train_o, train_d))
 
   spec = scene.SceneSpec(
-      field=field.FieldSpec(grid=hashgrid.GridSpec(n_levels=12, log2_table_size=17)),
-      render=render.RenderSpec(n_samples=args.samples, chunk=16),
+      field=field.FieldSpec(grid=hashgrid.GridSpec(n_levels=8, log2_table_size=16),
+                            bound=args.bound),
+      render=render.RenderSpec(n_samples=args.samples, chunk=16, bound=args.bound),
       background="mlp")
   params = scene.init(k_init, spec)
   labels = jax.tree.map(lambda _: "mlp", params)

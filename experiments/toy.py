@@ -14,7 +14,7 @@ from vsdjax import defaults
 
 def get_config():
   c = defaults.get_config()
-  c.steps = 600                 # a few minutes on 2 CPU cores
+  c.steps = 400                 # a few minutes on 2 CPU cores
   c.n_particles = 1
   c.prompt = ""                 # analytic prior: "" = all references (a name selects one)
 
@@ -43,6 +43,7 @@ def get_config():
   c.render.resolution_after = 32
   c.render.n_samples = 32
   c.render.chunk = 16
+  c.render.ray_batch = 0        # 32x32: one batch
 
   c.optim.grid_lr = 1e-2
   c.optim.lr = 1e-3

@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.render.resolution_step = 5_000  # step of the resolution switch (one recompilation)
   c.render.n_samples = 64       # samples per ray
   c.render.chunk = 16           # samples per lax.scan step (rematerialised)
+  c.render.ray_batch = 32_768   # >0: render in batches of this many rays (lax.map);
+                                # bounds memory at 512x512 (benchmarks/README.md); 0: one batch
 
   # --- cameras (degrees, world units; cameras.py) ---
   c.camera = ml_collections.ConfigDict()

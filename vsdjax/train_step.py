@@ -128,7 +128,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     if config.dimension == 3:
       cam = jax.tree.map(lambda v: v[0], cameras.sample(k_cam, ranges, 1))
       out = scene.render_camera(params, cam.c2w, cam.fovy, resolution, resolution, spec,
-                                k_render)
+                                k_render, config.render.ray_batch or None)
       x0 = encode(frozen, out["rgb"][None])  # [1, C, h, w]
     else:
       cam = camera_2d()
