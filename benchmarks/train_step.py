@@ -1,0 +1,344 @@
+"""Speed and memory of the jitted SDS / VSD train step (train_step.py).
+
+Prints one JSON object per line.
+
+Toy part (default): the config of --config (experiments/toy.py: analytic
+prior, tiny eps_phi UNet, small hash grid) for each --modes x --particles;
+models.build, train_step.init_state, make_train_step, then
+`train_step.jitted.lower(state, key, frozen).compile()`. Each line: bench
+"toy_step", mode, n_particles, resolution, value = median seconds per step
+(--repeats timed steps after --warmup steps; the state is donated and carried
+from step to step), per_particle_s, compile_s, and memory.
+
+SD part (--sd, alone): the Stable Diffusion 2.1-base architecture from the
+shipped configs with NO weights: the UNet / VAE params, the text embeddings
+([4, 77, 1024] per view and [77, 1024] unconditional) and the state
+(jax.eval_shape of init_state) are jax.ShapeDtypeStruct trees, so the VSD
+step of the --sd-config (experiments/vsd.py) is lowered and compiled without
+allocating anything. For each --sd-resolutions (render size; latents are 1/8
+of it) x --sd-dtypes (the prior's; eps_phi's base keeps float32 unless it is
+the shared prior) x --phi-bases ("prior": eps_phi is LoRA on the prior's own
+UNet, or "stable-diffusion-2-1": a separate SD 2.1 (768, v) UNet, float32,
+as ProlificDreamer): bench "sd_step", compile_s, memory, and the bytes of
+the state and frozen arrays. With --time (meant for a GPU) the step also runs
+on random weights and value is its median seconds.
+
+memory is XLA's compiled memory analysis in bytes: arguments, outputs, alias
+(donated state buffers reused by outputs), temp, generated_code, and total =
+arguments + outputs - alias + temp + generated_code, the device memory the
+step needs. With the shared "prior" base the UNet params are two arguments of
+the jitted step (frozen['prior'].unet_params and frozen['phi_base']) but one
+buffer at run time: `shared` holds their bytes, subtracted once from total.
+
+--set FIELD=VALUE overrides a field of the loaded config (either part), e.g.
+render.chunk=4 for smaller render scan steps; lines list them in `overrides`.
+
+  python benchmarks/train_step.py                           # toy, n = 1, 2, 4, 8
+  python benchmarks/train_step.py --sd                      # compile only
+  python benchmarks/train_step.py --sd --sd-resolutions 512 --set render.chunk=4
+  python benchmarks/train_step.py --sd --time --sd-particles 1,2   # GPU
+"""
+import argparse
+import ast
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsdjax import cameras, eps_phi, models as models_lib, train_step
+from vsdjax.prior import schedule
+from vsdjax.prior import stable_diffusion as sdm
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DTYPES = ("float32", "bfloat16")
+_PHI_BASES = ("prior", "stable-diffusion-2-1")
+_PRIOR_CONFIG = "stable-diffusion-2-1-base"
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default=os.path.join(_ROOT, "experiments", "toy.py"),
+                 help="toy part: experiment config file")
+  p.add_argument("--modes", default="vsd,sds", help="comma-separated guidance modes")
+  p.add_argument("--particles", default="1,2,4,8",
+                 help="comma-separated particle counts (toy part)")
+  p.add_argument("--resolution", type=int, default=None,
+                 help="toy part: render size (default: the config's)")
+  p.add_argument("--repeats", type=int, default=5, help="timed steps")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+  p.add_argument("--sd", action="store_true",
+                 help="run the Stable Diffusion part only")
+  p.add_argument("--sd-config", default=os.path.join(_ROOT, "experiments", "vsd.py"),
+                 help="SD part: experiment config file")
+  p.add_argument("--sd-resolutions", default="64,512",
+                 help="SD part: comma-separated render sizes")
+  p.add_argument("--sd-dtypes", default="float32,bfloat16",
+                 help="SD part: prior dtypes, of " + ", ".join(_DTYPES))
+  p.add_argument("--phi-bases", default="prior,stable-diffusion-2-1",
+                 help="SD part: eps_phi bases, of " + ", ".join(_PHI_BASES))
+  p.add_argument("--sd-particles", default="1",
+                 help="SD part: comma-separated particle counts")
+  p.add_argument("--time", action="store_true",
+                 help="SD part: also run the step on random weights (GPU)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="override a config field of either part, e.g. "
+                      "render.chunk=4 (repeatable; VALUE is a Python literal "
+                      "or a string)")
+  args = p.parse_args()
+  ints = lambda s: [int(v) for v in s.split(",")]
+  args.modes = args.modes.split(",")
+  args.particles = ints(args.particles)
+  args.sd_resolutions = ints(args.sd_resolutions)
+  args.sd_particles = ints(args.sd_particles)
+  args.sd_dtypes = args.sd_dtypes.split(",")
+  args.phi_bases = args.phi_bases.split(",")
+  for name, values, allowed in (("--modes", args.modes, ("vsd", "sds")),
+                                ("--sd-dtypes", args.sd_dtypes, _DTYPES),
+                                ("--phi-bases", args.phi_bases, _PHI_BASES)):
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+      p.error(f"{name}: unknown {unknown}, expected some of {list(allowed)}")
+  for item in args.set:
+    if "=" not in item:
+      p.error(f"--set {item!r}: expected FIELD=VALUE")
+  if (min(args.particles + args.sd_particles + args.sd_resolutions) < 1
+      or args.repeats < 1 or args.warmup < 0
+      or (args.resolution is not None and args.resolution < 1)):
+    p.error("particle counts, resolutions and --repeats must be positive")
+  return args
+
+
+def load_config(path: str, overrides):
+  """get_config() of an experiment file, with FIELD=VALUE overrides applied."""
+  spec = importlib.util.spec_from_file_location("experiment_config", path)
+  if spec is None:
+    raise ValueError(f"config file {path!r} cannot be imported")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    field, text = item.split("=", 1)
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if name not in node:
+      raise ValueError(f"--set {item!r}: the config has no field {field!r}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[name] = value
+  return config
+
+
+def nbytes(tree) -> int:
+  """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
+  return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
+             for v in jax.tree.leaves(tree))
+
+
+def memory(compiled, shared: int = 0) -> dict:
+  """XLA's memory analysis in bytes; `shared` argument bytes count once."""
+  m = compiled.memory_analysis()
+  out = {
+      "arguments": m.argument_size_in_bytes,
+      "outputs": m.output_size_in_bytes,
+      "alias": m.alias_size_in_bytes,
+      "temp": m.temp_size_in_bytes,
+      "generated_code": m.generated_code_size_in_bytes,
+      "shared": shared,
+  }
+  out["total"] = (out["arguments"] + out["outputs"] - out["alias"] + out["temp"]
+                  + out["generated_code"] - shared)
+  out["total_gib"] = round(out["total"] / 2.0**30, 3)
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+  return out
+
+
+def compile_step(step, state, key, frozen):
+  """(compiled step, seconds to lower and compile)."""
+  start = time.perf_counter()
+  compiled = step.jitted.lower(state, key, frozen).compile()
+  return compiled, time.perf_counter() - start
+
+
+def time_steps(compiled, state, key, frozen, repeats: int, warmup: int) -> float:
+  """Median seconds of a step; the donated state goes from step to step."""
+  times = []
+  for i in range(warmup + repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, key, frozen)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_toy(args, base: dict) -> None:
+  key = jax.random.PRNGKey(0)
+  for mode in args.modes:
+    for n in args.particles:
+      config = load_config(args.config, args.set)
+      config.guidance.mode = mode
+      config.n_particles = n
+      if args.resolution is not None:
+        config.render.resolution = config.render.resolution_after = args.resolution
+        config.prior.reference_size = args.resolution
+      res = config.render.resolution
+      models, frozen = models_lib.build(config, key)
+      state = train_step.init_state(config, models, frozen, key)
+      step = train_step.make_train_step(config, models, frozen, res)
+      compiled, compile_s = compile_step(step, state, key, frozen)
+      seconds = time_steps(compiled, state, key, frozen, args.repeats, args.warmup)
+      row = dict(bench="toy_step", size=f"n={n}", value=round(seconds, 5),
+                 unit="s/step", **base, mode=mode, n_particles=n, resolution=res,
+                 overrides=args.set,
+                 per_particle_s=round(seconds / n, 5),
+                 compile_s=round(compile_s, 2), memory=memory(compiled))
+      print(json.dumps(row), flush=True)
+
+
+def read_json(name: str, *path: str) -> dict:
+  with open(os.path.join(sdm.config_dir(name), *path)) as f:
+    return json.load(f)
+
+
+def abstract_sd(name: str, dtype) -> sdm.StableDiffusion:
+  """A StableDiffusion of a shipped config set whose params are abstract.
+
+  UNet and VAE params are jax.ShapeDtypeStruct trees in `dtype` (what
+  load_stable_diffusion would load), the text encoder is left out (the
+  prompts are embeddings already, as models.build leaves it); the schedule
+  is real.
+  """
+  unet = sdm.unet_from_config(read_json(name, "unet", "config.json"), dtype)
+  vae_config = read_json(name, "vae", "config.json")
+  vae = sdm.vae_from_config(vae_config, dtype)
+  scheduler = read_json(name, "scheduler", "scheduler_config.json")
+  cast = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
+  return sdm.StableDiffusion(
+      modules=sdm.Modules(unet, vae, None, None),
+      unet_params=cast(sdm.abstract_params(unet)),
+      vae_params=cast(sdm.abstract_params(vae)), text_params={},
+      alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler), jnp.float32),
+      prediction_type=scheduler.get("prediction_type", "epsilon"),
+      scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+      dtype=dtype, name=name)
+
+
+def sd_models(config, phi_base: str) -> tuple:
+  """(models.Models, abstract frozen) for the SD part, laid out as models.build's."""
+  sd = abstract_sd(_PRIOR_CONFIG, jnp.dtype(config.prior.dtype).type)
+  width = sd.unet.cross_attention_dim
+  n_views, n_tokens = len(cameras.VIEW_NAMES), 77
+  emb = jax.ShapeDtypeStruct((n_views, n_tokens, width), jnp.float32)
+  phi_sd = sd if phi_base == "prior" else abstract_sd(phi_base, jnp.float32)
+  frozen = {"prior": sd, "phi_base": phi_sd.unet_params, "emb_cond": emb,
+            "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32),
+            "phi_emb": emb}
+  models = models_lib.Models(
+      prior=dataclasses.replace(sd, unet_params={}, vae_params={}),
+      phi_unet=phi_sd.unet, phi_prediction_type=phi_sd.prediction_type,
+      phi_alphas_cumprod=np.asarray(phi_sd.alphas_cumprod),
+      phi_spec=eps_phi.EpsPhiSpec(
+          mode=config.eps_phi.mode, rank=config.eps_phi.rank,
+          alpha=config.eps_phi.alpha, camera_dropout=config.eps_phi.camera_dropout))
+  return models, frozen
+
+
+def random_like(abstract, key: jax.Array):
+  """Random arrays shaped like `abstract`, drawn on the device: kernels
+  N(0, 1 / fan_in), norm scales 1, biases 0, embeddings and others N(0, 1)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  keys = jax.random.split(key, len(leaves))
+
+  def draw(path, leaf, key):
+    name = getattr(path[-1], "key", None) if path else None
+    if name in ("bias", "scale"):
+      return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) if name == "kernel" else 1
+    return (jax.random.normal(key, leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+  @jax.jit
+  def make(keys):
+    return treedef.unflatten(
+        [draw(path, leaf, k) for (path, leaf), k in zip(leaves, keys)])
+
+  return make(keys)
+
+
+def materialize(frozen: dict, shared: bool, key: jax.Array) -> dict:
+  """Random weights and embeddings for an abstract frozen (the schedule stays)."""
+  k_unet, k_vae, k_emb, k_phi = jax.random.split(key, 4)
+  sd = frozen["prior"]
+  sd = dataclasses.replace(sd, unet_params=random_like(sd.unet_params, k_unet),
+                           vae_params=random_like(sd.vae_params, k_vae))
+  embeddings = {k: v for k, v in frozen.items() if k not in ("prior", "phi_base")}
+  phi_base = (sd.unet_params if shared else random_like(frozen["phi_base"], k_phi))
+  return dict(random_like(embeddings, k_emb), prior=sd, phi_base=phi_base)
+
+
+def bench_sd(args, base: dict) -> None:
+  key = jax.random.PRNGKey(0)
+  for res in args.sd_resolutions:
+    for dtype_name in args.sd_dtypes:
+      for phi_base in args.phi_bases:
+        for n in args.sd_particles:
+          config = load_config(args.sd_config, args.set)
+          config.guidance.mode = "vsd"
+          config.prior.dtype = dtype_name
+          config.n_particles = n
+          config.render.resolution = res
+          models, frozen = sd_models(config, phi_base)
+          init = functools.partial(train_step.init_state, config, models)
+          state = jax.eval_shape(init, frozen, key)
+          step = train_step.make_train_step(config, models, frozen, res)
+          compiled, compile_s = compile_step(step, state, key, frozen)
+          shared = phi_base == "prior"
+          shared_bytes = nbytes(frozen["phi_base"]) if shared else 0
+          sd = frozen["prior"]
+          row = dict(
+              bench="sd_step", size=f"{res}x{res}", value=None, unit="s/step",
+              **base, mode="vsd", n_particles=n, resolution=res, latent=res // 8,
+              prior_dtype=dtype_name, phi_base=phi_base, overrides=args.set,
+              compile_s=round(compile_s, 2), memory=memory(compiled, shared_bytes),
+              state_bytes={k: nbytes(v) for k, v in state.items()},
+              frozen_bytes={"prior_unet": nbytes(sd.unet_params),
+                            "prior_vae": nbytes(sd.vae_params),
+                            "phi_base": nbytes(frozen["phi_base"]),
+                            "embeddings": nbytes([frozen["emb_cond"],
+                                                  frozen["emb_uncond"],
+                                                  frozen["phi_emb"]])})
+          if args.time:
+            real_frozen = materialize(frozen, shared, key)
+            real_state = jax.jit(init)(real_frozen, key)
+            row["value"] = round(time_steps(compiled, real_state, key, real_frozen,
+                                            args.repeats, args.warmup), 5)
+            row["per_particle_s"] = round(row["value"] / n, 5)
+            row["memory"] = memory(compiled, shared_bytes)  # With the device peak.
+            del real_frozen, real_state
+          print(json.dumps(row), flush=True)
+
+
+def main():
+  args = parse_args()
+  base = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+          "jax": jax.__version__, "repeats": args.repeats}
+  if args.sd:
+    bench_sd(args, base)
+  else:
+    bench_toy(args, base)
+
+
+if __name__ == "__main__":
+  main()
