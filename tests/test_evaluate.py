@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vsdjax import cameras, evaluate, hashgrid, render, scene, shapes
+from scene_testing import random_particle
 from vsdjax import field as field_lib
 
 SPEC = scene.SceneSpec(
@@ -25,25 +26,7 @@ render_camera = jax.jit(scene.render_camera, static_argnums=(3, 4, 5))
 
 
 def _particle(seed: int) -> dict:
-  """A particle with scene.init's structure, drawn with numpy (no compile).
-
-  Weights He-uniform and biases zero as in mlp.init; grid features uniform in
-  +-0.3 (not hashgrid.init's +-1e-4) so that albedo and density vary in space.
-  """
-  rng = np.random.default_rng(seed)
-  shapes_ = jax.eval_shape(lambda k: scene.init(k, SPEC), jax.random.PRNGKey(0))
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "w":
-      limit = np.sqrt(6.0 / leaf.shape[0])
-    elif name == "tables":
-      limit = 0.3
-    else:
-      return np.zeros(leaf.shape, np.float32)
-    return rng.uniform(-limit, limit, leaf.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes_)
+  return random_particle(SPEC, seed)
 
 
 def _numpy_psnr(a, b):
