@@ -106,6 +106,10 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
   prior = models.prior
   num_t = prior.alphas_cumprod.shape[0]
   loss_w = config.loss
+  # Ray batches only when the image has more rays than one batch (lax.map of a
+  # single batch costs memory for nothing).
+  ray_batch = config.render.ray_batch
+  ray_batch = ray_batch if 0 < ray_batch < resolution * resolution else None
 
   def encode(frozen, rgb):  # [1, H, W, 3] -> [1, C, h, w]
     if models.is_analytic:
@@ -128,7 +132,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     if config.dimension == 3:
       cam = jax.tree.map(lambda v: v[0], cameras.sample(k_cam, ranges, 1))
       out = scene.render_camera(params, cam.c2w, cam.fovy, resolution, resolution, spec,
-                                k_render, config.render.ray_batch or None)
+                                k_render, ray_batch)
       x0 = encode(frozen, out["rgb"][None])  # [1, C, h, w]
     else:
       cam = camera_2d()
