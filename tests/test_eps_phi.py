@@ -18,6 +18,7 @@ import pytest
 
 from vsdjax import eps_phi
 from vsdjax import lora
+from helpers import get, walk
 from vsdjax.prior import schedule
 
 BATCH, CHANNELS, HEIGHT, WIDTH = 4, 4, 8, 16  # Non-square latents.
@@ -28,20 +29,6 @@ CHANNELS_0 = 64
 TEMB = 4 * CHANNELS_0  # Time-embedding width.
 SPEC = eps_phi.EpsPhiSpec(rank=2, alpha=3.0, camera_dropout=0.5, camera_hidden=24)
 FULL_SPEC = eps_phi.EpsPhiSpec(mode="full", camera_dropout=0.5)
-
-
-def _walk(tree, path=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _walk(v, path + (k,))
-    else:
-      yield path + (k,), v
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
 
 
 def _random_params(shapes, seed):
@@ -172,7 +159,7 @@ def test_init_equals_base_for_any_camera(setup, fns):
   # Exactly the base function: merged kernels equal W bit for bit and the
   # camera embedding is exactly 0, for any camera ...
   merged = lora.merge(base, trainable["lora"], SPEC.lora_scale)
-  for (path, x), (_, y) in zip(_walk(base), _walk(merged)):
+  for (path, x), (_, y) in zip(walk(base), walk(merged)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
   plain, _ = fns["references"](base, inp["x"], inp["t"], inp["emb"], jnp.zeros((BATCH, TEMB)))
   for camera in (inp["camera"], jnp.zeros_like(inp["camera"]), 10.0 * inp["camera"]):
@@ -205,9 +192,9 @@ def test_camera_is_added_to_time_embedding_and_lora_merged(setup, fns):
   trainable["lora"] = _randomize(trainable["lora"], seed=6, std=0.2)
   merged = jax.tree.map(lambda x: np.asarray(x, np.float64), base)
   for path in lora.paths(trainable["lora"]):
-    a = np.asarray(_get(trainable["lora"], path)["a"], np.float64)
-    b = np.asarray(_get(trainable["lora"], path)["b"], np.float64)
-    _get(merged, path)["kernel"] = _get(merged, path)["kernel"] + 1.5 * a @ b
+    a = np.asarray(get(trainable["lora"], path)["a"], np.float64)
+    b = np.asarray(get(trainable["lora"], path)["b"], np.float64)
+    get(merged, path)["kernel"] = get(merged, path)["kernel"] + 1.5 * a @ b
   merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
   _, expected = fns["references"](merged, inp["x"], inp["t"], inp["emb"], cam_emb)
   out_lora = fns["apply"](trainable, inp["x"], inp["t"], inp["emb"], inp["camera"])
@@ -251,10 +238,10 @@ def test_lora_training_lowers_loss_and_touches_only_trainable(setup, fns):
 
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.9 * losses[0]
-  for (path, x), (_, y) in zip(_walk(base_before), _walk(base)):
+  for (path, x), (_, y) in zip(walk(base_before), walk(base)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
   for path in lora.paths(trainable["lora"]):
-    assert np.any(np.asarray(_get(trainable["lora"], path)["b"]) != 0), path
+    assert np.any(np.asarray(get(trainable["lora"], path)["b"]) != 0), path
   assert np.any(np.asarray(trainable["camera"]["layer_1"]["w"]) != 0)
   out_cam = fns["apply"](trainable, inp["x"], inp["t"], inp["emb"], inp["camera"])
   out_none = fns["apply"](trainable, inp["x"], inp["t"], inp["emb"], jnp.zeros_like(inp["camera"]))
@@ -266,7 +253,7 @@ def test_full_mode_trains_every_unet_param(setup, fns, micro):
   unet, base, plain_fn = micro
   trainable = eps_phi.init(jax.random.key(3), FULL_SPEC, unet, base)
   assert set(trainable) == {"unet", "camera"}
-  for (path, x), (_, y) in zip(_walk(base), _walk(trainable["unet"])):
+  for (path, x), (_, y) in zip(walk(base), walk(trainable["unet"])):
     assert x is not y
     np.testing.assert_array_equal(x, y, err_msg=str(path))
   optimizer = optax.adamw(1e-3)
@@ -285,11 +272,11 @@ def test_full_mode_trains_every_unet_param(setup, fns, micro):
   plain = np.asarray(plain_fn(base, jnp.asarray(x_t, jnp.float32), aux["t"]), np.float64)
   np.testing.assert_allclose(value, np.mean((plain - noise)**2), rtol=1e-4)
 
-  for path, g in _walk(grads["unet"]):
+  for path, g in walk(grads["unet"]):
     assert np.any(np.asarray(g) != 0), path
   # The zero last camera layer gets a gradient (the first one not yet).
   assert np.any(np.asarray(grads["camera"]["layer_1"]["w"]) != 0)
-  for (path, x), (_, y) in zip(_walk(base), _walk(new["unet"])):
+  for (path, x), (_, y) in zip(walk(base), walk(new["unet"])):
     assert not np.array_equal(x, y), path
   _, _, value2, _, _ = step(new, opt_state, inp["x"], inp["emb"], inp["camera"], key)
   assert float(value2) < float(value)
@@ -323,11 +310,11 @@ def test_init_from_shapes_only(setup):
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
   from_shapes = eps_phi.init(jax.random.key(4), SPEC, unet, shapes)
   from_arrays = eps_phi.init(jax.random.key(4), SPEC, unet, base)
-  for (path, x), (_, y) in zip(_walk(from_shapes), _walk(from_arrays)):
+  for (path, x), (_, y) in zip(walk(from_shapes), walk(from_arrays)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
   assert lora.count(from_shapes["lora"]) == sum(
       2 * (d_in + d_out) for (d_in, d_out) in (
-          _get(base, p + ("kernel",)).shape for p in lora.paths(from_shapes["lora"])))
+          get(base, p + ("kernel",)).shape for p in lora.paths(from_shapes["lora"])))
 
 
 def test_bad_input_raises(setup):

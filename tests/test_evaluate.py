@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vsdjax import cameras, evaluate, hashgrid, render, scene, shapes
-from scene_testing import random_particle
+from helpers import random_particle
 from vsdjax import field as field_lib
 
 SPEC = scene.SceneSpec(

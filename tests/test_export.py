@@ -9,7 +9,7 @@ import pytest
 import trimesh
 
 from vsdjax import cameras, export, hashgrid, render, scene
-from scene_testing import random_particle
+from helpers import random_particle
 from vsdjax import field as field_lib
 
 SPEC = scene.SceneSpec(

@@ -7,25 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import get, walk
 from vsdjax import lora
 
 RANK = 3
 ATTN_PARAM_NAMES = ("to_q", "to_k", "to_v", "to_out_0")
-
-
-def _walk(tree, path=()):
-  """Yields (path, leaf) of a nested dict, independently of the code under test."""
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _walk(v, path + (k,))
-    else:
-      yield path + (k,), v
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def unet_params():
 
 def _attention_kernels(params):
   """Paths of the attention projection modules found by walking the tree."""
-  return {path[:-1] for path, _ in _walk(params)
+  return {path[:-1] for path, _ in walk(params)
           if path[-1] == "kernel" and path[-2] in ATTN_PARAM_NAMES
           and path[-3].startswith("attn")}
 
@@ -66,8 +52,8 @@ def test_init_covers_every_attention_projection(unet_params):
   n = 0
   a_all = []
   for path in expected:
-    d_in, d_out = _get(unet_params, path + ("kernel",)).shape
-    pair = _get(adapters, path)
+    d_in, d_out = get(unet_params, path + ("kernel",)).shape
+    pair = get(adapters, path)
     assert pair["a"].shape == (d_in, RANK) and pair["b"].shape == (RANK, d_out)
     np.testing.assert_array_equal(pair["b"], 0.0)
     a_all.append(np.asarray(pair["a"]).ravel())
@@ -93,15 +79,15 @@ def test_merge_matches_numpy_on_one_dense(unet_params):
   merged = lora.merge(unet_params, adapters, scale)
   # A non-square projection: cross-attention key of the mid block, [32, 64].
   path = ("mid_block", "attentions_0", "transformer_blocks_0", "attn2", "to_k")
-  w = np.asarray(_get(unet_params, path + ("kernel",)), np.float64)
-  a = np.asarray(_get(adapters, path)["a"], np.float64)
-  b = np.asarray(_get(adapters, path)["b"], np.float64)
+  w = np.asarray(get(unet_params, path + ("kernel",)), np.float64)
+  a = np.asarray(get(adapters, path)["a"], np.float64)
+  b = np.asarray(get(adapters, path)["b"], np.float64)
   assert w.shape == (32, 64)
   expected_w = w.copy()
   for i in range(w.shape[0]):
     for j in range(w.shape[1]):
       expected_w[i, j] += scale * sum(a[i, k] * b[k, j] for k in range(RANK))
-  got_w = _get(merged, path + ("kernel",))
+  got_w = get(merged, path + ("kernel",))
   np.testing.assert_allclose(got_w, expected_w, rtol=1e-5, atol=1e-5)
   x = np.random.default_rng(2).normal(size=(5, 32))
   y = nn.Dense(64, use_bias=False).apply({"params": {"kernel": got_w}}, jnp.asarray(x, jnp.float32))
@@ -112,8 +98,8 @@ def test_merge_touches_only_targets(unet_params):
   adapters = _random_lora(unet_params)
   merged = lora.merge(unet_params, adapters, 0.5)
   targets = {p + ("kernel",) for p in lora.paths(adapters)}
-  base_leaves = dict(_walk(unet_params))
-  merged_leaves = dict(_walk(merged))
+  base_leaves = dict(walk(unet_params))
+  merged_leaves = dict(walk(merged))
   assert set(base_leaves) == set(merged_leaves)
   for path, leaf in merged_leaves.items():
     if path in targets:
@@ -128,33 +114,33 @@ def test_merge_touches_only_targets(unet_params):
 def test_merge_with_zero_b_is_exact(unet_params):
   adapters = lora.init(jax.random.key(3), unet_params, RANK)
   merged = lora.merge(unet_params, adapters, 7.0)
-  for (path, x), (_, y) in zip(_walk(unet_params), _walk(merged)):
+  for (path, x), (_, y) in zip(walk(unet_params), walk(merged)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
 
 
 def test_merge_under_jit_and_grad(unet_params):
   adapters = _random_lora(unet_params)
   path = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1", "to_v")
-  g = np.random.default_rng(4).normal(size=_get(unet_params, path + ("kernel",)).shape)
+  g = np.random.default_rng(4).normal(size=get(unet_params, path + ("kernel",)).shape)
 
   def objective(adapters, scale):
-    kernel = _get(lora.merge(unet_params, adapters, scale), path + ("kernel",))
+    kernel = get(lora.merge(unet_params, adapters, scale), path + ("kernel",))
     return jnp.sum(kernel * g)
 
   eager = lora.merge(unet_params, adapters, 0.75)
   jitted = jax.jit(lora.merge)(unet_params, adapters, 0.75)
-  for (p, x), (_, y) in zip(_walk(eager), _walk(jitted)):
+  for (p, x), (_, y) in zip(walk(eager), walk(jitted)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6, err_msg=str(p))
   grads, grad_scale = jax.jit(jax.grad(objective, argnums=(0, 1)))(adapters, 0.75)
-  a = np.asarray(_get(adapters, path)["a"], np.float64)
-  b = np.asarray(_get(adapters, path)["b"], np.float64)
+  a = np.asarray(get(adapters, path)["a"], np.float64)
+  b = np.asarray(get(adapters, path)["b"], np.float64)
   # d/dA sum(G * (W + s A B)) = s G B^T, d/dB = s A^T G, d/ds = sum(G * A B).
-  np.testing.assert_allclose(_get(grads, path)["a"], 0.75 * g @ b.T, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(_get(grads, path)["b"], 0.75 * a.T @ g, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(get(grads, path)["a"], 0.75 * g @ b.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(get(grads, path)["b"], 0.75 * a.T @ g, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(grad_scale, np.sum(g * (a @ b)), rtol=1e-4)
   # Adapters elsewhere do not reach this kernel.
   other = ("mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q")
-  np.testing.assert_array_equal(_get(grads, other)["a"], 0.0)
+  np.testing.assert_array_equal(get(grads, other)["a"], 0.0)
 
 
 def test_bad_input_raises(unet_params):
@@ -172,7 +158,7 @@ def test_bad_input_raises(unet_params):
     lora.merge({k: v for k, v in unet_params.items() if k != "mid_block"}, adapters, 1.0)
   bad = jax.tree.map(lambda x: x, adapters)
   path = ("mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q")
-  _get(bad, path)["a"] = jnp.zeros((5, RANK))
+  get(bad, path)["a"] = jnp.zeros((5, RANK))
   with pytest.raises(ValueError, match="shapes"):
     lora.merge(unet_params, bad, 1.0)
   with pytest.raises(ValueError, match="scale"):

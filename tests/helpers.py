@@ -1,4 +1,4 @@
-"""Test helper shared by the export and evaluation tests."""
+"""Helpers shared by several test modules."""
 import jax
 import numpy as np
 
@@ -25,3 +25,19 @@ def random_particle(spec: scene.SceneSpec, seed: int) -> dict:
     return rng.uniform(-limit, limit, leaf.shape).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, shapes_)
+
+
+def walk(tree, path=()):
+  """Yields (path, leaf) of a nested dict, independently of the code under test."""
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from walk(v, path + (k,))
+    else:
+      yield path + (k,), v
+
+
+def get(tree, path):
+  """The leaf of a nested dict at `path`."""
+  for k in path:
+    tree = tree[k]
+  return tree
