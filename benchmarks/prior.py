@@ -121,6 +121,10 @@ def torch_device(mode: str):
     return None
   import torch  # pylint: disable=g-import-not-at-top
   if torch.cuda.is_available():
+    # XLA's default float32 precision on GPUs computes dots and convolutions
+    # in TF32; let PyTorch do the same, so the ratio compares like with like.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     return "cuda"
   return "cpu" if mode == "on" or jax.default_backend() == "cpu" else None
 
@@ -244,7 +248,7 @@ def bench_vae(args, dtype_name: str, device, base: dict) -> None:
 def main():
   args = parse_args()
   device = torch_device(args.torch)
-  base = {"config": args.config, "backend": jax.default_backend(),
+  base = {"config": args.config, "backend": jax.default_backend(), "jax": jax.__version__,
           "device": jax.devices()[0].device_kind, "host": platform.node(),
           "repeats": args.repeats}
   for dtype_name in args.dtypes:
