@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from random_weights import random_like
 from vsdjax import cameras, eps_phi, models as models_lib, train_step
 from vsdjax.prior import schedule
 from vsdjax.prior import stable_diffusion as sdm
@@ -256,36 +257,14 @@ def sd_models(config, phi_base: str) -> tuple:
   return models, frozen
 
 
-def random_like(abstract, key: jax.Array):
-  """Random arrays shaped like `abstract`, drawn on the device: kernels
-  N(0, 1 / fan_in), norm scales 1, biases 0, embeddings and others N(0, 1)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  keys = jax.random.split(key, len(leaves))
-
-  def draw(path, leaf, key):
-    name = getattr(path[-1], "key", None) if path else None
-    if name in ("bias", "scale"):
-      return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
-    fan_in = int(np.prod(leaf.shape[:-1])) if name == "kernel" else 1
-    return (jax.random.normal(key, leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-
-  @jax.jit
-  def make(keys):
-    return treedef.unflatten(
-        [draw(path, leaf, k) for (path, leaf), k in zip(leaves, keys)])
-
-  return make(keys)
-
-
-def materialize(frozen: dict, shared: bool, key: jax.Array) -> dict:
+def materialize(frozen: dict, shared: bool, seed: int) -> dict:
   """Random weights and embeddings for an abstract frozen (the schedule stays)."""
-  k_unet, k_vae, k_emb, k_phi = jax.random.split(key, 4)
   sd = frozen["prior"]
-  sd = dataclasses.replace(sd, unet_params=random_like(sd.unet_params, k_unet),
-                           vae_params=random_like(sd.vae_params, k_vae))
+  sd = dataclasses.replace(sd, unet_params=random_like(sd.unet_params, seed),
+                           vae_params=random_like(sd.vae_params, seed + 1))
   embeddings = {k: v for k, v in frozen.items() if k not in ("prior", "phi_base")}
-  phi_base = (sd.unet_params if shared else random_like(frozen["phi_base"], k_phi))
-  return dict(random_like(embeddings, k_emb), prior=sd, phi_base=phi_base)
+  phi_base = (sd.unet_params if shared else random_like(frozen["phi_base"], seed + 2))
+  return dict(random_like(embeddings, seed + 3), prior=sd, phi_base=phi_base)
 
 
 def bench_sd(args, base: dict) -> None:
@@ -320,7 +299,7 @@ def bench_sd(args, base: dict) -> None:
                                                   frozen["emb_uncond"],
                                                   frozen["phi_emb"]])})
           if args.time:
-            real_frozen = materialize(frozen, shared, key)
+            real_frozen = materialize(frozen, shared, 0)
             real_state = jax.jit(init)(real_frozen, key)
             row["value"] = round(time_steps(compiled, real_state, key, real_frozen,
                                             args.repeats, args.warmup), 5)
