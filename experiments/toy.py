@@ -6,8 +6,13 @@ camera (design.md, "The analytic prior"); eps_phi is a tiny pixel-space UNet
 trained from scratch. The README's first command runs this file.
 
   python -m vsdjax.main --config experiments/toy.py --workdir workdirs/toy
-  # two references, four particles:
-  ... --config.prior.references='sphere:#d04040,cube:#3060c0' --config.n_particles=4
+  # two references, four particles, each starting in a random colour:
+  ... --config.prior.references='sphere:#d04040,cube:#3060c0' --config.n_particles=4 \
+      --config.scene.albedo_init_std=1.0
+
+With point-mass references, which reference a particle ends at is decided
+by where it starts (its basin); identical grey starts all fall into the same
+one, so the two-reference run gives the particles random initial colours.
 """
 from vsdjax import defaults
 

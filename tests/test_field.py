@@ -247,6 +247,25 @@ def test_sample_light():
     field.sample_light(key, 0)
 
 
+def test_albedo_init_std_gives_each_field_its_colour(params):
+  keys = jax.random.split(jax.random.PRNGKey(1), 64)
+  spec = dataclasses.replace(SPEC, albedo_init_std=1.0)
+  x = jnp.asarray(_points(5, N, 0.0, 0.4), jnp.float32)  # Inside the blob.
+  grey = jax.vmap(lambda k: density_and_albedo(init(k, SPEC), x, SPEC)[1])(keys)
+  coloured = jax.vmap(lambda k: density_and_albedo(init(k, spec), x, spec)[1])(keys)
+  # Per field, the mean albedo over points: grey fields all near 0.5 (the
+  # hash grid starts near 0), coloured fields spread like sigmoid(N(0, 1)).
+  grey_mean = np.asarray(grey).mean(axis=1)      # [64, 3]
+  colour_mean = np.asarray(coloured).mean(axis=1)
+  assert np.abs(grey_mean - 0.5).max() < 0.05
+  assert 0.15 < colour_mean.std(axis=0).min() < 0.3  # sigmoid(N(0,1)): std 0.21
+  # Only the albedo head's output bias differs; the rest is the same draw.
+  a, b = init(keys[0], SPEC), init(keys[0], spec)
+  diff = jax.tree.map(lambda u, v: bool(jnp.any(u != v)), a, b)
+  changed = [path for path, d in jax.tree_util.tree_flatten_with_path(diff)[0] if d]
+  assert [jax.tree_util.keystr(p) for p in changed] == ["['albedo_mlp']['layer_1']['b']"]
+
+
 def test_field_spec_errors(params):
   for kwargs, name in [({"bound": 0.0}, "bound"),
                        ({"hidden": 0}, "hidden"),
@@ -255,6 +274,7 @@ def test_field_spec_errors(params):
                        ({"density_bias": "ball"}, "density_bias"),
                        ({"blob_radius": 0.0}, "blob_radius"),
                        ({"blob_density": float("inf")}, "blob_density"),
+                       ({"albedo_init_std": -1.0}, "albedo_init_std"),
                        ({"grid": {"n_levels": 4}}, "grid")]:
     with pytest.raises(ValueError, match=name):
       field.FieldSpec(**kwargs)

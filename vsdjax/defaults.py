@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scene.density_activation = "trunc_exp"  # "trunc_exp" or "softplus"
   c.scene.blob_density = 10.0   # density bias at the centre (ProlificDreamer "blob")
   c.scene.blob_radius = 0.5     # radius where the blob bias reaches 0
+  c.scene.albedo_init_std = 0.0  # >0: each particle starts in a random colour (std of raw albedo)
   c.scene.shading = "albedo"    # "albedo", "diffuse" (random point light) or "textureless"
   c.scene.background = "mlp"    # "mlp" (view-direction MLP) or "white"
   c.scene.random_bg_prob = 0.5  # probability of a random solid background colour per render

@@ -96,6 +96,10 @@ class FieldSpec:
     blob_density: scale of the density bias (raw density at the origin).
     blob_radius: world radius of the bias: "blob" reaches 0 there, "gaussian"
       uses it as its standard deviation.
+    albedo_init_std: std of a random bias of the raw albedo, drawn per field
+      at init (3 values): each particle starts in its own colour,
+      sigmoid(N(0, std^2)) per channel, instead of all grey (0). Gives n
+      particles different starting basins (toy.py with two references).
   """
   grid: hashgrid.GridSpec = hashgrid.GridSpec()
   bound: float = 1.0
@@ -105,6 +109,7 @@ class FieldSpec:
   density_bias: str = "blob"
   blob_density: float = 10.0
   blob_radius: float = 0.5
+  albedo_init_std: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.grid, hashgrid.GridSpec):
@@ -115,7 +120,7 @@ class FieldSpec:
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"FieldSpec.{name} must be an integer, got {value!r}")
       object.__setattr__(self, name, int(value))
-    for name in ("bound", "blob_density", "blob_radius"):
+    for name in ("bound", "blob_density", "blob_radius", "albedo_init_std"):
       value = getattr(self, name)
       try:
         value = float(value)
@@ -132,6 +137,9 @@ class FieldSpec:
     if self.n_hidden_layers < 0:
       raise ValueError("FieldSpec.n_hidden_layers must be >= 0, got "
                        f"{self.n_hidden_layers}")
+    if self.albedo_init_std < 0.0:
+      raise ValueError("FieldSpec.albedo_init_std must be >= 0, got "
+                       f"{self.albedo_init_std}")
     if self.blob_radius <= 0.0:
       raise ValueError(
           f"FieldSpec.blob_radius must be > 0, got {self.blob_radius}")
@@ -157,10 +165,16 @@ def init(key: jax.Array, spec: FieldSpec) -> dict:
   """
   k_grid, k_density, k_albedo = jax.random.split(key, 3)
   trunk = [spec.grid.n_output] + [spec.hidden] * spec.n_hidden_layers
+  albedo_mlp = mlp.init(k_albedo, trunk + [3])
+  if spec.albedo_init_std > 0.0:
+    # fold_in, not a 4th split: fields with albedo_init_std 0 keep their init.
+    last = f"layer_{len(trunk) - 1}"
+    bias = spec.albedo_init_std * jax.random.normal(jax.random.fold_in(key, 3), (3,))
+    albedo_mlp[last] = dict(albedo_mlp[last], b=bias)
   return {
       "grid": hashgrid.init(k_grid, spec.grid),
       "density_mlp": mlp.init(k_density, trunk + [1]),
-      "albedo_mlp": mlp.init(k_albedo, trunk + [3]),
+      "albedo_mlp": albedo_mlp,
   }
 
 

@@ -67,7 +67,8 @@ def spec_from_config(config) -> SceneSpec:
           hidden=s.hidden,
           density_activation=s.density_activation,
           blob_density=s.blob_density,
-          blob_radius=s.blob_radius),
+          blob_radius=s.blob_radius,
+          albedo_init_std=s.albedo_init_std),
       render=render_lib.RenderSpec(
           n_samples=r.n_samples, chunk=r.chunk, bound=s.bound),
       shading=s.shading,
