@@ -108,6 +108,8 @@ def test_2d_mode_step():
   after = np.asarray(state["particles"]["image"])
   assert after.shape == (3, 3, 8, 8)
   assert np.all(np.abs(after - before) > 0)  # every pixel of every particle moved
+  np.testing.assert_allclose(float(metrics["particle_spread"]),
+                             np.std(after, axis=0).mean(), rtol=1e-5)
 
 
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -187,6 +187,8 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
                "particle_grad_norm": optax.global_norm(grads) / config.n_particles,
                "particle_update_norm": optax.global_norm(updates) / config.n_particles}
     metrics.update({f"loss_{k}": jnp.mean(v) for k, v in aux["terms"].items()})
+    if config.dimension == 2:  # Per-pixel std across particles (eval.json's "spread").
+      metrics["particle_spread"] = jnp.mean(jnp.std(particles["image"], axis=0))
     phi, phi_state = state["phi"], state["phi_opt"]
     if vsd:
       emb = frozen["phi_emb"][aux["label"]]  # [n, L, D]
