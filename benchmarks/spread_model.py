@@ -11,10 +11,11 @@ grad = w(t) (eps_prior(x_t) - eps_phi(x_t)), Adam(b1 0.9, b2 0.99) or SGD on
 the pixels, particles initialised N(0, 0.5^2) like init_state.
 
 Prints one JSON line per (sigma_ref, phi_error, optimiser, steps). With an
-exact eps_phi and Adam the spread approaches sigma_ref as steps grow; an
-error of a few hundredths in eps_phi leaves a floor near 0.1 under Adam at
-lr 1e-2, because Adam rescales the small, noisy gradient of a nearly
-converged particle to steps of about lr.
+exact eps_phi the spread approaches sigma_ref as steps grow (slowly: the
+force that corrects it acts mostly at small t, where w(t) is small); an
+error of a few hundredths in eps_phi leaves a floor near 0.1, with Adam at
+toy2d's lr 1e-2 and with SGD alike: once the true gradient of a particle is
+small, eps_phi's error is what moves it.
 
   python benchmarks/spread_model.py
   python benchmarks/spread_model.py --sigmas 0.05,0.1 --phi-errors 0.02 --steps 500,2000
