@@ -156,7 +156,7 @@ def bench_unet(args, dtype_name: str, device, base: dict) -> None:
     import torch  # pylint: disable=g-import-not-at-top
     from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
     torch_dtype = getattr(torch, dtype_name)
-    with torch.device(device):  # Initialised where it runs: seconds, not minutes.
+    with torch.device(device):  # Initialised on the device it runs on.
       torch_unet = UNet2DConditionModel.from_config(config).to(dtype=torch_dtype).eval()
 
   # sd (a pytree) travels as an argument, so no weight becomes a constant of
