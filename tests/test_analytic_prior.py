@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vsdjax import prior as priors
 from vsdjax.prior import analytic
 from vsdjax.prior import schedule
 
@@ -208,6 +209,10 @@ def test_prompt_masks_and_guidance(prior):
   np.testing.assert_allclose(
       schedule.cfg(eps_u, eps_c, 7.5), ref_u + 7.5 * (ref_c - ref_u),
       rtol=1e-4, atol=5e-4)
+  # The prior-agnostic CFG (one call of batch 2B) gives the same.
+  guided = priors.predict_eps_cfg(prior, means, x_t, t, cond, uncond, 7.5)
+  np.testing.assert_allclose(guided, ref_u + 7.5 * (ref_c - ref_u),
+                             rtol=1e-4, atol=5e-4)
   # One point mass selected: eps = (x_t - a_t m) / s_t exactly, whatever the
   # means of the unselected components are.
   a, s = _coefs(prior, t)

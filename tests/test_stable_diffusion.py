@@ -24,6 +24,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
+from vsdjax import prior
 from vsdjax.prior import convert
 from vsdjax.prior import stable_diffusion as sdm
 
@@ -100,7 +101,7 @@ def test_unet_eps_with_and_without_cfg_match_torch(models, torch_embeddings,
     out_uncond = s_t * x_t + a_t * out_uncond
     out_cond = s_t * x_t + a_t * out_cond
 
-  guided = jax.jit(lambda p, x, t, c, u, w: sdm.predict_eps_cfg(sd, p, x, t, c, u, w))
+  guided = jax.jit(lambda p, x, t, c, u, w: prior.predict_eps_cfg(sd, p, x, t, c, u, w))
   for scale in (0.0, 1.0, 7.5):
     ours = guided(sd.unet_params, x_t, TIMESTEPS, cond, uncond, scale)
     expected = out_uncond + scale * (out_cond - out_uncond)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from vsdjax import cameras, distill, eps_phi, render, scene, shapes
+from vsdjax import prior as priors
 from vsdjax.prior import analytic, schedule
 from vsdjax.prior import stable_diffusion as sd_lib
 
@@ -118,14 +119,9 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
 
   def prior_eps(frozen, x_t, t, label, means):
     cond, uncond = frozen["emb_cond"][label][None], frozen["emb_uncond"][None]
-    if models.is_analytic:
-      x2, t2 = jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t])
-      eps2 = analytic.predict_eps(prior, jnp.concatenate([means, means]), x2, t2,
-                                  jnp.concatenate([uncond, cond]))
-      eps_u, eps_c = jnp.split(eps2, 2)
-      return schedule.cfg(eps_u, eps_c, g.scale)
-    sd = frozen["prior"]
-    return sd_lib.predict_eps_cfg(sd, sd.unet_params, x_t, t, cond, uncond, g.scale)
+    model = prior if models.is_analytic else frozen["prior"]
+    params = means if models.is_analytic else model.unet_params
+    return priors.predict_eps_cfg(model, params, x_t, t, cond, uncond, g.scale)
 
   def particle_loss(params, key, phi, frozen, t_lo, t_hi):
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)

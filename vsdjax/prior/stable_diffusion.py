@@ -573,33 +573,6 @@ def predict_eps(sd: StableDiffusion, unet_params: Any, x_t: jax.Array,
   return schedule.eps_from_output(output, x_t, a_t, s_t, sd.prediction_type)
 
 
-def predict_eps_cfg(sd: StableDiffusion, unet_params: Any, x_t: jax.Array,
-                    t: jax.Array, emb_cond: jax.Array, emb_uncond: jax.Array,
-                    scale: float | jax.Array) -> jax.Array:
-  """Classifier-free guided eps, both branches in one UNet call of batch 2B.
-
-  Args:
-    sd, unet_params: as predict_raw.
-    x_t: [B, 4, h, w]; t: [B].
-    emb_cond: [B, L, D] prompt embeddings; emb_uncond: [B, L, D] embeddings of
-      the empty (or negative) prompt.
-    scale: guidance weight, scalar or [B] (1 gives the conditional eps).
-
-  Returns:
-    [B, 4, h, w] float32 eps_u + scale (eps_c - eps_u).
-  """
-  x_t, t = jnp.asarray(x_t, jnp.float32), jnp.asarray(t)
-  emb_cond, emb_uncond = jnp.asarray(emb_cond), jnp.asarray(emb_uncond)
-  if emb_cond.shape != emb_uncond.shape:
-    raise ValueError(f"emb_cond {emb_cond.shape} and emb_uncond "
-                     f"{emb_uncond.shape} must have the same shape")
-  eps = predict_eps(sd, unet_params, jnp.concatenate([x_t, x_t]),
-                    jnp.concatenate([t, t]),
-                    jnp.concatenate([emb_uncond, emb_cond]))  # [2B, 4, h, w]
-  eps_uncond, eps_cond = jnp.split(eps, 2)
-  return schedule.cfg(eps_uncond, eps_cond, scale)
-
-
 def _vae_factor(sd: StableDiffusion) -> int:
   return 2 ** (len(sd.vae.block_out_channels) - 1)
 
