@@ -14,8 +14,8 @@ Prints one JSON object per line:
 
 Each line has bench, size, value, unit, device, backend, and: seconds (median
 of --repeats timed runs after --warmup untimed ones), compile_s, and
-memory, XLA's compiled memory analysis in bytes (arguments, outputs, alias,
-temp, generated_code). Where the device reports it (GPUs, TPUs), memory also
+memory, XLA's compiled memory analysis in bytes (xla_memory.py: arguments,
+outputs, alias, temp, generated_code, total). Where the device reports it (GPUs, TPUs), memory also
 has the device's peak_bytes_in_use, a process-wide peak: programs run in
 order of increasing size, so each line's peak is dominated by its own
 program. A program whose compiled temp exceeds --max-temp-gib is compiled but
@@ -35,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from xla_memory import memory
 from vsdjax import cameras, hashgrid, scene
 
 # The benchmark camera: outside the scene cube, looking at the blob at the origin.
@@ -76,22 +77,6 @@ def parse_args():
   if args.quick:
     args.repeats = 1
   return args
-
-
-def memory(compiled) -> dict:
-  """XLA's memory analysis of a compiled program, plus the device peak."""
-  m = compiled.memory_analysis()
-  out = {
-      "arguments": m.argument_size_in_bytes,
-      "outputs": m.output_size_in_bytes,
-      "alias": m.alias_size_in_bytes,
-      "temp": m.temp_size_in_bytes,
-      "generated_code": m.generated_code_size_in_bytes,
-  }
-  stats = jax.devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
-  return out
 
 
 def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:

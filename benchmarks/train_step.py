@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from random_weights import random_like
+from xla_memory import memory
 from vsdjax import cameras, eps_phi, models as models_lib, train_step
 from vsdjax.prior import schedule
 from vsdjax.prior import stable_diffusion as sdm
@@ -144,26 +145,6 @@ def nbytes(tree) -> int:
   """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
   return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
              for v in jax.tree.leaves(tree))
-
-
-def memory(compiled, shared: int = 0) -> dict:
-  """XLA's memory analysis in bytes; `shared` argument bytes count once."""
-  m = compiled.memory_analysis()
-  out = {
-      "arguments": m.argument_size_in_bytes,
-      "outputs": m.output_size_in_bytes,
-      "alias": m.alias_size_in_bytes,
-      "temp": m.temp_size_in_bytes,
-      "generated_code": m.generated_code_size_in_bytes,
-      "shared": shared,
-  }
-  out["total"] = (out["arguments"] + out["outputs"] - out["alias"] + out["temp"]
-                  + out["generated_code"] - shared)
-  out["total_gib"] = round(out["total"] / 2.0**30, 3)
-  stats = jax.devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
-  return out
 
 
 def compile_step(step, state, key, frozen):

@@ -1,0 +1,30 @@
+"""XLA's memory analysis of a compiled program, in bytes, for the benchmarks."""
+import jax
+
+
+def memory(compiled, shared: int = 0) -> dict:
+  """Memory of `compiled` (a jax Compiled): XLA's analysis plus the device peak.
+
+  Returns {arguments, outputs, alias (donated buffers reused by outputs),
+  temp, generated_code, shared, total, total_gib} and, where the device
+  reports it (GPUs, TPUs), peak_bytes_in_use: a process-wide peak. total =
+  arguments + outputs - alias + temp + generated_code - shared, where
+  `shared` is the bytes of arguments passed twice but one buffer at run time
+  (the UNet params of a prior that eps_phi shares).
+  """
+  m = compiled.memory_analysis()
+  out = {
+      "arguments": m.argument_size_in_bytes,
+      "outputs": m.output_size_in_bytes,
+      "alias": m.alias_size_in_bytes,
+      "temp": m.temp_size_in_bytes,
+      "generated_code": m.generated_code_size_in_bytes,
+      "shared": shared,
+  }
+  out["total"] = (out["arguments"] + out["outputs"] - out["alias"] + out["temp"]
+                  + out["generated_code"] - shared)
+  out["total_gib"] = round(out["total"] / 2.0**30, 3)
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+  return out
