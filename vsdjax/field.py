@@ -42,6 +42,7 @@ import numpy as np
 
 from vsdjax import hashgrid
 from vsdjax import mlp
+from vsdjax import spec_fields
 
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
 DENSITY_BIASES = ("blob", "gaussian", "none")
@@ -115,21 +116,9 @@ class FieldSpec:
     if not isinstance(self.grid, hashgrid.GridSpec):
       raise ValueError(
           f"FieldSpec.grid must be a hashgrid.GridSpec, got {self.grid!r}")
-    for name in ("hidden", "n_hidden_layers"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"FieldSpec.{name} must be an integer, got {value!r}")
-      object.__setattr__(self, name, int(value))
-    for name in ("bound", "blob_density", "blob_radius", "albedo_init_std"):
-      value = getattr(self, name)
-      try:
-        value = float(value)
-      except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"FieldSpec.{name} must be a number, got {value!r}") from e
-      if not math.isfinite(value):
-        raise ValueError(f"FieldSpec.{name} must be finite, got {value!r}")
-      object.__setattr__(self, name, value)
+    spec_fields.coerce(
+        self, ints=("hidden", "n_hidden_layers"),
+        floats=("bound", "blob_density", "blob_radius", "albedo_init_std"))
     if self.bound <= 0.0:
       raise ValueError(f"FieldSpec.bound must be > 0, got {self.bound}")
     if self.hidden < 1:

@@ -35,12 +35,13 @@ level), so differentiate through `encode` in chunks of points (the volume
 renderer's rematerialised scan does).
 """
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vsdjax import spec_fields
 
 # Instant-NGP's hashing primes, one per dimension.
 _PRIMES = (1, 2654435761, 805459861)
@@ -69,22 +70,9 @@ class GridSpec:
   init_scale: float = 1e-4
 
   def __post_init__(self):
-    for name in ("n_levels", "n_features", "log2_table_size",
-                 "base_resolution"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"GridSpec.{name} must be an integer, got {value!r}")
-      object.__setattr__(self, name, int(value))
-    for name in ("per_level_scale", "init_scale"):
-      value = getattr(self, name)
-      try:
-        value = float(value)
-      except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"GridSpec.{name} must be a number, got {value!r}") from e
-      if not math.isfinite(value):
-        raise ValueError(f"GridSpec.{name} must be finite, got {value!r}")
-      object.__setattr__(self, name, value)
+    spec_fields.coerce(
+        self, ints=("n_levels", "n_features", "log2_table_size", "base_resolution"),
+        floats=("per_level_scale", "init_scale"))
     if self.n_levels < 1:
       raise ValueError(f"GridSpec.n_levels must be >= 1, got {self.n_levels}")
     if self.n_features < 1:
