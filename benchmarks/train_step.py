@@ -11,13 +11,15 @@ models.build, train_step.init_state, make_train_step, then
 from step to step), per_particle_s, compile_s, and memory.
 
 SD part (--sd, alone): the Stable Diffusion 2.1-base architecture from the
-shipped configs with NO weights: the UNet / VAE params, the text embeddings
-([4, 77, 1024] per view and [77, 1024] unconditional) and the state
-(jax.eval_shape of init_state) are jax.ShapeDtypeStruct trees, so the VSD
-step of the --sd-config (experiments/vsd.py) is lowered and compiled without
-allocating anything. For each --sd-resolutions (render size; latents are 1/8
-of it) x --sd-dtypes (the prior's; eps_phi's base keeps float32 unless it is
-the shared prior) x --phi-bases ("prior": eps_phi is LoRA on the prior's own
+shipped configs with NO weights (models.build_abstract): the UNet / VAE
+params, the text embeddings ([4, 77, 1024] per view and [77, 1024]
+unconditional) and the state (jax.eval_shape of init_state) are
+jax.ShapeDtypeStruct trees, so the VSD step of the --sd-config
+(experiments/vsd.py) is lowered and compiled without allocating anything.
+For each --sd-resolutions (render size; the step resizes the render to 512
+before the VAE, so the latents are 64x64 at every size) x --sd-dtypes (the
+prior's; eps_phi's base keeps float32 unless it is the shared prior) x
+--phi-bases ("prior": eps_phi is LoRA on the prior's own
 UNet, or "stable-diffusion-2-1": a separate SD 2.1 (768, v) UNet, float32,
 as ProlificDreamer): bench "sd_step", compile_s, memory, and the bytes of
 the state and frozen arrays. With --time (meant for a GPU) the step also runs
@@ -54,14 +56,11 @@ import numpy as np
 
 from random_weights import random_like
 from xla_memory import memory
-from vsdjax import cameras, eps_phi, models as models_lib, train_step
-from vsdjax.prior import schedule
-from vsdjax.prior import stable_diffusion as sdm
+from vsdjax import models as models_lib, train_step
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DTYPES = ("float32", "bfloat16")
 _PHI_BASES = ("prior", "stable-diffusion-2-1")
-_PRIOR_CONFIG = "stable-diffusion-2-1-base"
 
 
 def parse_args():
@@ -190,52 +189,10 @@ def bench_toy(args, base: dict) -> None:
       print(json.dumps(row), flush=True)
 
 
-def read_json(name: str, *path: str) -> dict:
-  with open(os.path.join(sdm.config_dir(name), *path)) as f:
-    return json.load(f)
-
-
-def abstract_sd(name: str, dtype) -> sdm.StableDiffusion:
-  """A StableDiffusion of a shipped config set whose params are abstract.
-
-  UNet and VAE params are jax.ShapeDtypeStruct trees in `dtype` (what
-  load_stable_diffusion would load), the text encoder is left out (the
-  prompts are embeddings already, as models.build leaves it); the schedule
-  is real.
-  """
-  unet = sdm.unet_from_config(read_json(name, "unet", "config.json"), dtype)
-  vae_config = read_json(name, "vae", "config.json")
-  vae = sdm.vae_from_config(vae_config, dtype)
-  scheduler = read_json(name, "scheduler", "scheduler_config.json")
-  cast = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
-  return sdm.StableDiffusion(
-      modules=sdm.Modules(unet, vae, None, None),
-      unet_params=cast(sdm.abstract_params(unet)),
-      vae_params=cast(sdm.abstract_params(vae)), text_params={},
-      alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler), jnp.float32),
-      prediction_type=scheduler.get("prediction_type", "epsilon"),
-      scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
-      dtype=dtype, name=name)
-
-
 def sd_models(config, phi_base: str) -> tuple:
-  """(models.Models, abstract frozen) for the SD part, laid out as models.build's."""
-  sd = abstract_sd(_PRIOR_CONFIG, jnp.dtype(config.prior.dtype).type)
-  width = sd.unet.cross_attention_dim
-  n_views, n_tokens = len(cameras.VIEW_NAMES), 77
-  emb = jax.ShapeDtypeStruct((n_views, n_tokens, width), jnp.float32)
-  phi_sd = sd if phi_base == "prior" else abstract_sd(phi_base, jnp.float32)
-  frozen = {"prior": sd, "phi_base": phi_sd.unet_params, "emb_cond": emb,
-            "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32),
-            "phi_emb": emb}
-  models = models_lib.Models(
-      prior=dataclasses.replace(sd, unet_params={}, vae_params={}),
-      phi_unet=phi_sd.unet, phi_prediction_type=phi_sd.prediction_type,
-      phi_alphas_cumprod=np.asarray(phi_sd.alphas_cumprod),
-      phi_spec=eps_phi.EpsPhiSpec(
-          mode=config.eps_phi.mode, rank=config.eps_phi.rank,
-          alpha=config.eps_phi.alpha, camera_dropout=config.eps_phi.camera_dropout))
-  return models, frozen
+  """(models.Models, abstract frozen) of the shipped SD configs (models.build_abstract)."""
+  config.eps_phi.base = phi_base
+  return models_lib.build_abstract(config)
 
 
 def materialize(frozen: dict, shared: bool, seed: int) -> dict:
@@ -269,7 +226,8 @@ def bench_sd(args, base: dict) -> None:
           sd = frozen["prior"]
           row = dict(
               bench="sd_step", size=f"{res}x{res}", value=None, unit="s/step",
-              **base, mode="vsd", n_particles=n, resolution=res, latent=res // 8,
+              **base, mode="vsd", n_particles=n, resolution=res,
+              latent=models.prior.unet.sample_size,
               prior_dtype=dtype_name, phi_base=phi_base, overrides=args.set,
               compile_s=round(compile_s, 2), memory=memory(compiled, shared_bytes),
               state_bytes={k: nbytes(v) for k, v in state.items()},

@@ -18,11 +18,13 @@ def test_guidance_grad_weights_cleans_and_clips():
   eps_hat = jnp.array(np.random.RandomState(0).randn(2, 3, 4, 4), jnp.float32)
   target = jnp.zeros_like(eps_hat).at[0, 0, 0, 0].set(jnp.nan)
   w = jnp.array([0.5, 2.0])
-  g = distill.guidance_grad(eps_hat, target, w)
+  g, n_bad = distill.guidance_grad(eps_hat, target, w)
+  assert int(n_bad) == 1  # counted, so the trainer stops on it
   expected = np.asarray(w)[:, None, None, None] * np.asarray(eps_hat)
   expected[0, 0, 0, 0] = 0.0
   np.testing.assert_allclose(g, expected, rtol=1e-6)
-  clipped = distill.guidance_grad(eps_hat, jnp.zeros_like(eps_hat), w, clip=1.0)
+  clipped, n_bad = distill.guidance_grad(eps_hat, jnp.zeros_like(eps_hat), w, clip=1.0)
+  assert int(n_bad) == 0
   norms = np.sqrt(np.sum(np.asarray(clipped)**2, axis=(1, 2, 3)))
   np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
@@ -43,6 +45,11 @@ def test_sample_t_covers_the_integer_range():
   assert int(t.min()) == 20 and int(t.max()) == 500
   counts = np.bincount(np.asarray(t) - 20)
   assert counts.min() > 0.5 * counts.mean()  # roughly uniform
+
+
+def test_sample_t_stays_inside_the_schedule():
+  t = distill.sample_t(jax.random.PRNGKey(0), 0.9, 1.0, 1000, (5_000,))
+  assert int(t.max()) == 999 and int(t.min()) == 900
 
 
 def test_weight_is_one_minus_abar():

@@ -331,3 +331,29 @@ def test_real_vae_and_text_encoder_architecture():
     _assert_same_tree(convert.convert_state_dict(
         _meta_state_dict(module), target, join_indices=join, what="real"),
                       target)
+
+
+@pytest.mark.parametrize("size_in,size_out", [(64, 512), (24, 128), (128, 96)])
+def test_resize_matches_torch_bilinear(size_in, size_out):
+  """The render -> prior-size resize is F.interpolate(bilinear, align_corners=False)."""
+  rgb = np.random.default_rng(0).uniform(size=(2, size_in, size_in, 3)).astype(np.float32)
+  ours = sdm.resize_images(jnp.asarray(rgb), size_out)
+  theirs = torch.nn.functional.interpolate(
+      torch.from_numpy(rgb).permute(0, 3, 1, 2), size=(size_out, size_out), mode="bilinear",
+      align_corners=False).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  np.testing.assert_array_equal(sdm.resize_images(jnp.asarray(rgb), size_in), rgb)
+
+
+def test_image_size_is_the_unets_sample_size_times_the_vae_factor(tiny_sd):
+  assert sdm.image_size(sdm.abstract_model("stable-diffusion-2-1-base")) == 512
+  assert sdm.image_size(sdm.abstract_model("stable-diffusion-2-1")) == 768
+  assert sdm.image_size(prior.load_stable_diffusion(tiny_sd.path)) == 128
+
+
+def test_broken_json_in_a_model_folder_is_named(tiny_sd, tmp_path):
+  folder = tmp_path / "model"
+  shutil.copytree(tiny_sd.path, folder)
+  (folder / "unet" / "config.json").write_text('{"sample_size": 16,')
+  with pytest.raises(ValueError, match=r"unet/config.json is not valid JSON"):
+    prior.load_stable_diffusion(str(folder))

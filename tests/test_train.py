@@ -8,6 +8,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -113,8 +114,22 @@ def test_2d_mode_step():
 
 
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  c = tiny_config(**{"optim.lr": float("inf"), "checkpoint_every": 1, "dimension": 2,
-                     "guidance.mode": "sds"})  # the host-side check; the cheapest step
-  with pytest.raises(train.NonFiniteLossError, match="non-finite"):
+  # Adam moves each pixel by ~lr: finite after step 1, the prior's eps overflows at step 2.
+  c = tiny_config(**{"optim.lr": 1e18, "checkpoint_every": 1, "dimension": 2,
+                     "guidance.mode": "sds"})  # the cheapest step
+  with pytest.raises(train.NonFiniteLossError, match="step 2: non-finite.*checkpoint is step 1"):
     train.train_and_evaluate(c, str(tmp_path))
-  assert not os.path.exists(tmp_path / "checkpoints" / "1")
+  assert os.path.exists(tmp_path / "checkpoints" / "1")
+  assert not os.path.exists(tmp_path / "checkpoints" / "2")
+
+
+def test_nan_from_the_prior_stops_although_the_update_is_finite(tmp_path, monkeypatch):
+  # guidance_grad zeroes the NaN entries (the loss stays finite); the count stops the run.
+  def nan_prior(model, params, x_t, *args):
+    return jnp.full(x_t.shape, jnp.nan).at[..., 0, 0].set(0.0)
+
+  monkeypatch.setattr(train_step.priors, "predict_eps_cfg", nan_prior)
+  c = tiny_config(**{"dimension": 2, "guidance.mode": "sds", "n_particles": 1})
+  with pytest.raises(train.NonFiniteLossError, match=r"guidance_nonfinite=189 .*no checkpoint was written"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))

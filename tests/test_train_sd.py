@@ -5,7 +5,9 @@ layout and loaded by the same `models.build` a real run uses: VAE encoding of
 the renders, view-dependent prompts with CFG, eps_phi = LoRA + camera MLP on a
 v-prediction base, both optimiser steps in one compiled call.
 """
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,3 +65,52 @@ def test_missing_model_fails_at_start_naming_it(tmp_path):
   c.prior.name = str(tmp_path / "no-such-model")
   with pytest.raises((ValueError, FileNotFoundError), match="no-such-model"):
     models.build(c, jax.random.PRNGKey(0))
+
+
+def _traced_inputs(step, state, frozen):
+  """{module class name: [input shapes]} of every UNet and VAE-encoder call in one step."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    name = type(context.module).__name__
+    if context.method_name == "__call__" and name in ("FlaxUNet2DConditionModel",
+                                                      "FlaxEncoder"):
+      seen.setdefault(name, []).append(tuple(args[0].shape))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(step.jitted, state, jax.random.PRNGKey(0), frozen)
+  return seen
+
+
+def test_renders_are_resized_to_the_priors_own_size(tiny_sd, tiny_sd_v):
+  # The tiny UNet's sample_size is 16 (x 8 = 128 images); the render is 64.
+  c = _tiny(vsd.get_config(), tiny_sd.path)
+  c.eps_phi.base = tiny_sd_v.path
+  c.n_particles = 3
+  m, frozen = models.build(c, jax.random.PRNGKey(0))
+  state = jax.eval_shape(lambda: train_step.init_state(c, m, frozen, jax.random.PRNGKey(1)))
+  seen = _traced_inputs(train_step.make_train_step(c, m, frozen, 64), state, frozen)
+  assert seen["FlaxEncoder"] == [(1, 128, 128, 3)]
+  # Prior CFG pair (2), eps_phi's target (1), eps_phi's loss on the 3 particles' latents.
+  assert sorted(seen["FlaxUNet2DConditionModel"]) == [(1, 4, 16, 16), (2, 4, 16, 16),
+                                                      (3, 4, 16, 16)]
+
+
+@pytest.mark.parametrize("phi_base,dtype", [("stable-diffusion-2-1", "float32"),
+                                            ("prior", "bfloat16")])
+def test_real_sd_step_shapes_at_a_64_render(phi_base, dtype):
+  """SD 2.1-base (and SD 2.1 for eps_phi) at their real sizes, no weights: a 64x64
+  render reaches the VAE as 512x512 and both UNets as 64x64 latents; eps_phi's
+  trainable state stays float32 over a bfloat16 prior."""
+  c = vsd.get_config()
+  c.eps_phi.base, c.prior.dtype = phi_base, dtype
+  m, frozen = models.build_abstract(c)
+  state = jax.eval_shape(lambda f: train_step.init_state(c, m, f, jax.random.PRNGKey(1)),
+                         frozen)
+  assert {leaf.dtype for leaf in jax.tree.leaves((state["phi"], state["phi_opt"]))
+          if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+  seen = _traced_inputs(train_step.make_train_step(c, m, frozen, 64), state, frozen)
+  assert seen["FlaxEncoder"] == [(1, 512, 512, 3)]
+  assert sorted(seen["FlaxUNet2DConditionModel"]) == [(1, 4, 64, 64), (1, 4, 64, 64),
+                                                      (2, 4, 64, 64)]

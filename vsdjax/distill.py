@@ -29,9 +29,13 @@ def t_bounds(step, *, t_min, t_max, t_max_after, t_switch_step, t_anneal_steps):
 
 
 def sample_t(key, t_lo, t_hi, num_timesteps, shape=()):
-  """Integer timesteps uniform in [round(t_lo T), round(t_hi T)], T = num_timesteps."""
-  lo = jnp.round(t_lo * num_timesteps).astype(jnp.int32)
-  hi = jnp.round(t_hi * num_timesteps).astype(jnp.int32)
+  """Integer timesteps uniform in [round(t_lo T), round(t_hi T)], T = num_timesteps.
+
+  Both ends are clipped to the schedule's steps {0, ..., T - 1}, so t_hi = 1
+  draws at most T - 1.
+  """
+  lo = jnp.clip(jnp.round(t_lo * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+  hi = jnp.clip(jnp.round(t_hi * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
   return jax.random.randint(key, shape, lo, hi + 1)
 
 
@@ -43,18 +47,27 @@ def weight(abar_t):
 def guidance_grad(eps_pretrained, eps_target, w_t, clip=0.0):
   """grad [B, C, h, w] = w(t) (eps_pretrained - eps_target), made finite and optionally clipped.
 
+  Non-finite entries become 0 so that one bad prediction does not poison the
+  particle's Adam state; how many there were is returned, for the trainer to
+  stop on (it is never hidden).
+
   Args:
     eps_pretrained: [B, C, h, w] CFG noise prediction of the frozen prior.
     eps_target: [B, C, h, w] eps_phi's prediction (VSD) or the sampled noise (SDS).
     w_t: [B] weights.
     clip: > 0 clips the gradient of each batch element to this L2 norm.
+
+  Returns:
+    (grad [B, C, h, w], n_nonfinite [] int32: entries that were NaN or infinite).
   """
   grad = w_t[:, None, None, None] * (eps_pretrained - eps_target)
-  grad = jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+  finite = jnp.isfinite(grad)
+  n_nonfinite = jnp.sum(~finite, dtype=jnp.int32)
+  grad = jnp.where(finite, grad, 0.0)
   if clip > 0:
     norm = jnp.sqrt(jnp.sum(grad**2, axis=(1, 2, 3), keepdims=True))
     grad = grad * jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-12))
-  return grad
+  return grad, n_nonfinite
 
 
 def surrogate_loss(x0, grad):

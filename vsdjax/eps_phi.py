@@ -105,7 +105,8 @@ def init(key: jax.Array, spec: EpsPhiSpec, unet_module: nn.Module,
 
   Returns:
     {'lora': lora pytree, 'camera': MLP params} in "lora" mode, or
-    {'unet': a copy of base_params, 'camera': MLP params} in "full" mode. The
+    {'unet': a float32 copy of base_params, 'camera': MLP params} in "full"
+    mode; every leaf is float32, whatever base_params' dtype. The
     camera MLP is {'layer_0': {'w': [16, H], 'b': [H]}, 'layer_1': {'w': [H, D],
     'b': [D]}} (see `vsdjax.mlp`) with layer_1 all zeros.
   """
@@ -125,7 +126,8 @@ def init(key: jax.Array, spec: EpsPhiSpec, unet_module: nn.Module,
   camera["layer_1"] = jax.tree.map(jnp.zeros_like, camera["layer_1"])
   if spec.mode == "lora":
     return {"lora": lora_lib.init(k_lora, base_params, spec.rank), "camera": camera}
-  unet = jax.tree.map(lambda w: jnp.array(w, copy=True), flax.core.unfreeze(base_params))
+  unet = jax.tree.map(lambda w: jnp.array(w, jnp.float32, copy=True),
+                      flax.core.unfreeze(base_params))
   return {"unet": unet, "camera": camera}
 
 

@@ -94,7 +94,9 @@ def init(key: jax.Array, unet_params: Mapping, rank: int,
 
   A ~ N(0, (1 / rank)^2) as diffusers' LoRALinearLayer (used by the official
   ProlificDreamer code and threestudio), B = 0, so `merge` returns the base
-  kernels at initialisation. Factors take the dtype of their base kernel.
+  kernels at initialisation. Factors are float32 whatever the base kernel's
+  dtype (trainable parameters and their optimiser states stay float32 over a
+  bfloat16 UNet; `merge` casts the update to the kernel's dtype).
 
   Args:
     key: PRNG key.
@@ -115,7 +117,7 @@ def init(key: jax.Array, unet_params: Mapping, rank: int,
   found = list(_target_kernels(unet_params, _param_names(targets)))
   if not found:
     raise ValueError(f"unet_params: no Dense kernel matches targets {tuple(targets)}")
-  factors = _draw_factors(key, tuple((k.shape, jnp.dtype(k.dtype)) for _, k in found), rank)
+  factors = _draw_factors(key, tuple(tuple(k.shape) for _, k in found), rank)
   lora = {}
   for (path, _), (a, b) in zip(found, factors):
     _set_path(lora, path, {"a": a, "b": b})
@@ -124,13 +126,13 @@ def init(key: jax.Array, unet_params: Mapping, rank: int,
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _draw_factors(key: jax.Array, shapes: tuple, rank: int) -> list[tuple[jax.Array, jax.Array]]:
-  """A ~ N(0, 1 / rank^2) [in, r] and B = 0 [r, out] for each ((in, out), dtype)."""
-  sizes = [d_in * rank for (d_in, _), _ in shapes]
+  """A ~ N(0, 1 / rank^2) [in, r] and B = 0 [r, out], float32, for each (in, out)."""
+  sizes = [d_in * rank for d_in, _ in shapes]
   flat = jax.random.normal(key, (sum(sizes),), jnp.float32) / rank  # One draw for all A.
   factors, start = [], 0
-  for size, ((d_in, d_out), dtype) in zip(sizes, shapes):
+  for size, (d_in, d_out) in zip(sizes, shapes):
     a = flat[start:start + size].reshape(d_in, rank)  # [in, r]
-    factors.append((a.astype(dtype), jnp.zeros((rank, d_out), dtype)))  # [r, out]
+    factors.append((a, jnp.zeros((rank, d_out), jnp.float32)))  # [r, out]
     start += size
   return factors
 

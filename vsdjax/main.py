@@ -1,29 +1,88 @@
-"""Command line entry point (kept thin; the loop is vsdjax/train.py).
+"""vsdjax: text-to-3D with Variational Score Distillation (ProlificDreamer) in JAX.
 
-  python -m vsdjax.main --config experiments/toy.py --workdir workdirs/toy \
-      [--config.steps=100 --config.n_particles=4 ...]
+  python -m vsdjax.main --config experiments/CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]
 
-Rerunning the same command resumes from the latest checkpoint in --workdir;
-`--config.mode=export` only writes the exports of the latest checkpoint.
+Configs (experiments/):
+  toy.py       VSD on the analytic prior in 3D (procedural shapes), minutes on a CPU
+  toy2d.py     the paper's 2D experiment on the analytic prior: particles are images
+  vsd.py       ProlificDreamer stage 1 (NeRF) on Stable Diffusion 2.1-base (needs the weights)
+  sds.py       the SDS (DreamFusion) baseline on the same model
+
+Every config field is listed and commented in vsdjax/defaults.py; override any
+of them on the command line, e.g. --config.steps=100 --config.n_particles=4
+--config.prior.name=/path/to/stable-diffusion-2-1-base.
+
+Resume: run the same command again; it continues from the newest checkpoint in
+DIR/checkpoints (Ctrl-C or SIGTERM saves one first). Only steps, logging,
+checkpoint and export fields may change on resume; --allow_change=FIELD accepts
+another (e.g. prior.name for a moved model folder).
+Export: --config.mode=export writes DIR/final/ again from the latest checkpoint.
+Errors print one line; --debug prints the traceback.
 """
+import sys
+import tempfile
+import traceback
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vsdjax import train
+from vsdjax import checks, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "
+                                          "(experiments/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (config, metrics, "
-                               "checkpoints, exports).")
+                               "checkpoints, exports); rerun to resume.")
+_ALLOW = flags.DEFINE_list("allow_change", [], "Config fields that may differ from the "
+                           "run in --workdir when resuming (not those that set the state's "
+                           "shapes).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Print the traceback of errors.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(message: str, code: int = 2):
+  """Prints one line (the traceback goes to a file) and exits with `code`."""
+  with tempfile.NamedTemporaryFile("w", prefix="vsdjax-error-", suffix=".log",
+                                   delete=False) as f:
+    traceback.print_exc(file=f)
+  print(f"vsdjax: error: {' '.join(str(message).split())} (traceback: {f.name}; "
+        "--debug prints it)", file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config-override mistakes as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"vsdjax: error: {e} (--help lists the flags)", file=sys.stderr)
+    sys.exit(2)
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):
+      e = e.__context__  # ml_collections' unknown field, with its "did you mean".
+    detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    _fail(f"a --config.FIELD override: {detail}; every field is listed in "
+          "vsdjax/defaults.py")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    config = _CONFIG.value
+    config.keys()  # A file that failed to load raises here, not above.
+  except (OSError, SyntaxError, ValueError) as e:
+    if _DEBUG.value:
+      raise
+    _fail(f"--config {flags.FLAGS['config'].config_filename} cannot be loaded: "
+          f"{str(e).splitlines()[-1].strip()}")
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value, allow_changes=_ALLOW.value)
+  except checks.UserError as e:
+    if _DEBUG.value:
+      raise
+    _fail(str(e), e.exit_code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

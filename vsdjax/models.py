@@ -13,13 +13,14 @@
       'phi_emb':   [4, L', D'] eps_phi's text conditioning per view label
 """
 import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras, eps_phi, shapes
+from vsdjax import cameras, checks, console, eps_phi, shapes
 from vsdjax import prior as prior_lib
 from vsdjax.prior import stable_diffusion
 
@@ -79,24 +80,30 @@ def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
   }
 
 
-def _dtype(name: str):
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"prior.dtype must be 'float32' or 'bfloat16', got {name!r}")
-  return jnp.dtype(name)
+def _load(field: str, name: str, dtype) -> stable_diffusion.StableDiffusion:
+  """Loads the model that config field `field` names, or raises ModelLoadError."""
+  console.say(f"loading {name} ({field}) ...")
+  try:
+    return prior_lib.load_stable_diffusion(name, dtype=dtype)
+  except (OSError, ValueError) as e:
+    raise checks.ModelLoadError(
+        f"config field {field}={name!r}: {e} (pass --config.{field}=/path/to/folder, a "
+        "local folder in diffusers layout with unet/ vae/ text_encoder/ tokenizer/ "
+        "scheduler/)") from e
 
 
 def build(config, key: jax.Array):
   """(Models, frozen) for `config` (defaults.py); see the module docstring.
 
-  Loads Stable Diffusion first, so a missing model fails at start.
+  Validates the config, then loads Stable Diffusion first, so a bad field or a
+  missing model fails at start (checks.ConfigError, checks.ModelLoadError).
   """
+  checks.validate_config(config)
   kind = config.prior.kind
   vsd = config.guidance.mode == "vsd"
-  if config.guidance.mode not in ("vsd", "sds"):
-    raise ValueError(f"guidance.mode must be 'vsd' or 'sds', got {config.guidance.mode!r}")
   frozen = {"prior": {}, "phi_base": {}}
   if kind == "stable_diffusion":
-    sd = prior_lib.load_stable_diffusion(config.prior.name, dtype=_dtype(config.prior.dtype))
+    sd = _load("prior.name", config.prior.name, jnp.dtype(config.prior.dtype))
     prompts = [cameras.view_prompt(config.prompt, i) if config.guidance.view_prompts
                else config.prompt for i in range(len(cameras.VIEW_NAMES))]
     emb = prior_lib.encode_prompts(sd, prompts + [""])  # [5, 77, D]
@@ -106,13 +113,12 @@ def build(config, key: jax.Array):
     models = Models(prior=dataclasses.replace(sd, unet_params={}, vae_params={}))
     if vsd:
       base = config.eps_phi.base
-      phi_sd = sd if base == "prior" else prior_lib.load_stable_diffusion(
-          base, dtype=jnp.float32)
+      phi_sd = sd if base == "prior" else _load("eps_phi.base", base, jnp.float32)
       frozen["phi_base"] = phi_sd.unet_params
       models = dataclasses.replace(
           models, phi_unet=phi_sd.unet, phi_prediction_type=phi_sd.prediction_type,
           phi_alphas_cumprod=np.asarray(phi_sd.alphas_cumprod))
-  elif kind == "analytic":
+  else:
     refs = shapes.parse_references(config.prior.references)
     pr = prior_lib.make_prior([r.shape for r in refs], config.prior.sigma_ref)
     cond = prior_lib.encode_prompts(pr, [config.prompt])[0]  # [K]
@@ -121,19 +127,57 @@ def build(config, key: jax.Array):
                   phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)))
     models = Models(prior=pr, references=refs)
     if vsd:
-      if config.eps_phi.base != "tiny":
-        raise ValueError("with prior.kind='analytic', eps_phi.base must be 'tiny' "
-                         f"(a small pixel-space UNet), got {config.eps_phi.base!r}")
       unet = stable_diffusion.unet_from_config(
           tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution))
       frozen["phi_base"] = unet.init_weights(key)
       models = dataclasses.replace(
           models, phi_unet=unet, phi_prediction_type="epsilon",
           phi_alphas_cumprod=pr.alphas_cumprod)
-  else:
-    raise ValueError(f"prior.kind must be 'stable_diffusion' or 'analytic', got {kind!r}")
   if vsd:
-    models = dataclasses.replace(models, phi_spec=eps_phi.EpsPhiSpec(
-        mode=config.eps_phi.mode, rank=config.eps_phi.rank, alpha=config.eps_phi.alpha,
-        camera_dropout=config.eps_phi.camera_dropout))
+    models = dataclasses.replace(models, phi_spec=_phi_spec(config))
+  return models, frozen
+
+
+def _phi_spec(config) -> eps_phi.EpsPhiSpec:
+  e = config.eps_phi
+  return eps_phi.EpsPhiSpec(mode=e.mode, rank=e.rank, alpha=e.alpha,
+                            camera_dropout=e.camera_dropout)
+
+
+def _builtin(field: str, name: str) -> str:
+  builtin = os.path.basename(os.path.normpath(name))
+  if builtin not in stable_diffusion.BUILTIN_CONFIGS:
+    raise checks.ConfigError(f"config field {field}={name!r}: build_abstract knows only the "
+                             f"shipped architectures {stable_diffusion.BUILTIN_CONFIGS}")
+  return builtin
+
+
+def build_abstract(config):
+  """(Models, frozen) as `build` returns them for Stable Diffusion, without weights.
+
+  The architectures are the shipped configs named by the last part of
+  prior.name and eps_phi.base ("stabilityai/stable-diffusion-2-1-base" ->
+  stable-diffusion-2-1-base; eps_phi.base may be "prior"). Params and
+  embeddings in `frozen` are jax.ShapeDtypeStruct, so the train step of the
+  real models can be traced (jax.eval_shape) or compiled on any machine.
+  """
+  checks.validate_config(config)
+  if config.prior.kind != "stable_diffusion":
+    raise checks.ConfigError("config field prior.kind: build_abstract is for "
+                             "'stable_diffusion'")
+  sd = stable_diffusion.abstract_model(_builtin("prior.name", config.prior.name),
+                                       jnp.dtype(config.prior.dtype))
+  n_views, n_tokens, width = len(cameras.VIEW_NAMES), 77, sd.unet.cross_attention_dim
+  emb = jax.ShapeDtypeStruct((n_views, n_tokens, width), jnp.float32)
+  frozen = {"prior": sd, "phi_base": {}, "emb_cond": emb, "phi_emb": emb,
+            "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32)}
+  models = Models(prior=dataclasses.replace(sd, unet_params={}, vae_params={}))
+  if config.guidance.mode == "vsd":
+    base = config.eps_phi.base
+    phi_sd = sd if base == "prior" else stable_diffusion.abstract_model(
+        _builtin("eps_phi.base", base), jnp.float32)
+    frozen["phi_base"] = phi_sd.unet_params
+    models = dataclasses.replace(
+        models, phi_unet=phi_sd.unet, phi_prediction_type=phi_sd.prediction_type,
+        phi_alphas_cumprod=np.asarray(phi_sd.alphas_cumprod), phi_spec=_phi_spec(config))
   return models, frozen

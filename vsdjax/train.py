@@ -6,57 +6,47 @@ Importable from notebooks:
   from experiments import toy
   state = train.train_and_evaluate(toy.get_config(), "workdirs/toy")
 
-Work directory (design.md):
-  DIR/config.json      the resolved config
+Work directory:
+  DIR/config.json      the resolved config (config.resume-<time>.json per resume)
   DIR/metrics.jsonl    one JSON object per logged step
   DIR/checkpoints/     orbax checkpoints (atomic); a rerun resumes from the latest
+                       that restores (vsdjax/workdir.py)
   DIR/final/           exports (particle_<i>/...) and, for the analytic prior, eval.json
 """
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from vsdjax import evaluate, export, models as models_lib, scene, train_step
+from vsdjax import checks, console, evaluate, export, models as models_lib, scene, train_step
+from vsdjax import workdir as workdir_lib
 
 
-class NonFiniteLossError(FloatingPointError):
-  """A metric of the train step was NaN or infinite."""
+class NonFiniteLossError(checks.UserError, FloatingPointError):
+  """A metric of the train step was NaN or infinite, or the guidance had such entries."""
+
+
+class TrainingInterrupted(checks.UserError):
+  """SIGINT or SIGTERM stopped training after saving the current step."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum
 
 
 def resolution_at(config, step: int) -> int:
   """Render size of step `step` (the 64 -> 512 schedule; one compilation each)."""
   r = config.render
   return r.resolution if step < r.resolution_step else r.resolution_after
-
-
-def _checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True,
-      enable_async_checkpointing=False)  # The step donates the state it saves.
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
-
-
-def _setup(config, workdir: str):
-  """Models, frozen arrays, the initial or restored state and its checkpoint manager."""
-  key = jax.random.PRNGKey(config.seed)
-  k_models, k_init, k_steps = jax.random.split(key, 3)
-  models, frozen = models_lib.build(config, k_models)
-  mngr = _checkpoint_manager(config, workdir)
-  init = lambda: train_step.init_state(config, models, frozen, k_init)
-  latest = mngr.latest_step()
-  if latest is None:
-    state = init()
-  else:
-    abstract = jax.eval_shape(init)
-    state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-  return models, frozen, state, mngr, k_steps
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -69,54 +59,127 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     f.writelines(lines)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint), then exports; returns the state."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  models, frozen, state, mngr, k_steps = _setup(config, workdir)
+@jax.jit
+def _healthy(metrics: dict) -> jax.Array:
+  """[] bool: every metric finite and no non-finite guidance entry (one cheap fetch)."""
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+  return finite & (metrics.get("guidance_nonfinite", 0) == 0)
+
+
+def _nonfinite_error(metrics: dict, step: int, last_checkpoint, workdir: str):
+  parts = [f"{k}={v}" for k, v in sorted(metrics.items()) if not math.isfinite(v)]
+  if metrics.get("guidance_nonfinite", 0):
+    parts.append(f"guidance_nonfinite={metrics['guidance_nonfinite']:g} (NaN or infinite "
+                 "entries of the noise predictions)")
+  where = (f"the last good checkpoint is step {last_checkpoint} in {workdir}/checkpoints"
+           if last_checkpoint is not None else "no checkpoint was written")
+  return NonFiniteLossError(f"step {step}: non-finite {'; '.join(parts)}; stopped, nothing "
+                            f"of this step saved; {where}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Yields a dict whose 'signum' is set by SIGINT / SIGTERM (a second one acts as usual)."""
+  caught = {"signum": None}
+  if threading.current_thread() is not threading.main_thread():
+    yield caught  # Signals reach only the main thread's handlers.
+    return
+  previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+  def handler(signum, frame):
+    del frame
+    caught["signum"] = signum
+    for s, h in previous.items():
+      signal.signal(s, h)
+    console.say(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                "(send it again to stop at once)")
+
+  for s in previous:
+    signal.signal(s, handler)
+  try:
+    yield caught
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
+  """Trains (resuming from the latest checkpoint), then exports; returns the state.
+
+  The config is validated and, when `workdir` holds a run, checked against it
+  before anything is written (workdir.check_resume; `allow_changes` names
+  fields that may differ from it). SIGINT / SIGTERM save the current step and
+  raise TrainingInterrupted; the same call resumes from it.
+  """
+  checks.validate_config(config)
+  resumed = workdir_lib.check_resume(config, workdir, tuple(allow_changes))
+  if config.mode == "export" and not resumed:
+    raise checks.UserError(f"mode=export: no checkpoint in {workdir_lib.checkpoint_dir(workdir)}")
+  workdir_lib.record_config(config, workdir, resumed)
+  key = jax.random.PRNGKey(config.seed)
+  k_models, k_init, k_steps = jax.random.split(key, 3)
+  models, frozen = models_lib.build(config, k_models)
+  init = lambda: train_step.init_state(config, models, frozen, k_init)
+  state, mngr = workdir_lib.restore(config, workdir, jax.eval_shape(init))
+  if state is None:
+    state = init()
   if config.mode == "export":
-    if mngr.latest_step() is None:
-      raise FileNotFoundError(f"mode=export: no checkpoint in {workdir}/checkpoints")
     export_all(config, models, state, workdir)
     return state
-  if config.mode != "train":
-    raise ValueError(f"mode must be 'train' or 'export', got {config.mode!r}")
+  state = _train(config, workdir, models, frozen, state, mngr, k_steps)
+  export_all(config, models, state, workdir)
+  return state
 
+
+def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
+  """The loop: steps, metrics.jsonl, checkpoints, the non-finite and signal stops."""
   start = int(state["step"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   _truncate_metrics(metrics_path, start)
-  steps = {}
+  steps, bar, saved = {}, None, start
   t0 = time.time()
-  with open(metrics_path, "a") as log, tqdm.tqdm(
-      total=config.steps, initial=start, desc="vsdjax", unit="step",
-      dynamic_ncols=True) as bar:
-    for step in range(start, config.steps):
-      res = resolution_at(config, step)
-      if res not in steps:
-        steps[res] = train_step.make_train_step(config, models, frozen, res)
-      state, metrics = steps[res](state, k_steps)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-      if bad:
-        last = mngr.latest_step()
-        raise NonFiniteLossError(
-            f"step {step + 1}: non-finite {', '.join(bad)} "
-            f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); stopped. The last good "
-            f"checkpoint is step {last} in {workdir}/checkpoints" if last is not None
-            else f"step {step + 1}: non-finite {', '.join(bad)}; stopped before any "
-            "checkpoint was written")
-      done = step + 1
-      bar.update(1)
-      bar.set_postfix(loss=f"{metrics['loss']:.4g}", res=res)
-      if done % config.log_every == 0 or done == config.steps:
-        log.write(json.dumps({"step": done, **metrics, "resolution": res,
-                              "seconds": round(time.time() - t0, 3)}) + "\n")
-        log.flush()
-      if done % config.checkpoint_every == 0 or done == config.steps:
-        mngr.save(done, args=ocp.args.StandardSave(state))
-  mngr.wait_until_finished()
-  export_all(config, models, state, workdir)
+  with open(metrics_path, "a") as log, _stop_on_signals() as stop:
+    try:
+      for step in range(start, config.steps):
+        res = resolution_at(config, step)
+        compiling = res not in steps
+        if compiling:  # A new bar after the compile, so its ETA leaves the compile out.
+          bar = bar.close() if bar is not None else None
+          console.say(f"compiling the train step for {res}x{res} renders (minutes for "
+                      "Stable Diffusion) ...")
+          steps[res] = train_step.make_train_step(config, models, frozen, res)
+          t_compile = time.time()
+        state, metrics = steps[res](state, key)
+        done = step + 1
+        if not bool(_healthy(metrics)):
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          raise _nonfinite_error(metrics, done, mngr.latest_step(), workdir)
+        if compiling:
+          console.say(f"step {done} (compile and run) took {time.time() - t_compile:.1f} s")
+          bar = tqdm.tqdm(total=config.steps, initial=done, desc="vsdjax", unit="step",
+                          dynamic_ncols=True)
+        else:
+          bar.update(1)
+        if done % config.log_every == 0 or done == config.steps:
+          metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+          bar.set_postfix(loss=f"{metrics['loss']:.4g}", res=res)
+          log.write(json.dumps({"step": done, **metrics, "resolution": res,
+                                "seconds": round(time.time() - t0, 3)}) + "\n")
+          log.flush()
+        if (done % config.checkpoint_every == 0 or done == config.steps
+            or stop["signum"] is not None):
+          mngr.save(done, args=ocp.args.StandardSave(state))
+          mngr.wait_until_finished()
+          saved = done
+        if stop["signum"] is not None:
+          name = signal.Signals(stop["signum"]).name
+          raise TrainingInterrupted(
+              f"{name} at step {done}: saved checkpoint {saved} in "
+              f"{workdir_lib.checkpoint_dir(workdir)}; the same command resumes from it",
+              stop["signum"])
+    finally:
+      if bar is not None:
+        bar.close()
   return state
 
 
@@ -130,11 +193,13 @@ def export_all(config, models, state, workdir: str) -> None:
   if config.dimension == 3:
     spec = scene.spec_from_config(config)
     for i in range(n):
+      console.say(f"exporting particle {i + 1}/{n} (orbit video, views, mesh) to {final} ...")
       export.export_particle(
           take(i), spec, os.path.join(final, f"particle_{i}"), views=e.views,
           video_frames=e.video_frames, resolution=e.resolution,
           mesh_resolution=e.mesh_resolution, mesh_threshold=e.mesh_threshold)
     if models.is_analytic:
+      console.say("evaluating the particles against the references (eval.json) ...")
       result = evaluate.evaluate_3d(particles, spec, models.references,
                                     n_views=e.eval_views, size=config.render.resolution)
       evaluate.write_json(result, os.path.join(final, "eval.json"))

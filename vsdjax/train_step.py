@@ -10,7 +10,9 @@ particle axis [n, ...]):
 
 One step, for key k = fold_in(key, step):
   vmap over particles i: sample camera c_i (3D), render g(theta_i, c_i),
-    x0 = encode (VAE or pixels), t ~ U[t_min, t_max(step)], eps, x_t;
+    x0 = encode (pixels; or the VAE after a bilinear resize of the render to
+    the prior's own image size, 512 for SD 2.1-base, so that both UNets always
+    see their native latents), t ~ U[t_min, t_max(step)], eps, x_t;
     eps_hat = CFG(prior, x_t, view-dependent prompt of c_i);
     target = eps_phi(x_t, t, c_i) (VSD) or eps (SDS);
     grad = w(t) (eps_hat - target); loss = surrogate(x0, grad) + regularisers;
@@ -115,6 +117,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
   def encode(frozen, rgb):  # [1, H, W, 3] -> [1, C, h, w]
     if models.is_analytic:
       return analytic.encode_images(prior, rgb)
+    rgb = sd_lib.resize_images(rgb, sd_lib.image_size(prior))  # [1, 512, 512, 3]
     return sd_lib.encode_images(frozen["prior"], rgb)
 
   def prior_eps(frozen, x_t, t, label, means):
@@ -149,9 +152,9 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
                                    models.phi_alphas_cumprod, models.phi_prediction_type)
     else:
       target = eps
-    grad = distill.guidance_grad(jax.lax.stop_gradient(eps_hat),
-                                 jax.lax.stop_gradient(target),
-                                 distill.weight(a_t**2), g.grad_clip)
+    grad, n_nonfinite = distill.guidance_grad(jax.lax.stop_gradient(eps_hat),
+                                              jax.lax.stop_gradient(target),
+                                              distill.weight(a_t**2), g.grad_clip)
     terms = {"guidance": distill.surrogate_loss(x0, grad)}
     if out is not None:
       flat = jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), out)
@@ -161,7 +164,8 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
           terms[name] = loss_w[name] * fn(flat)
     loss = sum(terms.values())
     aux = {"x0": jax.lax.stop_gradient(x0[0]), "camera": camera[0], "label": label,
-           "terms": terms, "t": t[0], "grad_norm": jnp.sqrt(jnp.sum(grad**2))}
+           "terms": terms, "t": t[0], "grad_norm": jnp.sqrt(jnp.sum(grad**2)),
+           "nonfinite": n_nonfinite}
     return loss, aux
 
   def step_fn(state, key, frozen):
@@ -180,8 +184,11 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     particles = jax.vmap(optax.apply_updates)(state["particles"], updates)
     metrics = {"loss": jnp.mean(loss), "t": jnp.mean(aux["t"]), "t_max": t_hi,
                "guidance_grad_norm": jnp.mean(aux["grad_norm"]),
-               "particle_grad_norm": optax.global_norm(grads) / config.n_particles,
-               "particle_update_norm": optax.global_norm(updates) / config.n_particles}
+               "guidance_nonfinite": jnp.sum(aux["nonfinite"])}
+    for name, tree in (("particle_grad_norm", grads), ("particle_update_norm", updates)):
+      norms = jax.vmap(optax.global_norm)(tree)  # [n]
+      metrics.update({name: jnp.mean(norms), f"{name}_min": jnp.min(norms),
+                      f"{name}_max": jnp.max(norms)})
     metrics.update({f"loss_{k}": jnp.mean(v) for k, v in aux["terms"].items()})
     if config.dimension == 2:  # Per-pixel std across particles (eval.json's "spread").
       metrics["particle_spread"] = jnp.mean(jnp.std(particles["image"], axis=0))

@@ -31,12 +31,20 @@ import dataclasses
 import functools
 import glob
 import json
-import logging
 import os
 import re
 from typing import Any
 
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+import diffusers.utils.logging
+
+# Drops diffusers' "Flax classes are deprecated" line, logged at import and per
+# module trace, at the handler of diffusers' root logger (every module's records
+# reach it); setup.py pins diffusers<0.40, which still has them.
+for _handler in diffusers.utils.logging.get_logger("diffusers").handlers:
+  _handler.addFilter(lambda record: not record.getMessage().startswith(
+      "Flax classes are deprecated"))
+
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_flax import FlaxGEGLU
 import flax.linen as nn
 import flax.serialization
@@ -104,18 +112,6 @@ _VAE_BLOCKS = {
     "down_block_types": ("DownEncoderBlock2D",),
     "up_block_types": ("UpDecoderBlock2D",),
 }
-
-
-class _DropFlaxDeprecation(logging.Filter):
-  """Drops diffusers' "Flax classes are deprecated" line, logged per module trace."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Flax classes are deprecated")
-
-
-for _name in ("attention_flax", "embeddings_flax", "resnet_flax", "vae_flax",
-              "unets.unet_2d_blocks_flax", "unets.unet_2d_condition_flax"):
-  logging.getLogger(f"diffusers.models.{_name}").addFilter(_DropFlaxDeprecation())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -314,6 +310,31 @@ def config_dir(name: str) -> str:
   return os.path.join(CONFIGS_DIR, name)
 
 
+def abstract_model(name: str, dtype: Any = jnp.float32) -> StableDiffusion:
+  """A StableDiffusion of a shipped config set ("stable-diffusion-2-1-base" or
+  "stable-diffusion-2-1") with abstract weights, for jax.eval_shape / compiling.
+
+  UNet and VAE params are jax.ShapeDtypeStruct trees in `dtype` (what
+  load_stable_diffusion would load); no text encoder or tokenizer (callers
+  take embeddings as shapes too); the schedule is real.
+  """
+  dtype = _check_dtype(dtype)
+  folder = config_dir(name)
+  unet = unet_from_config(_read_json(os.path.join(folder, "unet", "config.json")), dtype)
+  vae_config = _read_json(os.path.join(folder, "vae", "config.json"))
+  vae = vae_from_config(vae_config, dtype)
+  scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+  cast = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
+  return StableDiffusion(
+      modules=Modules(unet, vae, None, None),
+      unet_params=cast(abstract_params(unet)), vae_params=cast(abstract_params(vae)),
+      text_params={},
+      alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler), jnp.float32),
+      prediction_type=scheduler.get("prediction_type", "epsilon"),
+      scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+      dtype=dtype, name=name)
+
+
 # ----------------------------------------------------------------------------
 # Loading a folder.
 
@@ -322,8 +343,11 @@ def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing (a Stable Diffusion folder in "
                             f"diffusers layout has {', '.join(SUBFOLDERS)})")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from e
 
 
 def _resolve_folder(name_or_path: str) -> str:
@@ -446,7 +470,11 @@ def load_stable_diffusion(name_or_path: str | os.PathLike,
     if not os.path.isfile(sub("tokenizer", filename)):
       raise FileNotFoundError(f"{sub('tokenizer', filename)} is missing (the "
                               f"CLIP tokenizer files)")
-  tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"))
+  try:
+    tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"))
+  except (OSError, ValueError, TypeError) as e:  # Broken tokenizer files.
+    raise ValueError(f"{sub('tokenizer')}: the CLIP tokenizer cannot be read "
+                     f"({type(e).__name__}: {e})") from e
 
   unet_path = sub("unet", "config.json")
   unet = unet_from_config(_read_json(unet_path), dtype, what=unet_path)
@@ -575,6 +603,24 @@ def predict_eps(sd: StableDiffusion, unet_params: Any, x_t: jax.Array,
 
 def _vae_factor(sd: StableDiffusion) -> int:
   return 2 ** (len(sd.vae.block_out_channels) - 1)
+
+
+def image_size(sd: StableDiffusion) -> int:
+  """The image size the UNet was trained at: sample_size x the VAE factor (512 for 2.1-base)."""
+  return int(sd.unet.sample_size) * _vae_factor(sd)
+
+
+def resize_images(rgb: jax.Array, size: int) -> jax.Array:
+  """Bilinear resize [B, H, W, C] -> [B, size, size, C], differentiable.
+
+  Half-pixel centres and no antialiasing: PyTorch's F.interpolate(mode="bilinear",
+  align_corners=False), which the reference implementations apply to a render
+  before the VAE. The identity when the size already matches.
+  """
+  if rgb.shape[1:3] == (size, size):
+    return rgb
+  return jax.image.resize(rgb, (rgb.shape[0], size, size, rgb.shape[3]), "bilinear",
+                          antialias=False)
 
 
 def encode_images(sd: StableDiffusion, rgb: jax.Array,

@@ -1,0 +1,255 @@
+"""Errors a user can fix, and the check of a whole config before any work.
+
+`validate_config(config)` runs before anything is built or written: every field
+of `defaults.py` with a closed set of values or a range is checked here, the
+settings dataclasses (scene, render, cameras, eps_phi) are built once to apply
+their own checks, and a field the defaults do not have (a typo in an
+experiment file) is refused. Each message names the config field and what it
+accepts.
+"""
+import difflib
+import math
+import re
+
+import ml_collections
+import numpy as np
+
+
+class UserError(Exception):
+  """An error the user can fix; the command line prints it as one line."""
+
+  exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+  """A config field has a value the code does not accept."""
+
+
+class ModelLoadError(UserError):
+  """A model named by a config field cannot be loaded (missing, offline, broken)."""
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config field {field}: {message}")
+
+
+def integer(lo=None, hi=None):
+  def check(field, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      _fail(field, f"must be an integer, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+      _fail(field, f"must be an integer in [{lo if lo is not None else '-inf'}, "
+            f"{hi if hi is not None else 'inf'}], got {v!r}")
+  return check
+
+
+def number(lo=None, hi=None, lo_open=False):
+  def check(field, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+      _fail(field, f"must be a number, got {v!r}")
+    if not math.isfinite(v):
+      _fail(field, f"must be finite, got {v!r}")
+    low_bad = lo is not None and (v <= lo if lo_open else v < lo)
+    if low_bad or (hi is not None and v > hi):
+      left = "(" if lo_open else "["
+      _fail(field, f"must lie in {left}{lo if lo is not None else '-inf'}, "
+            f"{hi if hi is not None else 'inf'}], got {v!r}")
+  return check
+
+
+def choice(*values):
+  def check(field, v):
+    if v not in values:
+      _fail(field, f"must be one of {', '.join(repr(x) for x in values)}; got {v!r}")
+  return check
+
+
+def boolean(field, v):
+  if not isinstance(v, bool):
+    _fail(field, f"must be True or False, got {v!r}")
+
+
+def string(field, v):
+  if not isinstance(v, str):
+    _fail(field, f"must be a string, got {v!r}")
+
+
+def nonempty_string(field, v):
+  if not isinstance(v, str) or not v.strip():
+    _fail(field, f"must be a non-empty string, got {v!r}")
+
+
+def _any(field, v):
+  del field, v  # Checked by the settings dataclass that reads it.
+
+
+_POSITIVE = number(0.0, lo_open=True)
+_NONNEGATIVE = number(0.0)
+_PROBABILITY = number(0.0, 1.0)
+_FRACTION = number(0.0, 1.0)
+
+# One rule per field of defaults.get_config(); a field without a rule is
+# unknown. `_any` marks fields whose settings dataclass checks them.
+RULES = {
+    "seed": integer(0, 2**32 - 1),
+    "steps": integer(0),
+    "n_particles": integer(1),
+    "mode": choice("train", "export"),
+    "dimension": choice(2, 3),
+    "prompt": string,
+    "guidance.mode": choice("vsd", "sds"),
+    "guidance.scale": _NONNEGATIVE,
+    "guidance.t_min": _FRACTION,
+    "guidance.t_max": _FRACTION,
+    "guidance.t_max_after": _FRACTION,
+    "guidance.t_switch_step": integer(0),
+    "guidance.t_anneal_steps": integer(0),
+    "guidance.grad_clip": _NONNEGATIVE,
+    "guidance.view_prompts": boolean,
+    "prior.kind": choice("stable_diffusion", "analytic"),
+    "prior.name": nonempty_string,
+    "prior.dtype": choice("float32", "bfloat16"),
+    "prior.references": string,
+    "prior.sigma_ref": _NONNEGATIVE,
+    "prior.reference_size": integer(1),
+    "eps_phi.base": nonempty_string,
+    "eps_phi.mode": choice("lora", "full"),
+    "eps_phi.rank": integer(1),
+    "eps_phi.alpha": number(),
+    "eps_phi.lr": _POSITIVE,
+    "eps_phi.weight_decay": _NONNEGATIVE,
+    "eps_phi.camera_dropout": _PROBABILITY,
+    "eps_phi.steps_per_step": integer(1),
+    "eps_phi.tiny_channels": _any,
+    "scene.bound": _any,
+    "scene.n_levels": _any,
+    "scene.n_features": _any,
+    "scene.log2_table_size": _any,
+    "scene.base_resolution": _any,
+    "scene.per_level_scale": _any,
+    "scene.hidden": _any,
+    "scene.density_activation": _any,
+    "scene.blob_density": _any,
+    "scene.blob_radius": _any,
+    "scene.albedo_init_std": _any,
+    "scene.shading": _any,
+    "scene.background": _any,
+    "scene.random_bg_prob": _PROBABILITY,
+    "render.resolution": integer(1),
+    "render.resolution_after": integer(1),
+    "render.resolution_step": integer(0),
+    "render.n_samples": _any,
+    "render.chunk": _any,
+    "render.ray_batch": integer(0),
+    "camera.radius": _any,
+    "camera.elevation": _any,
+    "camera.azimuth": _any,
+    "camera.fovy": _any,
+    "optim.lr": _POSITIVE,
+    "optim.grid_lr": _POSITIVE,
+    "optim.b1": number(0.0, 1.0),
+    "optim.b2": number(0.0, 1.0),
+    "optim.eps": _NONNEGATIVE,
+    "loss.sparsity": _NONNEGATIVE,
+    "loss.opaque": _NONNEGATIVE,
+    "loss.entropy": _NONNEGATIVE,
+    "loss.orientation": _NONNEGATIVE,
+    "log_every": integer(1),
+    "checkpoint_every": integer(1),
+    "keep_checkpoints": integer(1),
+    "export.views": integer(0),
+    "export.video_frames": integer(0),
+    "export.resolution": integer(8),
+    "export.mesh_resolution": integer(2),
+    "export.mesh_threshold": number(),
+    "export.eval_views": integer(1),
+}
+
+# Settings dataclass names in their messages -> the config section they read.
+_SPEC_SECTIONS = {"GridSpec": "scene", "FieldSpec": "scene", "RenderSpec": "render",
+                  "CameraRanges": "camera"}
+
+
+def flatten(config) -> dict:
+  """{'a.b': value} of a ConfigDict or nested dict (tuples and lists as lists)."""
+  out = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, (ml_collections.ConfigDict, dict)):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[prefix + k] = list(v) if isinstance(v, (tuple, list)) else v
+
+  walk(config, "")
+  return out
+
+
+def _spec_error(section: str, e: ValueError) -> ConfigError:
+  """A settings dataclass's ValueError, with its field named as in the config."""
+  msg = re.sub(r"\b(GridSpec|FieldSpec|RenderSpec|CameraRanges)\.(\w+)",
+               lambda m: f"{_SPEC_SECTIONS[m.group(1)]}.{m.group(2)}", str(e))
+  return ConfigError(f"config section {section}: {msg}")
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError naming the first field `config` cannot run with.
+
+  Checks: unknown and missing fields against RULES, each field's type and
+  range or closed set, the relations between fields, and the settings
+  dataclasses built from the config. Builds no model and touches no file.
+  """
+  # Deferred: these modules import jax-heavy code; checks.py stays importable alone.
+  from vsdjax import eps_phi, models, scene, shapes
+
+  flat = flatten(config)
+  for field in sorted(set(flat) - set(RULES)):
+    near = difflib.get_close_matches(field, RULES, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise ConfigError(f"config field {field} is unknown{hint}; every field is listed "
+                      "and commented in vsdjax/defaults.py")
+  for field in sorted(set(RULES) - set(flat)):
+    raise ConfigError(f"config field {field} is missing; derive the config from "
+                      "vsdjax.defaults.get_config()")
+  for field, rule in RULES.items():
+    rule(field, flat[field])
+
+  g = config.guidance
+  for name in ("t_max", "t_max_after"):
+    if g.t_min > g[name]:
+      _fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
+  analytic = config.prior.kind == "analytic"
+  if config.dimension == 2 and not analytic:
+    _fail("dimension", "2 (particles are images) needs prior.kind = 'analytic'")
+  vsd = config.guidance.mode == "vsd"
+  if vsd and analytic and config.eps_phi.base != "tiny":
+    _fail("eps_phi.base", "with prior.kind = 'analytic' it must be 'tiny' (a small "
+          f"pixel-space UNet), got {config.eps_phi.base!r}")
+  if vsd and not analytic and config.eps_phi.base == "tiny":
+    _fail("eps_phi.base", "'tiny' is for the analytic prior; with Stable Diffusion "
+          "pass 'prior' or a model (hub id or local folder)")
+  if analytic:
+    try:
+      shapes.parse_references(config.prior.references)
+    except ValueError as e:
+      _fail("prior.references", str(e))
+  if vsd:
+    try:
+      if analytic:
+        models.tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution)
+        factor = 2 ** (len(config.eps_phi.tiny_channels) - 1)
+        for name in ("resolution", "resolution_after"):
+          if config.render[name] % factor:
+            _fail(f"render.{name}", f"must be a multiple of {factor} (the tiny eps_phi "
+                  f"UNet halves it {factor.bit_length() - 1} times), got {config.render[name]}")
+      eps_phi.EpsPhiSpec(mode=config.eps_phi.mode, rank=config.eps_phi.rank,
+                         alpha=config.eps_phi.alpha,
+                         camera_dropout=config.eps_phi.camera_dropout)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config section eps_phi: {e}") from e
+  for section, build in (("scene / render", scene.spec_from_config),
+                         ("camera", scene.camera_ranges_from_config)):
+    try:
+      build(config)
+    except (ValueError, TypeError) as e:
+      raise _spec_error(section, e) from e

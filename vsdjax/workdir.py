@@ -1,0 +1,151 @@
+"""The work directory: the config record of each run segment, and safe restores.
+
+  DIR/config.json                       the config of the first segment
+  DIR/config.resume-<UTC time>.json     the config of each later segment
+  DIR/checkpoints/<step>/               orbax checkpoints (atomic)
+  DIR/checkpoints-damaged/<step>/       checkpoints that could not be restored
+
+A rerun into a directory that holds a checkpoint resumes it, so its config must
+describe the same optimisation: only the fields in MAY_CHANGE (and those that
+the caller allows by name, except the ones in NEVER_CHANGE, which set the
+state's shapes) may differ from config.json. Nothing is written before that
+check has passed.
+"""
+import datetime
+import json
+import os
+import shutil
+
+import orbax.checkpoint as ocp
+
+from vsdjax import checks, console
+
+# Fields that may differ on resume: how long, how often to log and save, exports.
+MAY_CHANGE = ("steps", "mode", "log_every", "checkpoint_every", "keep_checkpoints",
+              "export.")
+# Fields that set the shapes of the saved state: a run cannot continue with others.
+NEVER_CHANGE = ("seed", "n_particles", "dimension", "guidance.mode", "prior.kind",
+                "prior.references", "eps_phi.mode", "eps_phi.rank", "eps_phi.tiny_channels",
+                "scene.", "render.resolution")
+
+
+def _matches(field: str, patterns) -> bool:
+  return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def saved_steps(workdir: str) -> list:
+  """Steps of the finished checkpoints in DIR/checkpoints, newest first (no orbax call)."""
+  path = checkpoint_dir(workdir)
+  if not os.path.isdir(path):
+    return []
+  return sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)
+
+
+def config_differences(saved: dict, new: dict) -> list:
+  """[(field, saved value, new value)] of two flattened configs, sorted by field."""
+  missing = "<absent>"
+  return [(k, saved.get(k, missing), new.get(k, missing))
+          for k in sorted(set(saved) | set(new)) if saved.get(k, missing) != new.get(k, missing)]
+
+
+def check_resume(config, workdir: str, allow_changes=()) -> bool:
+  """Whether `config` resumes a run in `workdir`; raises ConfigError if it cannot.
+
+  Reads DIR/config.json when DIR holds a checkpoint and compares it with
+  `config`; writes nothing. A field that differs must be in MAY_CHANGE, or be
+  named in `allow_changes` and not be in NEVER_CHANGE.
+  """
+  for field in allow_changes:
+    if _matches(field, NEVER_CHANGE):
+      raise checks.ConfigError(f"--allow_change={field}: this field sets the shapes or the "
+                               "identity of the saved state and cannot change on resume")
+  if not saved_steps(workdir):
+    return False
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      saved = checks.flatten(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise checks.ConfigError(
+        f"{path} cannot be read ({e}), so the run in {workdir} cannot be checked "
+        "against the new config; restore the file or use a new --workdir") from e
+  new = checks.flatten(json.loads(config.to_json_best_effort()))
+  refused = [(k, a, b) for k, a, b in config_differences(saved, new)
+             if not (_matches(k, MAY_CHANGE) or k in allow_changes)]
+  if refused:
+    listing = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in refused)
+    raise checks.ConfigError(
+        f"{workdir} holds a run with another config ({listing}). Use a new --workdir, or "
+        f"change only {', '.join(p + '*' if p.endswith('.') else p for p in MAY_CHANGE)} "
+        "on resume (--allow_change=FIELD accepts a field that does not set the state's "
+        "shapes, e.g. a moved model folder)")
+  return True
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def record_config(config, workdir: str, resumed: bool) -> str:
+  """Writes the segment's config: DIR/config.json, or a dated copy when resuming."""
+  os.makedirs(workdir, exist_ok=True)
+  name = "config.json"
+  if resumed:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    name = f"config.resume-{stamp}.json"
+  path = os.path.join(workdir, name)
+  _write_atomic(path, config.to_json_best_effort(indent=2))
+  return path
+
+
+def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True,
+      enable_async_checkpointing=False)  # The step donates the state it saves.
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def restore(config, workdir: str, abstract_state):
+  """(state, manager): the newest checkpoint that restores, or (None, manager).
+
+  A checkpoint that fails to restore is reported in one line and moved to
+  DIR/checkpoints-damaged/ (never deleted) once an older one has restored;
+  when none restores, UserError lists why and nothing is moved.
+  """
+  mngr = checkpoint_manager(config, workdir)
+  failures = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise many types)
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      failures.append((step, reason))
+      console.say(f"checkpoint {step} in {checkpoint_dir(workdir)} cannot be restored "
+                  f"({reason}); trying an older one")
+      continue
+    if failures:
+      damaged = os.path.join(os.path.abspath(workdir), "checkpoints-damaged")
+      os.makedirs(damaged, exist_ok=True)
+      for bad, _ in failures:
+        target = os.path.join(damaged, str(bad))
+        if os.path.exists(target):
+          target += "-" + datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+        shutil.move(os.path.join(checkpoint_dir(workdir), str(bad)), target)
+        console.say(f"moved the damaged checkpoint {bad} to {target}; resuming from "
+                    f"step {step}")
+      mngr = checkpoint_manager(config, workdir)  # Forget the moved steps.
+    return state, mngr
+  if failures:
+    raise checks.UserError(
+        f"no checkpoint in {checkpoint_dir(workdir)} restores: "
+        + "; ".join(f"step {s}: {r}" for s, r in failures)
+        + ". Nothing was moved; use a new --workdir, or check that the code and config "
+        "match the run's")
+  return None, mngr
