@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from vsdjax import scene
+from vsdjax import defaults, scene
 
 
 def random_particle(spec: scene.SceneSpec, seed: int) -> dict:
@@ -41,3 +41,49 @@ def get(tree, path):
   for k in path:
     tree = tree[k]
   return tree
+
+
+def tiny_config(**overrides):
+  """The analytic prior at toy sizes (two references, 2 particles, 4 steps); `overrides`
+  maps dotted field names to values."""
+  c = defaults.get_config()
+  c.steps = 4
+  c.n_particles = 2
+  c.prompt = ""
+  c.prior.kind = "analytic"
+  c.prior.references = "sphere:#d04040,cube:#3060c0"
+  c.guidance.scale = 1.0
+  c.guidance.t_switch_step = 2
+  c.guidance.view_prompts = False
+  c.eps_phi.base = "tiny"
+  c.eps_phi.mode = "full"
+  c.eps_phi.tiny_channels = (64,)
+  c.scene.n_levels = 2
+  c.scene.log2_table_size = 8
+  c.scene.hidden = 8
+  c.scene.background = "white"
+  c.scene.random_bg_prob = 0.0
+  c.render.resolution = 8
+  c.render.resolution_after = 8
+  c.render.n_samples = 8
+  c.render.chunk = 8
+  c.render.ray_batch = 32       # two batches of the 8x8 rays: exercises lax.map
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.export.views = 1
+  c.export.video_frames = 2
+  c.export.resolution = 16
+  c.export.mesh_resolution = 16
+  c.export.eval_views = 2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def leaves(state):
+  """The arrays of a state as numpy, in tree order."""
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]

@@ -12,51 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import leaves, tiny_config
 from vsdjax import models, train, train_step
-from vsdjax import defaults
-
-
-def tiny_config(**overrides):
-  c = defaults.get_config()
-  c.steps = 4
-  c.n_particles = 2
-  c.prompt = ""
-  c.prior.kind = "analytic"
-  c.prior.references = "sphere:#d04040,cube:#3060c0"
-  c.guidance.scale = 1.0
-  c.guidance.t_switch_step = 2
-  c.guidance.view_prompts = False
-  c.eps_phi.base = "tiny"
-  c.eps_phi.mode = "full"
-  c.eps_phi.tiny_channels = (64,)
-  c.scene.n_levels = 2
-  c.scene.log2_table_size = 8
-  c.scene.hidden = 8
-  c.scene.background = "white"
-  c.scene.random_bg_prob = 0.0
-  c.render.resolution = 8
-  c.render.resolution_after = 8
-  c.render.n_samples = 8
-  c.render.chunk = 8
-  c.render.ray_batch = 32       # two batches of the 8x8 rays: exercises lax.map
-  c.log_every = 1
-  c.checkpoint_every = 2
-  c.export.views = 1
-  c.export.video_frames = 2
-  c.export.resolution = 16
-  c.export.mesh_resolution = 16
-  c.export.eval_views = 2
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
-
-
-def _leaves(state):
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
 
 def test_run_workdir_and_resume(tmp_path):
@@ -64,7 +21,7 @@ def test_run_workdir_and_resume(tmp_path):
   # Interrupted after 2 steps (checkpointed), then the same config again.
   train.train_and_evaluate(tiny_config(steps=2), str(tmp_path / "resumed"))
   resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
-  for a, b in zip(_leaves(full), _leaves(resumed)):
+  for a, b in zip(leaves(full), leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   run = tmp_path / "resumed"
   assert json.loads((run / "config.json").read_text())["n_particles"] == 2
@@ -111,6 +68,14 @@ def test_2d_mode_step():
   assert np.all(np.abs(after - before) > 0)  # every pixel of every particle moved
   np.testing.assert_allclose(float(metrics["particle_spread"]),
                              np.std(after, axis=0).mean(), rtol=1e-5)
+  # Per-particle update norms (the update is after - before), independent of n.
+  norms = np.sqrt(np.sum((after - before).astype(np.float64)**2, axis=(1, 2, 3)))
+  for suffix, expected in (("", norms.mean()), ("_min", norms.min()), ("_max", norms.max())):
+    np.testing.assert_allclose(float(metrics["particle_update_norm" + suffix]), expected,
+                               rtol=1e-4)
+  assert (float(metrics["particle_grad_norm_min"]) <= float(metrics["particle_grad_norm"])
+          <= float(metrics["particle_grad_norm_max"]))
+  assert int(metrics["guidance_nonfinite"]) == 0
 
 
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -53,6 +53,8 @@ def _parse_flags(argv):
   """absl's flag parsing, with config-override mistakes as one line."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help exits 1 after printing the usage.
+    sys.exit(0 if any(a in ("--help", "-h", "-?", "--helpshort") for a in argv) else e.code)
   except flags.Error as e:
     print(f"vsdjax: error: {e} (--help lists the flags)", file=sys.stderr)
     sys.exit(2)

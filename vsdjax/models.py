@@ -86,10 +86,8 @@ def _load(field: str, name: str, dtype) -> stable_diffusion.StableDiffusion:
   try:
     return prior_lib.load_stable_diffusion(name, dtype=dtype)
   except (OSError, ValueError) as e:
-    raise checks.ModelLoadError(
-        f"config field {field}={name!r}: {e} (pass --config.{field}=/path/to/folder, a "
-        "local folder in diffusers layout with unet/ vae/ text_encoder/ tokenizer/ "
-        "scheduler/)") from e
+    raise checks.ModelLoadError(f"config field {field}={name!r}: {e} (set it with "
+                                f"--config.{field}=/path/to/folder)") from e
 
 
 def build(config, key: jax.Array):

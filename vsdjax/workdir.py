@@ -11,10 +11,16 @@ the caller allows by name, except the ones in NEVER_CHANGE, which set the
 state's shapes) may differ from config.json. Nothing is written before that
 check has passed.
 """
+import contextlib
 import datetime
+import gc
 import json
+import logging
 import os
 import shutil
+import sys
+import tempfile
+import time
 
 import orbax.checkpoint as ocp
 
@@ -105,6 +111,68 @@ def record_config(config, workdir: str, resumed: bool) -> str:
   return path
 
 
+@contextlib.contextmanager
+def _stderr_to(file):
+  """Sends file descriptor 2 (Python's and C++'s stderr) to `file` for a while.
+
+  After an exception it waits (up to 10 s) until nothing more is written: a
+  failed orbax restore leaves reader tasks that print as they end.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(file.fileno(), 2)
+  try:
+    yield
+  except BaseException:
+    size, quiet, deadline = -1, 0, time.time() + 10.0
+    while quiet < 3 and time.time() < deadline:
+      gc.collect()
+      time.sleep(0.2)
+      quiet = quiet + 1 if os.fstat(file.fileno()).st_size == size else 0
+      size = os.fstat(file.fileno()).st_size
+    raise
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _drop_leftovers_of_failed_reads(log_path: str) -> None:
+  """Sends what orbax's abandoned reader tasks print when collected to `log_path`.
+
+  A failed restore leaves coroutines and tasks behind that print their error
+  (pages of TensorStore specs) whenever they are garbage collected, later in
+  the run; this process-wide hook and filter keep them in the log file.
+  """
+  def from_orbax(text: str) -> bool:
+    return "orbax" in text and ("_read_array_index" in text or "deserialize" in text)
+
+  def write(text: str) -> None:
+    with open(log_path, "a") as f:
+      f.write(text + "\n")
+
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and from_orbax(code.co_filename + code.co_name):
+      write(f"{unraisable.err_msg}: {unraisable.object!r}: {unraisable.exc_value!r}")
+      return
+    previous(unraisable)
+
+  def keep(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info:
+      text += "\n" + logging.Formatter().formatException(record.exc_info)
+    if from_orbax(text):
+      write(text)
+      return False
+    return True
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(keep)
+
+
 def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True,
@@ -122,30 +190,38 @@ def restore(config, workdir: str, abstract_state):
   mngr = checkpoint_manager(config, workdir)
   failures = []
   for step in sorted(mngr.all_steps(), reverse=True):
+    log = tempfile.NamedTemporaryFile(prefix=f"vsdjax-restore-{step}-", suffix=".log",
+                                      delete=False)  # Outside DIR: nothing written there yet.
     try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      with _stderr_to(log):  # tensorstore's reader tasks print pages on a bad file
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise many types)
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-      failures.append((step, reason))
+      _drop_leftovers_of_failed_reads(log.name)
+      first = str(e).splitlines()[0].split(". See full")[0] if str(e) else ""
+      reason = f"{type(e).__name__}: {first}"[:300]
+      failures.append((step, reason, log.name))
       console.say(f"checkpoint {step} in {checkpoint_dir(workdir)} cannot be restored "
                   f"({reason}); trying an older one")
       continue
+    finally:
+      log.close()
+    os.remove(log.name)
     if failures:
       damaged = os.path.join(os.path.abspath(workdir), "checkpoints-damaged")
       os.makedirs(damaged, exist_ok=True)
-      for bad, _ in failures:
+      for bad, _, details in failures:
         target = os.path.join(damaged, str(bad))
         if os.path.exists(target):
           target += "-" + datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
         shutil.move(os.path.join(checkpoint_dir(workdir), str(bad)), target)
-        console.say(f"moved the damaged checkpoint {bad} to {target}; resuming from "
-                    f"step {step}")
+        console.say(f"moved the damaged checkpoint {bad} to {target} (its restore errors "
+                    f"are in {details}); resuming from step {step}")
       mngr = checkpoint_manager(config, workdir)  # Forget the moved steps.
     return state, mngr
   if failures:
     raise checks.UserError(
         f"no checkpoint in {checkpoint_dir(workdir)} restores: "
-        + "; ".join(f"step {s}: {r}" for s, r in failures)
+        + "; ".join(f"step {s}: {r} (details: {d})" for s, r, d in failures)
         + ". Nothing was moved; use a new --workdir, or check that the code and config "
         "match the run's")
   return None, mngr
