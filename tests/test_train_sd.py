@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import sds, vsd
-from vsdjax import models, train_step
+from vsdjax import checks, models, train_step
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
 
 
@@ -63,7 +63,7 @@ def test_sds_config_shares_the_step(tiny_sd):
 def test_missing_model_fails_at_start_naming_it(tmp_path):
   c = vsd.get_config()
   c.prior.name = str(tmp_path / "no-such-model")
-  with pytest.raises((ValueError, FileNotFoundError), match="no-such-model"):
+  with pytest.raises(checks.ModelLoadError, match="config field prior.name=.*no-such-model"):
     models.build(c, jax.random.PRNGKey(0))
 
 

@@ -123,6 +123,8 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   state, mngr = workdir_lib.restore(config, workdir, jax.eval_shape(init))
   if state is None:
     state = init()
+  else:
+    console.say(f"resuming the run in {workdir} from step {int(state['step'])}")
   if config.mode == "export":
     export_all(config, models, state, workdir)
     return state
