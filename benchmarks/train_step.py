@@ -197,12 +197,13 @@ def sd_models(config, phi_base: str) -> tuple:
 
 def materialize(frozen: dict, shared: bool, seed: int) -> dict:
   """Random weights and embeddings for an abstract frozen (the schedule stays)."""
-  sd = frozen["prior"]
+  sd = frozen["prior"]["sd"]
   sd = dataclasses.replace(sd, unet_params=random_like(sd.unet_params, seed),
                            vae_params=random_like(sd.vae_params, seed + 1))
-  embeddings = {k: v for k, v in frozen.items() if k not in ("prior", "phi_base")}
+  prior = {k: v for k, v in frozen["prior"].items() if k != "sd"}
   phi_base = (sd.unet_params if shared else random_like(frozen["phi_base"], seed + 2))
-  return dict(random_like(embeddings, seed + 3), prior=sd, phi_base=phi_base)
+  return {"prior": dict(random_like(prior, seed + 3), sd=sd), "phi_base": phi_base,
+          "phi_emb": random_like(frozen["phi_emb"], seed + 4)}
 
 
 def bench_sd(args, base: dict) -> None:
@@ -223,19 +224,19 @@ def bench_sd(args, base: dict) -> None:
           compiled, compile_s = compile_step(step, state, key, frozen)
           shared = phi_base == "prior"
           shared_bytes = nbytes(frozen["phi_base"]) if shared else 0
-          sd = frozen["prior"]
+          sd = frozen["prior"]["sd"]
           row = dict(
               bench="sd_step", size=f"{res}x{res}", value=None, unit="s/step",
               **base, mode="vsd", n_particles=n, resolution=res,
-              latent=models.prior.unet.sample_size,
+              latent=models.prior.model.unet.sample_size,
               prior_dtype=dtype_name, phi_base=phi_base, overrides=args.set,
               compile_s=round(compile_s, 2), memory=memory(compiled, shared_bytes),
               state_bytes={k: nbytes(v) for k, v in state.items()},
               frozen_bytes={"prior_unet": nbytes(sd.unet_params),
                             "prior_vae": nbytes(sd.vae_params),
                             "phi_base": nbytes(frozen["phi_base"]),
-                            "embeddings": nbytes([frozen["emb_cond"],
-                                                  frozen["emb_uncond"],
+                            "embeddings": nbytes([frozen["prior"]["emb_cond"],
+                                                  frozen["prior"]["emb_uncond"],
                                                   frozen["phi_emb"]])})
           if args.time:
             real_frozen = materialize(frozen, shared, 0)

@@ -13,7 +13,7 @@ from vsdjax import defaults
 
 def get_config():
   c = defaults.get_config()
-  c.dimension = 2               # particles are images; no NeRF, no camera sampling
+  c.representation = "image"    # particles are images; no NeRF, one fixed camera
   c.steps = 500
   c.n_particles = 8
   c.prompt = ""                 # all references

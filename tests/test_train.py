@@ -14,6 +14,7 @@ import pytest
 
 from helpers import leaves, tiny_config
 from vsdjax import models, train, train_step
+from vsdjax.prior import analytic_prior
 
 
 def test_run_workdir_and_resume(tmp_path):
@@ -57,7 +58,7 @@ def test_step_compiles_once_and_sds_is_the_same_step():
 
 
 def test_2d_mode_step():
-  c = tiny_config(dimension=2, n_particles=3)
+  c = tiny_config(representation="image", n_particles=3)
   m, frozen = models.build(c, jax.random.PRNGKey(0))
   state = train_step.init_state(c, m, frozen, jax.random.PRNGKey(1))
   before = np.asarray(state["particles"]["image"])
@@ -80,7 +81,7 @@ def test_2d_mode_step():
 
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Adam moves each pixel by ~lr: finite after step 1, the prior's eps overflows at step 2.
-  c = tiny_config(**{"optim.lr": 1e18, "checkpoint_every": 1, "dimension": 2,
+  c = tiny_config(**{"optim.lr": 1e18, "checkpoint_every": 1, "representation": "image",
                      "guidance.mode": "sds"})  # the cheapest step
   with pytest.raises(train.NonFiniteLossError, match="step 2: non-finite.*checkpoint is step 1"):
     train.train_and_evaluate(c, str(tmp_path))
@@ -90,11 +91,11 @@ def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_nan_from_the_prior_stops_although_the_update_is_finite(tmp_path, monkeypatch):
   # guidance_grad zeroes the NaN entries (the loss stays finite); the count stops the run.
-  def nan_prior(model, params, x_t, *args):
+  def nan_prior(self, frozen, x_t, *args):
     return jnp.full(x_t.shape, jnp.nan).at[..., 0, 0].set(0.0)
 
-  monkeypatch.setattr(train_step.priors, "predict_eps_cfg", nan_prior)
-  c = tiny_config(**{"dimension": 2, "guidance.mode": "sds", "n_particles": 1})
+  monkeypatch.setattr(analytic_prior.Analytic, "eps_cfg", nan_prior)
+  c = tiny_config(**{"representation": "image", "guidance.mode": "sds", "n_particles": 1})
   with pytest.raises(train.NonFiniteLossError, match=r"guidance_nonfinite=189 .*no checkpoint was written"):
     train.train_and_evaluate(c, str(tmp_path))
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))

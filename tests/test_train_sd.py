@@ -32,8 +32,8 @@ def test_vsd_step_on_tiny_stable_diffusion(tiny_sd, tiny_sd_v):
   c = _tiny(vsd.get_config(), tiny_sd.path)
   c.eps_phi.base = tiny_sd_v.path  # the paper: a v-prediction base for eps_phi
   m, frozen = models.build(c, jax.random.PRNGKey(0))
-  assert m.phi_prediction_type == "v_prediction"
-  assert frozen["emb_cond"].shape[0] == 4  # front / side / back / overhead prompts
+  assert m.eps_phi.prediction_type == "v_prediction"
+  assert frozen["prior"]["emb_cond"].shape[0] == 4  # front / side / back / overhead prompts
   state = train_step.init_state(c, m, frozen, jax.random.PRNGKey(1))
   phi0 = jax.tree.map(np.asarray, state["phi"])
   grid0 = np.asarray(state["particles"]["field"]["grid"]["tables"])
@@ -54,7 +54,7 @@ def test_sds_config_shares_the_step(tiny_sd):
   c = _tiny(sds.get_config(), tiny_sd.path)
   c.n_particles = 1
   m, frozen = models.build(c, jax.random.PRNGKey(0))
-  assert m.phi_unet is None and frozen["phi_base"] == {}
+  assert m.eps_phi is None and frozen["phi_base"] == {}
   state = train_step.init_state(c, m, frozen, jax.random.PRNGKey(1))
   state, metrics = train_step.make_train_step(c, m, frozen, 64)(state, jax.random.PRNGKey(2))
   assert np.isfinite(float(metrics["loss"])) and "phi_loss" not in metrics

@@ -27,7 +27,7 @@ TOY2D_FLAGS = ["--config.n_particles=2", "--config.render.resolution=8",
 
 def _config_2d(**overrides):
   """The cheapest trainer config: 2D, SDS, 3 particles of 8x8 pixels."""
-  base = {"dimension": 2, "guidance.mode": "sds", "n_particles": 3, "steps": 4,
+  base = {"representation": "image", "guidance.mode": "sds", "n_particles": 3, "steps": 4,
           "checkpoint_every": 2, "keep_checkpoints": 5}
   return tiny_config(**{**base, **overrides})
 
@@ -72,7 +72,7 @@ def test_every_experiment_and_the_defaults_validate(module):
     ("optim.b2", 1.5, "optim.b2"),
     ("loss.sparsity", -1.0, "loss.sparsity"),
     ("log_every", 0, "log_every"),
-    ("dimension", 4, "dimension"),
+    ("representation", "mesh", "representation: must be one of 'nerf', 'image'"),
 ])
 def test_bad_fields_are_named_before_anything_is_written(tmp_path, field, value, message):
   c = tiny_config(**{field: value, "eps_phi.tiny_channels": (64, 64, 64)})

@@ -95,7 +95,7 @@ RULES = {
     "steps": integer(0),
     "n_particles": integer(1),
     "mode": choice("train", "export"),
-    "dimension": choice(2, 3),
+    "representation": choice("nerf", "image"),
     "prompt": string,
     "guidance.mode": choice("vsd", "sds"),
     "guidance.scale": _NONNEGATIVE,
@@ -219,8 +219,9 @@ def validate_config(config) -> None:
     if g.t_min > g[name]:
       _fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
   analytic = config.prior.kind == "analytic"
-  if config.dimension == 2 and not analytic:
-    _fail("dimension", "2 (particles are images) needs prior.kind = 'analytic'")
+  if config.representation == "image" and not analytic:
+    _fail("representation", "'image' (particles are pixel images) needs prior.kind = "
+          "'analytic'")
   vsd = config.guidance.mode == "vsd"
   if vsd and analytic and config.eps_phi.base != "tiny":
     _fail("eps_phi.base", "with prior.kind = 'analytic' it must be 'tiny' (a small "

@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.steps = 25_000              # optimisation steps (stage 1, NeRF)
   c.n_particles = 1             # VSD particles (n); SDS uses 1
   c.mode = "train"              # "train" (train, then export) or "export" (export the latest checkpoint)
-  c.dimension = 3               # 3: particles are NeRFs; 2: particles are images (paper's 2D experiment)
+  c.representation = "nerf"     # what a particle is: "nerf" (hash-grid NeRF) or "image" (the
+                                # paper's 2D experiment; vsdjax/representations/)
   c.prompt = "a hamburger"      # text prompt (Stable Diffusion priors)
 
   # --- guidance: the particle update (method.md, SDS / VSD) ---

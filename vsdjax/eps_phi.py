@@ -36,6 +36,7 @@ import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vsdjax import lora as lora_lib
 from vsdjax import mlp
@@ -278,3 +279,36 @@ def loss(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
     target = schedule.v_target(x0, eps, a_t, s_t)
   mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target))
   return mse, {"t": t, "noise": eps, "camera_dropped": dropped}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsPhi:
+  """eps_phi's static parts in one object (closed over by jit; hashed by identity).
+
+  The arrays stay outside: the base UNet params (frozen, shared with the prior
+  or not) and the trainable pytree of `init`.
+
+  Attributes:
+    unet: the FlaxUNet2DConditionModel.
+    spec: EpsPhiSpec.
+    alphas_cumprod: [T] abar_t of the base model's schedule.
+    prediction_type: "epsilon" or "v_prediction", what the base model predicts.
+  """
+  unet: nn.Module
+  spec: EpsPhiSpec
+  alphas_cumprod: np.ndarray
+  prediction_type: str
+
+  def init(self, key: jax.Array, base_params: Mapping) -> dict:
+    """The trainable pytree (see `init`)."""
+    return init(key, self.spec, self.unet, base_params)
+
+  def predict_eps(self, base_params, trainable, x_t, t, emb, camera) -> jax.Array:
+    """eps [B, C, h, w] (see `predict_eps`)."""
+    return predict_eps(self.spec, self.unet, base_params, trainable, x_t, t, emb, camera,
+                       self.alphas_cumprod, self.prediction_type)
+
+  def loss(self, base_params, trainable, x0, emb, camera, key) -> tuple[jax.Array, dict]:
+    """The diffusion loss on clean samples x0 [B, C, h, w] (see `loss`)."""
+    return loss(self.spec, self.unet, base_params, trainable, x0, emb, camera,
+                self.alphas_cumprod, self.prediction_type, key)

@@ -1,28 +1,25 @@
-"""Builds the frozen prior and the eps_phi model that a config asks for.
+"""Builds what a config asks for: the representation, the frozen prior and eps_phi.
 
 `build(config, key)` returns (models, frozen):
-  models: static description (modules, specs, schedules) closed over by jit;
+  models: Models, the static parts (closed over by jit);
   frozen: the arrays the step reads but never updates, passed to the jitted
     step as an argument (never baked in as constants):
-      'prior':     the StableDiffusion pytree (UNet and VAE params; the text
-                   encoder is dropped once the prompts are encoded); {} for the
-                   analytic prior
-      'phi_base':  eps_phi's base UNet params ({} for SDS)
-      'emb_cond':  [4, L, D] prompt conditioning per view label (cameras.VIEW_NAMES)
-      'emb_uncond': [L, D] unconditional conditioning
-      'phi_emb':   [4, L', D'] eps_phi's text conditioning per view label
+      'prior':    the prior's arrays (prior/sd_prior.py, prior/analytic_prior.py)
+      'phi_base': eps_phi's base UNet params ({} for SDS)
+      'phi_emb':  [4, L, D] eps_phi's text conditioning per view label
 """
 import dataclasses
 import os
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras, checks, console, eps_phi, shapes
+from vsdjax import cameras, checks, console, representations, shapes
+from vsdjax import eps_phi as eps_phi_lib
 from vsdjax import prior as prior_lib
-from vsdjax.prior import stable_diffusion
+from vsdjax.prior import analytic_prior, sd_prior, stable_diffusion
+from vsdjax.prior.base import Prior
 
 # Text conditioning of the tiny eps_phi UNet used with the analytic prior (a
 # single zero token: the analytic prior has one prompt).
@@ -31,26 +28,16 @@ _TINY_CROSS_DIM = 32
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Models:
-  """Static parts of the score models (hashed by identity).
+  """Static parts of a run (hashed by identity).
 
   Attributes:
-    prior: StableDiffusion without weights (they are in `frozen`) or AnalyticPrior.
-    references: the analytic prior's reference shapes (empty for SD).
-    phi_unet: eps_phi's FlaxUNet2DConditionModel, None for SDS.
-    phi_spec: eps_phi.EpsPhiSpec, None for SDS.
-    phi_prediction_type: "epsilon" or "v_prediction".
-    phi_alphas_cumprod: [T] schedule of eps_phi's base.
+    representation: what a particle is (representations.Representation).
+    prior: the frozen prior (prior.base.Prior); its arrays are frozen['prior'].
+    eps_phi: eps_phi_lib.EpsPhi, None for SDS.
   """
-  prior: Any
-  references: tuple = ()
-  phi_unet: Any = None
-  phi_spec: Optional[eps_phi.EpsPhiSpec] = None
-  phi_prediction_type: str = "epsilon"
-  phi_alphas_cumprod: Any = None
-
-  @property
-  def is_analytic(self) -> bool:
-    return isinstance(self.prior, prior_lib.AnalyticPrior)
+  representation: representations.Representation
+  prior: Prior
+  eps_phi: eps_phi_lib.EpsPhi | None = None
 
 
 def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
@@ -90,6 +77,20 @@ def _load(field: str, name: str, dtype) -> stable_diffusion.StableDiffusion:
                                 f"--config.{field}=/path/to/folder)") from e
 
 
+def _view_prompts(config) -> list:
+  return [cameras.view_prompt(config.prompt, i) if config.guidance.view_prompts
+          else config.prompt for i in range(len(cameras.VIEW_NAMES))]
+
+
+def _phi(config, unet, alphas_cumprod, prediction_type: str) -> eps_phi_lib.EpsPhi:
+  """eps_phi on `unet` (LoRA + camera MLP, or all weights) with its base's schedule."""
+  e = config.eps_phi
+  spec = eps_phi_lib.EpsPhiSpec(mode=e.mode, rank=e.rank, alpha=e.alpha,
+                            camera_dropout=e.camera_dropout)
+  return eps_phi_lib.EpsPhi(unet=unet, spec=spec, alphas_cumprod=np.asarray(alphas_cumprod),
+                        prediction_type=prediction_type)
+
+
 def build(config, key: jax.Array):
   """(Models, frozen) for `config` (defaults.py); see the module docstring.
 
@@ -97,49 +98,37 @@ def build(config, key: jax.Array):
   missing model fails at start (checks.ConfigError, checks.ModelLoadError).
   """
   checks.validate_config(config)
-  kind = config.prior.kind
   vsd = config.guidance.mode == "vsd"
-  frozen = {"prior": {}, "phi_base": {}}
-  if kind == "stable_diffusion":
+  representation = representations.make(config)
+  frozen = {"phi_base": {}}
+  phi = None
+  if config.prior.kind == "stable_diffusion":
     sd = _load("prior.name", config.prior.name, jnp.dtype(config.prior.dtype))
-    prompts = [cameras.view_prompt(config.prompt, i) if config.guidance.view_prompts
-               else config.prompt for i in range(len(cameras.VIEW_NAMES))]
-    emb = prior_lib.encode_prompts(sd, prompts + [""])  # [5, 77, D]
+    emb = prior_lib.encode_prompts(sd, _view_prompts(config) + [""])  # [5, 77, D]
     sd = dataclasses.replace(sd, text_params={})
-    frozen.update(prior=sd, emb_cond=emb[:-1], emb_uncond=emb[-1], phi_emb=emb[:-1])
+    frozen.update(prior={"sd": sd, "emb_cond": emb[:-1], "emb_uncond": emb[-1]},
+                  phi_emb=emb[:-1])
     # The static copy keeps the modules and the schedule, not the weights.
-    models = Models(prior=dataclasses.replace(sd, unet_params={}, vae_params={}))
+    prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
     if vsd:
       base = config.eps_phi.base
       phi_sd = sd if base == "prior" else _load("eps_phi.base", base, jnp.float32)
       frozen["phi_base"] = phi_sd.unet_params
-      models = dataclasses.replace(
-          models, phi_unet=phi_sd.unet, phi_prediction_type=phi_sd.prediction_type,
-          phi_alphas_cumprod=np.asarray(phi_sd.alphas_cumprod))
+      phi = _phi(config, phi_sd.unet, phi_sd.alphas_cumprod, phi_sd.prediction_type)
   else:
     refs = shapes.parse_references(config.prior.references)
-    pr = prior_lib.make_prior([r.shape for r in refs], config.prior.sigma_ref)
-    cond = prior_lib.encode_prompts(pr, [config.prompt])[0]  # [K]
-    frozen.update(emb_cond=jnp.tile(cond[None], (len(cameras.VIEW_NAMES), 1)),
-                  emb_uncond=prior_lib.encode_prompts(pr, [""])[0],
+    mixture = prior_lib.make_prior([r.shape for r in refs], config.prior.sigma_ref)
+    cond = prior_lib.encode_prompts(mixture, [config.prompt])[0]  # [K]
+    frozen.update(prior={"emb_cond": jnp.tile(cond[None], (len(cameras.VIEW_NAMES), 1)),
+                         "emb_uncond": prior_lib.encode_prompts(mixture, [""])[0]},
                   phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)))
-    models = Models(prior=pr, references=refs)
+    prior = analytic_prior.Analytic(mixture, refs)
     if vsd:
       unet = stable_diffusion.unet_from_config(
           tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution))
       frozen["phi_base"] = unet.init_weights(key)
-      models = dataclasses.replace(
-          models, phi_unet=unet, phi_prediction_type="epsilon",
-          phi_alphas_cumprod=pr.alphas_cumprod)
-  if vsd:
-    models = dataclasses.replace(models, phi_spec=_phi_spec(config))
-  return models, frozen
-
-
-def _phi_spec(config) -> eps_phi.EpsPhiSpec:
-  e = config.eps_phi
-  return eps_phi.EpsPhiSpec(mode=e.mode, rank=e.rank, alpha=e.alpha,
-                            camera_dropout=e.camera_dropout)
+      phi = _phi(config, unet, mixture.alphas_cumprod, "epsilon")
+  return Models(representation, prior, phi), frozen
 
 
 def _builtin(field: str, name: str) -> str:
@@ -167,15 +156,16 @@ def build_abstract(config):
                                        jnp.dtype(config.prior.dtype))
   n_views, n_tokens, width = len(cameras.VIEW_NAMES), 77, sd.unet.cross_attention_dim
   emb = jax.ShapeDtypeStruct((n_views, n_tokens, width), jnp.float32)
-  frozen = {"prior": sd, "phi_base": {}, "emb_cond": emb, "phi_emb": emb,
-            "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32)}
-  models = Models(prior=dataclasses.replace(sd, unet_params={}, vae_params={}))
+  frozen = {"prior": {"sd": sd, "emb_cond": emb,
+                      "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32)},
+            "phi_base": {}, "phi_emb": emb}
+  phi = None
   if config.guidance.mode == "vsd":
     base = config.eps_phi.base
     phi_sd = sd if base == "prior" else stable_diffusion.abstract_model(
         _builtin("eps_phi.base", base), jnp.float32)
     frozen["phi_base"] = phi_sd.unet_params
-    models = dataclasses.replace(
-        models, phi_unet=phi_sd.unet, phi_prediction_type=phi_sd.prediction_type,
-        phi_alphas_cumprod=np.asarray(phi_sd.alphas_cumprod), phi_spec=_phi_spec(config))
-  return models, frozen
+    phi = _phi(config, phi_sd.unet, phi_sd.alphas_cumprod, phi_sd.prediction_type)
+  prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
+  return Models(representations.make(config), prior, phi), frozen
+

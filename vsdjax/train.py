@@ -23,11 +23,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from vsdjax import checks, console, evaluate, export, models as models_lib, scene, train_step
+from vsdjax import checks, console, evaluate, models as models_lib, train_step
 from vsdjax import workdir as workdir_lib
 
 
@@ -186,34 +185,10 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
 
 
 def export_all(config, models, state, workdir: str) -> None:
-  """Writes DIR/final/: per-particle exports and, for the analytic prior, eval.json."""
+  """Writes DIR/final/: per-particle exports and, where the prior knows the answer, eval.json."""
   final = os.path.join(workdir, "final")
   particles = jax.device_get(state["particles"])
-  n = config.n_particles
-  take = lambda i: jax.tree.map(lambda v: v[i], particles)
-  e = config.export
-  if config.dimension == 3:
-    spec = scene.spec_from_config(config)
-    for i in range(n):
-      console.say(f"exporting particle {i + 1}/{n} (orbit video, views, mesh) to {final} ...")
-      export.export_particle(
-          take(i), spec, os.path.join(final, f"particle_{i}"), views=e.views,
-          video_frames=e.video_frames, resolution=e.resolution,
-          mesh_resolution=e.mesh_resolution, mesh_threshold=e.mesh_threshold)
-    if models.is_analytic:
-      console.say("evaluating the particles against the references (eval.json) ...")
-      result = evaluate.evaluate_3d(particles, spec, models.references,
-                                    n_views=e.eval_views, size=config.render.resolution)
-      evaluate.write_json(result, os.path.join(final, "eval.json"))
-  else:
-    for i in range(n):
-      export.export_image(particles["image"][i],
-                          os.path.join(final, f"particle_{i}", "image.png"))
-    if models.is_analytic:
-      cam = train_step.camera_2d()
-      size = config.render.resolution
-      means = np.asarray(train_step.reference_means(models, cam.c2w, cam.fovy, size)[0])
-      result = evaluate.evaluate_2d(particles["image"], means,
-                                    [r.shape for r in models.references],
-                                    config.prior.sigma_ref)
-      evaluate.write_json(result, os.path.join(final, "eval.json"))
+  models.representation.export(particles, final, config.export)
+  result = models.prior.evaluate(models.representation, particles, config)
+  if result is not None:
+    evaluate.write_json(result, os.path.join(final, "eval.json"))

@@ -30,7 +30,7 @@ from vsdjax import checks, console
 MAY_CHANGE = ("steps", "mode", "log_every", "checkpoint_every", "keep_checkpoints",
               "export.")
 # Fields that set the shapes of the saved state: a run cannot continue with others.
-NEVER_CHANGE = ("seed", "n_particles", "dimension", "guidance.mode", "prior.kind",
+NEVER_CHANGE = ("seed", "n_particles", "representation", "guidance.mode", "prior.kind",
                 "prior.references", "eps_phi.mode", "eps_phi.rank", "eps_phi.tiny_channels",
                 "scene.", "render.resolution")
 

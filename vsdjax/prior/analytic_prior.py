@@ -1,0 +1,48 @@
+"""The analytic prior as a Prior: reference shapes rendered exactly at each camera."""
+import dataclasses
+
+import numpy as np
+
+from vsdjax import prior as prior_lib
+from vsdjax import console, shapes
+from vsdjax.prior import analytic
+from vsdjax.prior.base import Prior
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Analytic(Prior):
+  """frozen['prior'] = {'emb_cond': [4, K] per view label, 'emb_uncond': [K]}.
+
+  Attributes:
+    mixture: analytic.AnalyticPrior (component names, sigmas, schedule).
+    references: the K shapes.Reference whose renders are the component means.
+  """
+  mixture: analytic.AnalyticPrior
+  references: tuple
+
+  @property
+  def alphas_cumprod(self):
+    return np.asarray(self.mixture.alphas_cumprod)
+
+  def encode(self, frozen, rgb):
+    del frozen
+    return analytic.encode_images(self.mixture, rgb)
+
+  def reference_means(self, camera, size):
+    """The component means at one camera: [1, K, 3, size, size]."""
+    rgb = shapes.render_views(self.references, camera.c2w, camera.fovy, size, size)["rgb"]
+    return analytic.encode_images(self.mixture, rgb)[None]  # rgb [K, H, W, 3]
+
+  def condition(self, frozen, camera, label, size):
+    return {"means": self.reference_means(camera, size),
+            "cond": frozen["emb_cond"][label][None], "uncond": frozen["emb_uncond"][None]}
+
+  def eps_cfg(self, frozen, x_t, t, cond, scale):
+    del frozen
+    return prior_lib.predict_eps_cfg(self.mixture, cond["means"], x_t, t, cond["cond"],
+                                     cond["uncond"], scale)
+
+  def evaluate(self, representation, particles, config):
+    console.say("evaluating the particles against the references (eval.json) ...")
+    return representation.evaluate(particles, self.references, config.prior.sigma_ref,
+                                   config.export, config.render.resolution)
