@@ -13,6 +13,7 @@ import pytest
 
 from experiments import sds, vsd
 from vsdjax import checks, models, train_step
+from vsdjax.prior import stable_diffusion as sd_lib
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
 
 
@@ -114,3 +115,15 @@ def test_real_sd_step_shapes_at_a_64_render(phi_base, dtype):
   assert seen["FlaxEncoder"] == [(1, 512, 512, 3)]
   assert sorted(seen["FlaxUNet2DConditionModel"]) == [(1, 4, 64, 64), (1, 4, 64, 64),
                                                       (2, 4, 64, 64)]
+
+
+def test_the_sd_prior_encodes_a_posterior_sample_of_the_resized_render(tiny_sd):
+  c = _tiny(sds.get_config(), tiny_sd.path)
+  m, frozen = models.build(c, jax.random.PRNGKey(0))
+  rgb = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3))
+  key = jax.random.PRNGKey(2)
+  x0 = m.prior.encode(frozen["prior"], rgb, key)
+  sd = frozen["prior"]["sd"]
+  resized = sd_lib.resize_images(rgb, 128)
+  np.testing.assert_allclose(x0, sd_lib.encode_images(sd, resized, key), rtol=1e-6)
+  assert np.abs(np.asarray(x0 - sd_lib.encode_images(sd, resized))).max() > 0  # not the mean

@@ -82,7 +82,8 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
     out = rep.render(params, cam, resolution, k_render)
-    x0 = prior.encode(frozen["prior"], out["rgb"][None])  # [1, C, h, w]
+    x0 = prior.encode(frozen["prior"], out["rgb"][None],
+                      jax.random.fold_in(key, 1))  # [1, C, h, w]
     label = cameras.view_label(cam.elevation, cam.azimuth)
     cond = prior.condition(frozen["prior"], cam, label, x0.shape[-1])
     t = distill.sample_t(k_t, t_lo, t_hi, num_t, (1,))  # [1]

@@ -24,8 +24,8 @@ class Analytic(Prior):
   def alphas_cumprod(self):
     return np.asarray(self.mixture.alphas_cumprod)
 
-  def encode(self, frozen, rgb):
-    del frozen
+  def encode(self, frozen, rgb, key):
+    del frozen, key  # Pixels: deterministic.
     return analytic.encode_images(self.mixture, rgb)
 
   def reference_means(self, camera, size):

@@ -31,8 +31,8 @@ class Prior(abc.ABC):
     """[T] abar_t of the prior's noise schedule."""
 
   @abc.abstractmethod
-  def encode(self, frozen: Any, rgb: jax.Array) -> jax.Array:
-    """rgb [1, H, W, 3] in [0, 1] -> x0 [1, C, h, w], differentiable."""
+  def encode(self, frozen: Any, rgb: jax.Array, key: jax.Array) -> jax.Array:
+    """rgb [1, H, W, 3] in [0, 1] -> x0 [1, C, h, w], differentiable (key: a sampled encoder)."""
 
   @abc.abstractmethod
   def condition(self, frozen: Any, camera: cameras.Cameras, label: jax.Array,

@@ -22,11 +22,12 @@ class SDPrior(Prior):
   def alphas_cumprod(self):
     return np.asarray(self.model.alphas_cumprod)
 
-  def encode(self, frozen, rgb):
-    # The reference implementations resize the render bilinearly to the
-    # model's size, so the UNet always sees its native latents (64x64 for 2.1-base).
+  def encode(self, frozen, rgb, key):
+    # As the reference implementations: the render resized bilinearly to the
+    # model's size (the UNets always see their native latents, 64x64 for
+    # 2.1-base), then a sample of the VAE posterior (latent_dist.sample()).
     rgb = sd_lib.resize_images(rgb, sd_lib.image_size(self.model))  # [1, 512, 512, 3]
-    return sd_lib.encode_images(frozen["sd"], rgb)
+    return sd_lib.encode_images(frozen["sd"], rgb, key)
 
   def condition(self, frozen, camera, label, size):
     del camera, size
