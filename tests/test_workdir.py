@@ -185,12 +185,14 @@ def test_command_line_errors_are_one_line(tmp_path):
   run.mkdir()
   (run / "config.json").write_text('{"steps": 7}')
   (run / "checkpoints" / "7").mkdir(parents=True)
-  # A mistyped config path leaves an existing run's config.json as it was.
-  out = _main("--config", "experiments/toyy.py", "--workdir", str(run))
-  assert out.returncode == 2
-  assert [l for l in out.stderr.splitlines() if l.strip()] == _error_lines(out.stderr)
-  assert len(_error_lines(out.stderr)) == 1
-  assert _error_lines(out.stderr)[0].startswith("vsdjax: error: --config experiments/toyy.py")
+  # A mistyped config path leaves an existing run's config.json as it was (with and
+  # without overrides, which fail at flag parsing).
+  for overrides in ([], ["--config.steps=7"]):
+    out = _main("--config", "experiments/toyy.py", "--workdir", str(run), *overrides)
+    assert out.returncode == 2
+    assert [l for l in out.stderr.splitlines() if l.strip()] == _error_lines(out.stderr)
+    assert len(_error_lines(out.stderr)) == 1
+    assert "--config" in _error_lines(out.stderr)[0] and "toyy.py" in _error_lines(out.stderr)[0]
   assert (run / "config.json").read_text() == '{"steps": 7}'
   # A misspelt field, a bad value, missing weights: one line each, naming the field.
   for flags, expected in (

@@ -58,6 +58,8 @@ def _parse_flags(argv):
   except flags.Error as e:
     print(f"vsdjax: error: {e} (--help lists the flags)", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # The config file failed to load; an override then touches it.
+    _fail(f"--config cannot be loaded: {str(e).splitlines()[-1].strip()}")
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):
       e = e.__context__  # ml_collections' unknown field, with its "did you mean".
