@@ -34,42 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsdjax import checks
+
 VIEW_NAMES = ("front", "side", "back", "overhead")
 
 # threestudio's prompt-processor thresholds, in degrees.
 _OVERHEAD_ELEVATION = 60.0
 _FRONT_AZIMUTH = 45.0
 _BACK_AZIMUTH = 135.0
-
-
-def _is_concrete(x) -> bool:
-  """True when `x` holds actual values (not a tracer under jit/vmap/grad)."""
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _check_finite(name: str, x) -> None:
-  """Raises ValueError naming `name` if a concrete `x` holds NaN or inf."""
-  if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
-    raise ValueError(f"{name} must be finite, got {np.asarray(x)!r}")
-
-
-def _check_range(name: str, x, low: float, high: float,
-                 low_open: bool, high_open: bool) -> None:
-  """Raises ValueError naming `name` if a concrete `x` leaves (low, high)."""
-  if not _is_concrete(x):
-    return
-  v = np.asarray(x)
-  below = v <= low if low_open else v < low
-  above = v >= high if high_open else v > high
-  if np.any(below) or np.any(above):
-    lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
-    raise ValueError(f"{name} must lie in {lb}{low}, {high}{hb}, got {v!r}")
-
-
-def _check_positive_int(name: str, n) -> int:
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-    raise ValueError(f"{name} must be a positive integer, got {n!r}")
-  return int(n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +151,10 @@ def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> jnp.ndarray:
   for name, v in (("eye", eye), ("target", target), ("up", up)):
     if v.ndim < 1 or v.shape[-1] != 3:
       raise ValueError(f"{name} must have shape [..., 3], got {v.shape}")
-    _check_finite(name, v)
-  if _is_concrete(up) and np.any(np.linalg.norm(np.asarray(up), axis=-1) == 0):
+    checks.check_finite(name, v)
+  if checks.is_concrete(up) and np.any(np.linalg.norm(np.asarray(up), axis=-1) == 0):
     raise ValueError("up must be a non-zero vector")
-  if (_is_concrete(eye) and _is_concrete(target) and
+  if (checks.is_concrete(eye) and checks.is_concrete(target) and
       np.any(np.all(np.asarray(eye) == np.asarray(target), axis=-1))):
     raise ValueError("eye and target must differ")
 
@@ -217,9 +189,9 @@ def from_spherical(radius, elevation, azimuth, fovy) -> Cameras:
   named = (("radius", radius), ("elevation", elevation), ("azimuth", azimuth),
            ("fovy", fovy))
   for name, v in named:
-    _check_finite(name, v)
-  _check_range("radius", radius, 0.0, math.inf, True, True)
-  _check_range("fovy", fovy, 0.0, 180.0, True, True)
+    checks.check_finite(name, v)
+  checks.check_range("radius", radius, 0.0, math.inf, True, True)
+  checks.check_range("fovy", fovy, 0.0, 180.0, True, True)
   try:
     shape = jnp.broadcast_shapes(*(jnp.shape(v) for _, v in named))
   except ValueError as e:
@@ -245,7 +217,7 @@ def sample(key: jax.Array, ranges: CameraRanges, n: int) -> Cameras:
   """
   if not isinstance(ranges, CameraRanges):
     raise ValueError(f"ranges must be a CameraRanges, got {type(ranges)}")
-  n = _check_positive_int("n", n)
+  n = checks.check_int("n", n)
   k_r, k_e, k_a, k_f = jax.random.split(key, 4)
 
   def uniform(k, bounds):
@@ -268,7 +240,7 @@ def orbit(n_views: int, radius: float, elevation: float,
   Returns:
     Cameras with leading shape [n_views].
   """
-  n_views = _check_positive_int("n_views", n_views)
+  n_views = checks.check_int("n_views", n_views)
   azimuth = 360.0 * jnp.arange(n_views, dtype=jnp.float32) / n_views  # [n]
   azimuth = jnp.mod(azimuth + 180.0, 360.0) - 180.0
   return from_spherical(radius, elevation, azimuth, fovy)
@@ -315,16 +287,16 @@ def rays(c2w, fovy, height: int, width: int):
   fovy = jnp.asarray(fovy, jnp.float32)
   if c2w.ndim < 2 or c2w.shape[-2:] != (4, 4):
     raise ValueError(f"c2w must have shape [..., 4, 4], got {c2w.shape}")
-  height = _check_positive_int("height", height)
-  width = _check_positive_int("width", width)
+  height = checks.check_int("height", height)
+  width = checks.check_int("width", width)
   try:
     jnp.broadcast_shapes(c2w.shape[:-2], fovy.shape)
   except ValueError as e:
     raise ValueError(f"fovy shape {fovy.shape} does not broadcast with c2w's "
                      f"leading shape {c2w.shape[:-2]}") from e
-  _check_finite("c2w", c2w)
-  _check_finite("fovy", fovy)
-  _check_range("fovy", fovy, 0.0, 180.0, True, True)
+  checks.check_finite("c2w", c2w)
+  checks.check_finite("fovy", fovy)
+  checks.check_range("fovy", fovy, 0.0, 180.0, True, True)
 
   return _rays(c2w, fovy, height, width)
 
@@ -352,8 +324,8 @@ def view_label(elevation, azimuth) -> jnp.ndarray:
   """
   elevation = jnp.asarray(elevation, jnp.float32)
   azimuth = jnp.asarray(azimuth, jnp.float32)
-  _check_finite("elevation", elevation)
-  _check_finite("azimuth", azimuth)
+  checks.check_finite("elevation", elevation)
+  checks.check_finite("azimuth", azimuth)
   return _view_label(elevation, azimuth)
 
 

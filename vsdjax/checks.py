@@ -1,4 +1,8 @@
-"""Errors a user can fix, and the check of a whole config before any work.
+"""Argument checks used across the package, errors a user can fix, and the config check.
+
+Argument checks (`check_int`, `check_number`, `check_range`, `check_finite`)
+raise ValueError naming the argument; the array ones skip traced values (they
+check concrete inputs at public entry points and cost nothing under jit).
 
 `validate_config(config)` runs before anything is built or written: every field
 of `defaults.py` with a closed set of values or a range is checked here, the
@@ -11,8 +15,57 @@ import difflib
 import math
 import re
 
+import jax
 import ml_collections
 import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when `x` holds actual values (not a tracer under jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def concrete(x):
+  """x as a numpy array, or None when it is traced (checks are skipped)."""
+  return np.asarray(x) if is_concrete(x) else None
+
+
+def check_finite(name: str, x) -> None:
+  """Raises ValueError naming `name` if a concrete `x` holds NaN or inf."""
+  value = concrete(x)
+  if value is not None and not np.all(np.isfinite(value)):
+    raise ValueError(f"{name}: contains non-finite values")
+
+
+def check_range(name: str, x, low: float, high: float, low_open: bool = False,
+                high_open: bool = False) -> None:
+  """Raises ValueError naming `name` if a concrete `x` leaves [low, high] (or the open ends)."""
+  v = concrete(x)
+  if v is None:
+    return
+  below = v <= low if low_open else v < low
+  above = v >= high if high_open else v > high
+  if np.any(below) or np.any(above):
+    lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
+    raise ValueError(f"{name} must lie in {lb}{low}, {high}{hb}, got {v!r}")
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+  """`value` as an int >= minimum (bools refused)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def check_number(name: str, value, low: float, high: float, closed: bool = False) -> float:
+  """`value` as a finite float in (low, high), or [low, high] if `closed`."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a number, got {value!r}") from e
+  check_finite(name, number)
+  check_range(name, number, low, high, low_open=not closed, high_open=not closed)
+  return number
 
 
 class UserError(Exception):

@@ -36,7 +36,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from vsdjax import cameras, export, scene, shapes
+from vsdjax import cameras, checks, export, scene, shapes
 
 # Floor of the MSE in PSNR: 1e-10 -> at most 100 dB.
 MSE_FLOOR = 1e-10
@@ -46,13 +46,6 @@ MSE_FLOOR = 1e-10
 HELDOUT_RADIUS = 1.5
 HELDOUT_FOVY = 45.0
 HELDOUT_ELEVATION = (0.0, 30.0)
-
-
-def _check_positive_int(name: str, value) -> int:
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
-      value < 1):
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return int(value)
 
 
 def heldout_cameras(n: int, seed: int = 12345) -> cameras.Cameras:
@@ -73,7 +66,7 @@ def heldout_cameras(n: int, seed: int = 12345) -> cameras.Cameras:
   Returns:
     Cameras with leading shape [n] (azimuth wrapped to [-180, 180)).
   """
-  n = _check_positive_int("n", n)
+  n = checks.check_int("n", n)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}")
   rng = np.random.default_rng(int(seed))
@@ -145,8 +138,8 @@ def evaluate_3d(particles: dict, spec: scene.SceneSpec, refs, n_views: int = 8,
   if not isinstance(spec, scene.SceneSpec):
     raise ValueError(f"spec must be a scene.SceneSpec, got {type(spec)}")
   refs = _check_references(refs)
-  n_views = _check_positive_int("n_views", n_views)
-  size = _check_positive_int("size", size)
+  n_views = checks.check_int("n_views", n_views)
+  size = checks.check_int("size", size)
   try:
     tables = np.shape(particles["field"]["grid"]["tables"])
   except (KeyError, TypeError) as e:

@@ -44,34 +44,12 @@ import mcubes
 import numpy as np
 import trimesh
 
-from vsdjax import cameras
+from vsdjax import cameras, checks
 from vsdjax import field as field_lib
 from vsdjax import scene
 
 # Frames per second of the orbit video.
 VIDEO_FPS = 30
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
-      value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return int(value)
-
-
-def _check_float(name: str, value, low: float, high: float,
-                 closed: bool = False) -> float:
-  """`value` as a finite float in (low, high), or [low, high] if `closed`."""
-  try:
-    value = float(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name} must be a number, got {value!r}") from e
-  inside = low <= value <= high if closed else low < value < high
-  if not math.isfinite(value) or not inside:
-    lb, hb = ("[", "]") if closed else ("(", ")")
-    raise ValueError(
-        f"{name} must be finite and in {lb}{low}, {high}{hb}, got {value!r}")
-  return value
 
 
 def _check_particle(params, spec) -> None:
@@ -147,8 +125,8 @@ def _render_rgb(params, c2w, fovy, spec, size, ray_batch):
 def _renders(params: dict, cams: cameras.Cameras, spec: scene.SceneSpec,
              size: int, ray_batch: int):
   """Yields the [size, size, 3] float32 render of each camera of cams [V]."""
-  size = _check_positive_int("size", size)
-  ray_batch = min(_check_positive_int("ray_batch", ray_batch), size * size)
+  size = checks.check_int("size", size)
+  ray_batch = min(checks.check_int("ray_batch", ray_batch), size * size)
   c2w = np.asarray(cams.c2w, np.float32)
   fovy = np.asarray(cams.fovy, np.float32)
   if c2w.ndim != 3 or c2w.shape[1:] != (4, 4) or fovy.shape != c2w.shape[:1]:
@@ -221,9 +199,9 @@ def extract_mesh(field_params: dict, spec: field_lib.FieldSpec, resolution: int,
      'colors': [V, 3] albedo in [0, 1], 'density_max': float (largest density
      on the grid)}; V = F = 0 for an empty iso-surface.
   """
-  resolution = _check_positive_int("mesh_resolution", resolution, 2)
-  threshold = _check_float("mesh_threshold", threshold, 0.0, math.inf)
-  batch = min(_check_positive_int("batch", batch), resolution**3)
+  resolution = checks.check_int("mesh_resolution", resolution, 2)
+  threshold = checks.check_number("mesh_threshold", threshold, 0.0, math.inf)
+  batch = min(checks.check_int("batch", batch), resolution**3)
   bound = spec.bound
   axis = np.linspace(-bound, bound, resolution, dtype=np.float32)  # [R]
   grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"),
@@ -309,17 +287,17 @@ def export_particle(params: dict,
      on the mesh grid), 'mesh_note': None, or why no mesh was written}.
   """
   _check_particle(params, spec)
-  views = _check_positive_int("views", views)
-  video_frames = _check_positive_int("video_frames", video_frames)
-  resolution = _check_positive_int("resolution", resolution)
-  mesh_resolution = _check_positive_int("mesh_resolution", mesh_resolution, 2)
-  mesh_threshold = _check_float("mesh_threshold", mesh_threshold, 0.0,
+  views = checks.check_int("views", views)
+  video_frames = checks.check_int("video_frames", video_frames)
+  resolution = checks.check_int("resolution", resolution)
+  mesh_resolution = checks.check_int("mesh_resolution", mesh_resolution, 2)
+  mesh_threshold = checks.check_number("mesh_threshold", mesh_threshold, 0.0,
                                 math.inf)
-  radius = _check_float("radius", radius, 0.0, math.inf)
-  elevation = _check_float("elevation", elevation, -90.0, 90.0, closed=True)
-  fovy = _check_float("fovy", fovy, 0.0, 180.0)
-  ray_batch = _check_positive_int("ray_batch", ray_batch)
-  fps = _check_positive_int("fps", fps)
+  radius = checks.check_number("radius", radius, 0.0, math.inf)
+  elevation = checks.check_number("elevation", elevation, -90.0, 90.0, closed=True)
+  fovy = checks.check_number("fovy", fovy, 0.0, 180.0)
+  ray_batch = checks.check_int("ray_batch", ray_batch)
+  fps = checks.check_int("fps", fps)
   out_dir = os.fspath(out_dir)
   os.makedirs(os.path.join(out_dir, "views"), exist_ok=True)
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras
+from vsdjax import cameras, checks
 
 PointFn = Callable[[jnp.ndarray, jnp.ndarray], Dict[str, jnp.ndarray]]
 
@@ -91,11 +91,6 @@ class RenderSpec:
           f"RenderSpec.checkpoint must be a bool, got {self.checkpoint!r}")
 
 
-def _is_concrete(x) -> bool:
-  """True when `x` holds actual values (not a tracer under jit/vmap/grad)."""
-  return not isinstance(x, jax.core.Tracer)
-
-
 def _check_rays(name: str, x, n_rays: Optional[int]) -> jnp.ndarray:
   """Casts to float32, checks shape [R, 3] (R = n_rays if given), finiteness."""
   x = jnp.asarray(x, jnp.float32)
@@ -103,7 +98,7 @@ def _check_rays(name: str, x, n_rays: Optional[int]) -> jnp.ndarray:
                                          x.shape[0] != n_rays):
     want = f"[{n_rays}, 3]" if n_rays is not None else "[R, 3]"
     raise ValueError(f"{name} must have shape {want}, got {x.shape}")
-  if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+  if checks.is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
     raise ValueError(f"{name} must be finite")
   return x
 
@@ -216,7 +211,7 @@ def render(point_fn: PointFn,
   n_rays = origins.shape[0]
   directions = _check_rays("directions", directions, n_rays)
   background = _check_rays("background", background, n_rays)
-  if _is_concrete(directions) and np.any(
+  if checks.is_concrete(directions) and np.any(
       np.all(np.asarray(directions) == 0, axis=-1)):
     raise ValueError("directions must be non-zero vectors")
   chunk, n_chunks = spec.chunk, spec.n_samples // spec.chunk

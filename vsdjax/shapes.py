@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras
+from vsdjax import cameras, checks
 
 SHAPES = ("sphere", "cube", "torus", "cylinder", "cone")
 
@@ -180,17 +180,6 @@ def _check_shape(shape):
         f"shape: unknown {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
-def _concrete(x):
-  """x as a numpy array, or None when it is traced (checks are skipped)."""
-  return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
-
-
-def _check_finite(name, x):
-  value = _concrete(x)
-  if value is not None and not np.all(np.isfinite(value)):
-    raise ValueError(f"{name}: contains non-finite values")
-
-
 def sdf(shape: str, p: jax.Array) -> jax.Array:
   """Signed distance to a shape centred at the origin.
 
@@ -322,7 +311,7 @@ def render(refs: Union[Sequence[Reference], Reference],
   for name, x in (("origins", origins), ("directions", directions)):
     if x.ndim < 1 or x.shape[-1] != 3:
       raise ValueError(f"{name}: expected shape [..., 3], got {x.shape}")
-    _check_finite(name, x)
+    checks.check_finite(name, x)
   try:
     shape = jnp.broadcast_shapes(origins.shape, directions.shape)
   except ValueError as e:
@@ -334,14 +323,14 @@ def render(refs: Union[Sequence[Reference], Reference],
   except ValueError as e:
     raise ValueError(f"background: shape {background.shape} does not "
                      f"broadcast to {shape}") from e
-  _check_finite("background", background)
+  checks.check_finite("background", background)
   light = np.asarray(light_dir, np.float64)
   if light.shape != (3,) or not np.all(np.isfinite(light)):
     raise ValueError(f"light_dir: expected 3 finite values, got {light_dir!r}")
   if np.linalg.norm(light) == 0:
     raise ValueError("light_dir: must be non-zero")
   light = jnp.asarray(light / np.linalg.norm(light), jnp.float32)  # [3]
-  dir_norm = _concrete(jnp.linalg.norm(directions, axis=-1))
+  dir_norm = checks.concrete(jnp.linalg.norm(directions, axis=-1))
   if dir_norm is not None and np.any(dir_norm == 0):
     raise ValueError("directions: contains zero-length vectors")
 
