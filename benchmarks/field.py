@@ -36,7 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from xla_memory import memory
-from vsdjax import cameras, hashgrid, scene
+from vsdjax import cameras
+from vsdjax.representations.nerf import hashgrid
+from vsdjax.representations.nerf import scene
 
 # The benchmark camera: outside the scene cube, looking at the blob at the origin.
 _CAMERA = dict(radius=1.3, elevation=15.0, azimuth=30.0, fovy=50.0)

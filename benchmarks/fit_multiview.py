@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vsdjax import background, cameras, field, hashgrid, render, scene, shapes
+from vsdjax import cameras
+from vsdjax.representations.nerf import background
+from vsdjax.representations.nerf import field
+from vsdjax.representations.nerf import hashgrid
+from vsdjax.representations.nerf import render
+from vsdjax.representations.nerf import scene
+from vsdjax.prior.analytic import shapes
 
 
 def parse_args():

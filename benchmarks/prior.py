@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from random_weights import random_like
-from vsdjax import lora
+from vsdjax.guidance import lora
 from vsdjax.prior import schedule
 from vsdjax.prior import stable_diffusion as sdm
 

@@ -56,7 +56,8 @@ import numpy as np
 
 from random_weights import random_like
 from xla_memory import memory
-from vsdjax import models as models_lib, train_step
+from vsdjax.training import models as models_lib
+from vsdjax.training import train_step
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DTYPES = ("float32", "bfloat16")

@@ -2,7 +2,7 @@
 
 Sized for a 2-core CPU (a few minutes). The prior is a mixture over the
 reference shapes of `prior.references`, rendered exactly from each particle's
-camera (design.md, "The analytic prior"); eps_phi is a tiny pixel-space UNet
+camera (vsdjax/prior/analytic/); eps_phi is a tiny pixel-space UNet
 trained from scratch. The README's first command runs this file.
 
   python -m vsdjax.main --config experiments/toy.py --workdir workdirs/toy

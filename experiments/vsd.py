@@ -1,6 +1,6 @@
 """ProlificDreamer stage 1 (VSD, NeRF) on Stable Diffusion 2.1-base.
 
-Settings of method.md: prior SD 2.1-base (epsilon, CFG 7.5), eps_phi = LoRA
+The published settings: prior SD 2.1-base (epsilon, CFG 7.5), eps_phi = LoRA
 (rank 4) + camera MLP on SD 2.1 (v-prediction), 25k steps, renders 64 -> 512
 at step 5000 with t_max 0.98 -> 0.5, Adam 1e-3 (grid 1e-2), AdamW 1e-4.
 Needs the weights: pass a local diffusers folder when the machine is offline:

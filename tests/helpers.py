@@ -2,7 +2,8 @@
 import jax
 import numpy as np
 
-from vsdjax import defaults, scene
+from vsdjax import defaults
+from vsdjax.representations.nerf import scene
 
 
 def random_particle(spec: scene.SceneSpec, seed: int) -> dict:

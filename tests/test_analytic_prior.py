@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vsdjax import prior as priors
-from vsdjax.prior import analytic
+from vsdjax.prior.analytic import mixture as analytic
 from vsdjax.prior import schedule
 
 NAMES = ("sphere", "cube", "torus")

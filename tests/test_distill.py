@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vsdjax import distill
+from vsdjax.guidance import distill
 
 
 def test_surrogate_gradient_is_the_guidance_gradient():

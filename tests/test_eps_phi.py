@@ -16,8 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from vsdjax import eps_phi
-from vsdjax import lora
+from vsdjax.guidance import eps_phi
+from vsdjax.guidance import lora
 from helpers import get, walk
 from vsdjax.prior import schedule
 

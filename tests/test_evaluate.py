@@ -6,9 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from vsdjax import cameras, evaluate, hashgrid, render, scene, shapes
+from vsdjax import cameras
+from vsdjax.prior.analytic import evaluate
+from vsdjax.representations.nerf import hashgrid
+from vsdjax.representations.nerf import render
+from vsdjax.representations.nerf import scene
+from vsdjax.prior.analytic import shapes
 from helpers import random_particle
-from vsdjax import field as field_lib
+from vsdjax.representations.nerf import field as field_lib
 
 SPEC = scene.SceneSpec(
     field=field_lib.FieldSpec(

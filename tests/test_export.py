@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import trimesh
 
-from vsdjax import cameras, export, hashgrid, render, scene
+from vsdjax import cameras
+from vsdjax.representations.nerf import export
+from vsdjax.representations.nerf import hashgrid
+from vsdjax.representations.nerf import render
+from vsdjax.representations.nerf import scene
 from helpers import random_particle
-from vsdjax import field as field_lib
+from vsdjax.representations.nerf import field as field_lib
 
 SPEC = scene.SceneSpec(
     field=field_lib.FieldSpec(

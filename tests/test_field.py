@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vsdjax import background
-from vsdjax import field
-from vsdjax import hashgrid
+from vsdjax.representations.nerf import background
+from vsdjax.representations.nerf import field
+from vsdjax.representations.nerf import hashgrid
 from vsdjax import mlp
 
 GRID = hashgrid.GridSpec(n_levels=4, n_features=2, log2_table_size=10,

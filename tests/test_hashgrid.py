@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vsdjax import hashgrid
+from vsdjax.representations.nerf import hashgrid
 
 # Level 0: resolution 5, dense, 125 cells in 128 rows (the wrap-around of the
 # corner above the top cell matters); level 1: scale 6.5, resolution 8, dense,

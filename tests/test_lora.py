@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import get, walk
-from vsdjax import lora
+from vsdjax.guidance import lora
 
 RANK = 3
 ATTN_PARAM_NAMES = ("to_q", "to_k", "to_v", "to_out_0")

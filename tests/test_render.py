@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vsdjax import cameras
-from vsdjax import render
+from vsdjax.representations.nerf import render
 
 SPEC = render.RenderSpec(n_samples=32, chunk=8, bound=1.0, near_min=0.05)
 

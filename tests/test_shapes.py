@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vsdjax import cameras
-from vsdjax import shapes
+from vsdjax.prior.analytic import shapes
 
 D = shapes.DIMS
 

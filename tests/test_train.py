@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from helpers import leaves, tiny_config
-from vsdjax import models, train, train_step
-from vsdjax.prior import analytic_prior
+from vsdjax import train
+from vsdjax.training import models
+from vsdjax.training import train_step
+from vsdjax.prior import analytic as analytic_prior
 
 
 def test_run_workdir_and_resume(tmp_path):

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import sds, vsd
-from vsdjax import checks, models, train_step
+from vsdjax import checks
+from vsdjax.training import models
+from vsdjax.training import train_step
 from vsdjax.prior import stable_diffusion as sd_lib
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
 

@@ -1,12 +1,15 @@
 """vsdjax: ProlificDreamer (VSD) and DreamFusion (SDS) text-to-3D in pure JAX.
 
-Modules, from the scene to the trainer:
-  hashgrid, mlp, field, background  the NeRF of one particle
-  cameras, render, shapes           cameras, the lax.scan volume renderer, exact
-                                    procedural reference scenes
-  prior                             frozen score models: Stable Diffusion (Flax)
-                                    and the analytic Gaussian-mixture prior
-  lora, eps_phi                     VSD's camera-conditioned LoRA noise predictor
-  distill, train_step               the SDS/VSD update and the jitted step
-  train, export, evaluate, main     the trainer, exports and the CLI
+Packages, from what is trained to how:
+  representations   what a particle is: the Representation interface, nerf/
+                    (hash grid, field, background, volume renderer, exports)
+                    and image (the paper's 2D experiment)
+  prior             what it is distilled from: the Prior interface, Stable
+                    Diffusion (Flax, safetensors) and analytic/ (an exact
+                    Gaussian-mixture prior over reference shapes, evaluation)
+  guidance          the SDS / VSD update and eps_phi (LoRA + camera MLP)
+  training          config -> models, the train state and jitted step, the
+                    work directory
+Modules: cameras, mlp, checks (argument and config checks), console,
+defaults (the config), train (the loop), main (the CLI).
 """

@@ -3,6 +3,7 @@
 Argument checks (`check_int`, `check_number`, `check_range`, `check_finite`)
 raise ValueError naming the argument; the array ones skip traced values (they
 check concrete inputs at public entry points and cost nothing under jit).
+Every settings dataclass types its int and float fields with `coerce_fields`.
 
 `validate_config(config)` runs before anything is built or written: every field
 of `defaults.py` with a closed set of values or a range is checked here, the
@@ -66,6 +67,30 @@ def check_number(name: str, value, low: float, high: float, closed: bool = False
   check_finite(name, number)
   check_range(name, number, low, high, low_open=not closed, high_open=not closed)
   return number
+
+
+def coerce_fields(spec, ints=(), floats=()) -> None:
+  """Checks and normalises fields of a frozen dataclass in place.
+
+  `ints` must be integers (not bools) and become Python ints; `floats` must
+  convert to finite Python floats. Errors name the class and the field, as
+  "GridSpec.n_levels must be an integer, got 2.5".
+  """
+  cls = type(spec).__name__
+  for name in ints:
+    value = getattr(spec, name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ValueError(f"{cls}.{name} must be an integer, got {value!r}")
+    object.__setattr__(spec, name, int(value))
+  for name in floats:
+    value = getattr(spec, name)
+    try:
+      value = float(value)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{cls}.{name} must be a number, got {value!r}") from e
+    if not math.isfinite(value):
+      raise ValueError(f"{cls}.{name} must be finite, got {value!r}")
+    object.__setattr__(spec, name, value)
 
 
 class UserError(Exception):
@@ -253,7 +278,10 @@ def validate_config(config) -> None:
   dataclasses built from the config. Builds no model and touches no file.
   """
   # Deferred: these modules import jax-heavy code; checks.py stays importable alone.
-  from vsdjax import eps_phi, models, scene, shapes
+  from vsdjax.guidance import eps_phi
+  from vsdjax.training import models
+  from vsdjax.representations.nerf import scene
+  from vsdjax.prior.analytic import shapes
 
   flat = flatten(config)
   for field in sorted(set(flat) - set(RULES)):

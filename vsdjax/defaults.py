@@ -2,8 +2,8 @@
 
 Each field is commented. Experiment files call `get_config()` and override what
 they change; the command line overrides further (`--config.steps=100`).
-Defaults are ProlificDreamer stage 1 (method.md, "Settings of the public
-implementations"), so `experiments/vsd.py` changes little.
+Defaults are the published ProlificDreamer stage-1 settings, so
+`experiments/vsd.py` changes little.
 """
 import ml_collections
 
@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
                                 # paper's 2D experiment; vsdjax/representations/)
   c.prompt = "a hamburger"      # text prompt (Stable Diffusion priors)
 
-  # --- guidance: the particle update (method.md, SDS / VSD) ---
+  # --- guidance: the particle update (SDS / VSD, vsdjax/guidance/distill.py) ---
   c.guidance = ml_collections.ConfigDict()
   c.guidance.mode = "vsd"       # "vsd" (eps_phi) or "sds" (eps_phi replaced by the sampled noise)
   c.guidance.scale = 7.5        # CFG of the pretrained branch (VSD 7.5; SDS ~100)
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.camera.azimuth = (-180.0, 180.0)
   c.camera.fovy = (40.0, 70.0)
 
-  # --- particle optimiser (Adam; method.md) ---
+  # --- particle optimiser (Adam) ---
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3             # MLPs and background
   c.optim.grid_lr = 1e-2        # hash grid tables

@@ -10,7 +10,7 @@ Work directory:
   DIR/config.json      the resolved config (config.resume-<time>.json per resume)
   DIR/metrics.jsonl    one JSON object per logged step
   DIR/checkpoints/     orbax checkpoints (atomic); a rerun resumes from the latest
-                       that restores (vsdjax/workdir.py)
+                       that restores (training/workdir.py)
   DIR/final/           exports (particle_<i>/...) and, for the analytic prior, eval.json
 """
 import contextlib
@@ -26,8 +26,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tqdm
 
-from vsdjax import checks, console, evaluate, models as models_lib, train_step
-from vsdjax import workdir as workdir_lib
+from vsdjax import checks, console
+from vsdjax.prior.analytic import evaluate
+from vsdjax.training import models as models_lib
+from vsdjax.training import train_step
+from vsdjax.training import workdir as workdir_lib
 
 
 class NonFiniteLossError(checks.UserError, FloatingPointError):

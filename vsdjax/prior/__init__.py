@@ -14,8 +14,9 @@ embeddings are component masks [B, K], its "params" are the component means
 """
 import jax.numpy as jnp
 
-from vsdjax.prior import analytic, schedule, stable_diffusion
-from vsdjax.prior.analytic import AnalyticPrior, make_prior
+from vsdjax.prior import schedule, stable_diffusion
+from vsdjax.prior.analytic import mixture
+from vsdjax.prior.analytic.mixture import AnalyticPrior, make_prior
 from vsdjax.prior.stable_diffusion import StableDiffusion, load_stable_diffusion
 
 
@@ -23,7 +24,7 @@ def _module(model):
   if isinstance(model, StableDiffusion):
     return stable_diffusion
   if isinstance(model, AnalyticPrior):
-    return analytic
+    return mixture
   raise ValueError(f"model must be a StableDiffusion or an AnalyticPrior, got "
                    f"{type(model).__name__}")
 

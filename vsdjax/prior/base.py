@@ -9,7 +9,7 @@ and `eps_cfg` (classifier-free guided noise prediction).
 
   prior.kind           class
   "stable_diffusion"   sd_prior.SDPrior         diffusers' Flax SD 2.x (VAE latents)
-  "analytic"           analytic_prior.Analytic  exact Gaussian-mixture denoiser (pixels)
+  "analytic"           analytic.Analytic        exact Gaussian-mixture denoiser (pixels)
 
 A new prior: a module here with a Prior subclass, built in models.build.
 """

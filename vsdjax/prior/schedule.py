@@ -1,6 +1,6 @@
 """Discrete variance-preserving noise schedule shared by every prior.
 
-Notation (see docs/method.md): abar_t is the cumulative product of (1 - beta_i)
+Notation: abar_t is the cumulative product of (1 - beta_i)
 for i <= t, t in {0, ..., T - 1}; a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t);
 x_t = a_t * x_0 + s_t * eps. A model predicts either eps ("epsilon") or
 v = a_t * eps - s_t * x_0 ("v_prediction").

@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras, evaluate, export, shapes
+from vsdjax import cameras
+from vsdjax.prior.analytic import evaluate
+from vsdjax.representations.nerf import export
+from vsdjax.prior.analytic import shapes
 from vsdjax.representations import Representation
 
 # The fixed camera: the analytic references are rendered from it and eps_phi is

@@ -72,20 +72,14 @@ class RenderSpec:
   checkpoint: bool = True
 
   def __post_init__(self):
+    checks.coerce_fields(self, ints=("n_samples", "chunk"), floats=("bound", "near_min"))
     for name in ("n_samples", "chunk"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(
-            f"RenderSpec.{name} must be a positive integer, got {v!r}")
+      checks.check_int(f"RenderSpec.{name}", getattr(self, name))
     if self.n_samples % self.chunk:
       raise ValueError(f"RenderSpec.n_samples ({self.n_samples}) must be a "
                        f"multiple of RenderSpec.chunk ({self.chunk})")
-    if not (math.isfinite(self.bound) and self.bound > 0):
-      raise ValueError(f"RenderSpec.bound must be finite and > 0, got "
-                       f"{self.bound!r}")
-    if not (math.isfinite(self.near_min) and self.near_min >= 0):
-      raise ValueError(f"RenderSpec.near_min must be finite and >= 0, got "
-                       f"{self.near_min!r}")
+    checks.check_range("RenderSpec.bound", self.bound, 0.0, math.inf, low_open=True)
+    checks.check_range("RenderSpec.near_min", self.near_min, 0.0, math.inf)
     if not isinstance(self.checkpoint, bool):
       raise ValueError(
           f"RenderSpec.checkpoint must be a bool, got {self.checkpoint!r}")

@@ -4,7 +4,7 @@
   models: Models, the static parts (closed over by jit);
   frozen: the arrays the step reads but never updates, passed to the jitted
     step as an argument (never baked in as constants):
-      'prior':    the prior's arrays (prior/sd_prior.py, prior/analytic_prior.py)
+      'prior':    the prior's arrays (prior/sd_prior.py, prior/analytic/__init__.py)
       'phi_base': eps_phi's base UNet params ({} for SDS)
       'phi_emb':  [4, L, D] eps_phi's text conditioning per view label
 """
@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras, checks, console, representations, shapes
-from vsdjax import eps_phi as eps_phi_lib
+from vsdjax import cameras, checks, console, representations
+from vsdjax.prior.analytic import shapes
+from vsdjax.guidance import eps_phi as eps_phi_lib
 from vsdjax import prior as prior_lib
-from vsdjax.prior import analytic_prior, sd_prior, stable_diffusion
+from vsdjax.prior import analytic
+from vsdjax.prior import sd_prior, stable_diffusion
 from vsdjax.prior.base import Prior
 
 # Text conditioning of the tiny eps_phi UNet used with the analytic prior (a
@@ -122,7 +124,7 @@ def build(config, key: jax.Array):
     frozen.update(prior={"emb_cond": jnp.tile(cond[None], (len(cameras.VIEW_NAMES), 1)),
                          "emb_uncond": prior_lib.encode_prompts(mixture, [""])[0]},
                   phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)))
-    prior = analytic_prior.Analytic(mixture, refs)
+    prior = analytic.Analytic(mixture, refs)
     if vsd:
       unet = stable_diffusion.unet_from_config(
           tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution))

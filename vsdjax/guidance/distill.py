@@ -1,6 +1,6 @@
 """Score distillation maths: the t schedule, the weighting and the SDS/VSD gradient.
 
-SDS and VSD share one update (method.md):
+SDS and VSD share one update:
 
   grad_x0 = w(t) * (eps_hat_pretrained(x_t, t, y_c) - eps_target),
 

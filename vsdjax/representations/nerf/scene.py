@@ -12,9 +12,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from vsdjax import background, cameras, hashgrid
-from vsdjax import field as field_lib
-from vsdjax import render as render_lib
+from vsdjax import cameras, checks
+from vsdjax.representations.nerf import background
+from vsdjax.representations.nerf import hashgrid
+from vsdjax.representations.nerf import field as field_lib
+from vsdjax.representations.nerf import render as render_lib
 
 BACKGROUNDS = ("mlp", "white")
 
@@ -46,9 +48,8 @@ class SceneSpec:
     if self.background not in BACKGROUNDS:
       raise ValueError(f"scene.background must be one of {BACKGROUNDS}, "
                        f"got {self.background!r}")
-    if not 0.0 <= self.random_bg_prob <= 1.0:
-      raise ValueError("scene.random_bg_prob must be in [0, 1], got "
-                       f"{self.random_bg_prob!r}")
+    checks.coerce_fields(self, floats=("random_bg_prob",))
+    checks.check_range("scene.random_bg_prob", self.random_bg_prob, 0.0, 1.0)
 
 
 def spec_from_config(config) -> SceneSpec:

@@ -1,7 +1,7 @@
 """Evaluation against the analytic prior's known references (eval.json).
 
 With the analytic prior the target distribution is known: a mixture of K
-reference images per camera (design.md, "The analytic prior"). Each particle
+reference images per camera (mixture.py). Each particle
 is compared with each reference by PSNR and assigned to the nearest one; the
 set of references that are nearest to some particle measures how well the
 particles cover the modes (VSD should spread over them, SDS tends to
@@ -36,7 +36,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from vsdjax import cameras, checks, export, scene, shapes
+from vsdjax import cameras, checks
+from vsdjax.representations.nerf import export
+from vsdjax.representations.nerf import scene
+from vsdjax.prior.analytic import shapes
 
 # Floor of the MSE in PSNR: 1e-10 -> at most 100 dB.
 MSE_FLOOR = 1e-10

@@ -45,8 +45,8 @@ import numpy as np
 import trimesh
 
 from vsdjax import cameras, checks
-from vsdjax import field as field_lib
-from vsdjax import scene
+from vsdjax.representations.nerf import field as field_lib
+from vsdjax.representations.nerf import scene
 
 # Frames per second of the orbit video.
 VIDEO_FPS = 30

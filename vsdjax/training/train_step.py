@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vsdjax import cameras, distill
+from vsdjax import cameras
+from vsdjax.guidance import distill
 from vsdjax.prior import schedule
 
 
@@ -125,7 +126,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
                "guidance_grad_norm": jnp.mean(aux["grad_norm"]),
                "guidance_nonfinite": jnp.sum(aux["nonfinite"])}
     for name, tree in (("particle_grad_norm", grads), ("particle_update_norm", updates)):
-      norms = jax.vmap(optax.global_norm)(tree)  # [n]
+      norms = jax.vmap(optax.tree.norm)(tree)  # [n]
       metrics.update({name: jnp.mean(norms), f"{name}_min": jnp.min(norms),
                       f"{name}_max": jnp.max(norms)})
     metrics.update({f"loss_{k}": jnp.mean(v) for k, v in aux["terms"].items()})
@@ -139,7 +140,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
             phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i))
         phi_updates, phi_state = phi_opt.update(phi_grads, phi_state, phi)
         phi = optax.apply_updates(phi, phi_updates)
-      metrics.update(phi_loss=phi_loss, phi_grad_norm=optax.global_norm(phi_grads))
+      metrics.update(phi_loss=phi_loss, phi_grad_norm=optax.tree.norm(phi_grads))
     new_state = {"step": step + 1, "particles": particles, "particle_opt": particle_opt,
                  "phi": phi, "phi_opt": phi_state}
     return new_state, metrics

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import spec_fields
+from vsdjax import checks
 
 # Instant-NGP's hashing primes, one per dimension.
 _PRIMES = (1, 2654435761, 805459861)
@@ -70,7 +70,7 @@ class GridSpec:
   init_scale: float = 1e-4
 
   def __post_init__(self):
-    spec_fields.coerce(
+    checks.coerce_fields(
         self, ints=("n_levels", "n_features", "log2_table_size", "base_resolution"),
         floats=("per_level_scale", "init_scale"))
     if self.n_levels < 1:

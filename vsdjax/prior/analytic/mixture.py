@@ -1,8 +1,8 @@
 """The analytic prior: a Gaussian mixture over images with an exact denoiser.
 
 A stand-in for Stable Diffusion whose optimal noise prediction is known in
-closed form, so the distillation machinery can be run and checked on a CPU
-(docs/design.md, "The analytic prior"). It has the same call pattern as the
+closed form, so the distillation machinery can be run and checked on a CPU.
+It has the same call pattern as the
 Stable Diffusion prior: images are encoded to a channel-first "latent"
 x0 = 2 * rgb - 1 of shape [B, 3, H, W] (pixel space, the NCHW layout of SD
 latents), prompts are encoded to an embedding, and `predict_eps` maps

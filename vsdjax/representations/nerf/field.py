@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import hashgrid
+from vsdjax.representations.nerf import hashgrid
 from vsdjax import mlp
-from vsdjax import spec_fields
+from vsdjax import checks
 
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
 DENSITY_BIASES = ("blob", "gaussian", "none")
@@ -116,7 +116,7 @@ class FieldSpec:
     if not isinstance(self.grid, hashgrid.GridSpec):
       raise ValueError(
           f"FieldSpec.grid must be a hashgrid.GridSpec, got {self.grid!r}")
-    spec_fields.coerce(
+    checks.coerce_fields(
         self, ints=("hidden", "n_hidden_layers"),
         floats=("bound", "blob_density", "blob_radius", "albedo_init_std"))
     if self.bound <= 0.0:

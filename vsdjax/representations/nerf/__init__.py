@@ -4,7 +4,11 @@ import os
 
 import jax
 
-from vsdjax import cameras, evaluate, export, render, scene
+from vsdjax import cameras
+from vsdjax.prior.analytic import evaluate
+from vsdjax.representations.nerf import export
+from vsdjax.representations.nerf import render
+from vsdjax.representations.nerf import scene
 from vsdjax.representations import Representation
 
 # Regularisers of config.loss, by name: render.py functions of a flattened render.

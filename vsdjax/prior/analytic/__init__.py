@@ -1,11 +1,16 @@
-"""The analytic prior as a Prior: reference shapes rendered exactly at each camera."""
+"""The analytic prior: reference shapes rendered exactly at each camera, an exact denoiser.
+
+mixture.py holds the Gaussian-mixture maths, shapes.py the procedural
+reference scenes, evaluate.py eval.json; this module is its Prior.
+"""
 import dataclasses
 
 import numpy as np
 
+from vsdjax import console
 from vsdjax import prior as prior_lib
-from vsdjax import console, shapes
-from vsdjax.prior import analytic
+from vsdjax.prior.analytic import mixture as mixture_lib
+from vsdjax.prior.analytic import shapes
 from vsdjax.prior.base import Prior
 
 
@@ -14,10 +19,10 @@ class Analytic(Prior):
   """frozen['prior'] = {'emb_cond': [4, K] per view label, 'emb_uncond': [K]}.
 
   Attributes:
-    mixture: analytic.AnalyticPrior (component names, sigmas, schedule).
+    mixture: mixture_lib.AnalyticPrior (component names, sigmas, schedule).
     references: the K shapes.Reference whose renders are the component means.
   """
-  mixture: analytic.AnalyticPrior
+  mixture: mixture_lib.AnalyticPrior
   references: tuple
 
   @property
@@ -26,12 +31,12 @@ class Analytic(Prior):
 
   def encode(self, frozen, rgb, key):
     del frozen, key  # Pixels: deterministic.
-    return analytic.encode_images(self.mixture, rgb)
+    return mixture_lib.encode_images(self.mixture, rgb)
 
   def reference_means(self, camera, size):
     """The component means at one camera: [1, K, 3, size, size]."""
     rgb = shapes.render_views(self.references, camera.c2w, camera.fovy, size, size)["rgb"]
-    return analytic.encode_images(self.mixture, rgb)[None]  # rgb [K, H, W, 3]
+    return mixture_lib.encode_images(self.mixture, rgb)[None]  # rgb [K, H, W, 3]
 
   def condition(self, frozen, camera, label, size):
     return {"means": self.reference_means(camera, size),

@@ -30,7 +30,6 @@ Conventions:
 """
 from collections.abc import Mapping
 import dataclasses
-import math
 
 import flax.core
 import flax.linen as nn
@@ -38,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import lora as lora_lib
-from vsdjax import mlp
+from vsdjax import checks, mlp
+from vsdjax.guidance import lora as lora_lib
 from vsdjax.prior import schedule
 
 CAMERA_DIM = 16  # Flattened 4x4 camera-to-world matrix.
@@ -69,18 +68,12 @@ class EpsPhiSpec:
   def __post_init__(self):
     if self.mode not in _MODES:
       raise ValueError(f"mode={self.mode!r} is unknown; expected one of {_MODES}")
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
-      raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
-    if not (isinstance(self.camera_dropout, (int, float))
-            and 0.0 <= self.camera_dropout <= 1.0):
-      raise ValueError(f"camera_dropout must lie in [0, 1], got {self.camera_dropout!r}")
-    if self.camera_hidden is not None and (
-        isinstance(self.camera_hidden, bool) or not isinstance(self.camera_hidden, int)
-        or self.camera_hidden < 1):
-      raise ValueError(f"camera_hidden must be None or a positive int, got "
-                       f"{self.camera_hidden!r}")
+    checks.coerce_fields(self, ints=("rank",), floats=("alpha", "camera_dropout"))
+    checks.check_int("EpsPhiSpec.rank", self.rank)
+    checks.check_range("EpsPhiSpec.camera_dropout", self.camera_dropout, 0.0, 1.0)
+    if self.camera_hidden is not None:
+      object.__setattr__(self, "camera_hidden",
+                         checks.check_int("EpsPhiSpec.camera_hidden", self.camera_hidden))
 
   @property
   def lora_scale(self) -> float:
