@@ -28,6 +28,8 @@ from vsdjax import prior
 from vsdjax.prior import convert
 from vsdjax.prior import stable_diffusion as sdm
 
+pytestmark = pytest.mark.torch  # Every test compares with, or builds, PyTorch models.
+
 RTOL = 1e-4
 PROMPTS = ["a chair on the table", "the chair"]
 TIMESTEPS = np.array([37, 801])

@@ -90,6 +90,7 @@ def test_an_unknown_field_is_refused_with_a_suggestion():
     checks.validate_config(c)
 
 
+@pytest.mark.slow
 def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
   run = str(tmp_path / "run")
   fetched = []
@@ -115,6 +116,7 @@ def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
   assert (tmp_path / "run" / "config.json").read_bytes() == saved
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
   full = train.train_and_evaluate(_config_2d(steps=6), str(tmp_path / "full"))
   run = tmp_path / "run"
@@ -148,6 +150,7 @@ def _restore(workdir, step):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum):
   run, steps = str(tmp_path / "run"), 1500
   flags = ["--config", "experiments/toy2d.py", "--workdir", run, f"--config.steps={steps}",
@@ -180,6 +183,7 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum)
   assert logged == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
@@ -204,6 +208,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert out.stderr.rstrip().endswith("--debug prints it)")  # the error is the last line
 
 
+@pytest.mark.slow
 def test_help_names_every_experiment_config():
   out = _main("--help")
   assert out.returncode == 0, out.stderr
