@@ -111,7 +111,11 @@ def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
   train.train_and_evaluate(_config_2d(**{"steps": 4, "optim.lr": 0.02}), run,
                            allow_changes=["optim.lr"])
   segments = sorted(glob.glob(str(tmp_path / "run" / "config.resume-*.json")))
-  assert [json.load(open(p))["steps"] for p in segments] == [3, 4]
+  steps = []
+  for p in segments:
+    with open(p) as f:
+      steps.append(json.load(f)["steps"])
+  assert steps == [3, 4]
   assert json.loads(saved)["steps"] == 2
   assert (tmp_path / "run" / "config.json").read_bytes() == saved
 
@@ -138,8 +142,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys
 def _wait_for_steps(path: str, n: int, proc, timeout: float = 240) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and len(open(path).read().splitlines()) >= n:
-      return
+    if os.path.exists(path):
+      with open(path) as f:
+        if len(f.read().splitlines()) >= n:
+          return
     time.sleep(0.02)
   raise AssertionError(f"{path} did not reach {n} lines")
 
@@ -179,7 +185,8 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum)
   a, b = _restore(run, steps), _restore(str(tmp_path / "full"), steps)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  logged = [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))]
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    logged = [json.loads(l)["step"] for l in f]
   assert logged == list(range(1, steps + 1))
 
 
