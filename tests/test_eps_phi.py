@@ -202,6 +202,7 @@ def test_camera_is_added_to_time_embedding_and_lora_merged(setup, fns):
   assert np.max(np.abs(out_lora - out)) > 1e-2
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_loss_and_touches_only_trainable(setup, fns):
   unet, base, inp, alphas_cumprod = setup
   base_before = jax.tree.map(np.array, base)
@@ -248,6 +249,7 @@ def test_lora_training_lowers_loss_and_touches_only_trainable(setup, fns):
   assert np.max(np.abs(out_cam - out_none)) > 1e-4
 
 
+@pytest.mark.slow
 def test_full_mode_trains_every_unet_param(setup, fns, micro):
   _, _, inp, alphas_cumprod = setup
   unet, base, plain_fn = micro

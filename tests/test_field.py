@@ -247,6 +247,7 @@ def test_sample_light():
     field.sample_light(key, 0)
 
 
+@pytest.mark.slow
 def test_albedo_init_std_gives_each_field_its_colour(params):
   keys = jax.random.split(jax.random.PRNGKey(1), 64)
   spec = dataclasses.replace(SPEC, albedo_init_std=1.0)

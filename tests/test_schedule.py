@@ -27,6 +27,7 @@ def _ddpm(config):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.torch
 def test_alphas_cumprod_matches_diffusers(name):
   ours = schedule.alphas_cumprod(CONFIGS[name])
   ref = _ddpm(CONFIGS[name]).alphas_cumprod.numpy()
@@ -96,6 +97,7 @@ def test_alphas_cumprod_rejects_non_mapping():
     schedule.alphas_cumprod([("beta_schedule", "linear")])
 
 
+@pytest.mark.torch
 def test_coefficients_add_noise_velocity_match_diffusers():
   ddpm = _ddpm(schedule.SD_SCHEDULER)
   table = schedule.alphas_cumprod(schedule.SD_SCHEDULER)

@@ -28,6 +28,8 @@ from vsdjax import prior
 from vsdjax.prior import convert
 from vsdjax.prior import stable_diffusion as sdm
 
+pytestmark = pytest.mark.torch  # Every test compares with, or builds, PyTorch models.
+
 RTOL = 1e-4
 PROMPTS = ["a chair on the table", "the chair"]
 TIMESTEPS = np.array([37, 801])
@@ -233,15 +235,19 @@ def test_loader_errors_name_the_path(tiny_sd, tmp_path):
 
   folder = _copy(tiny_sd, tmp_path, "sample_prediction")
   path = os.path.join(folder, "scheduler", "scheduler_config.json")
-  config = json.load(open(path))
-  json.dump({**config, "prediction_type": "sample"}, open(path, "w"))
+  with open(path) as f:
+    config = json.load(f)
+  with open(path, "w") as f:
+    json.dump({**config, "prediction_type": "sample"}, f)
   with pytest.raises(ValueError, match=f"{path}.*'sample'"):
     sdm.load_stable_diffusion(folder)
 
   folder = _copy(tiny_sd, tmp_path, "class_embedding")
   path = os.path.join(folder, "unet", "config.json")
-  config = json.load(open(path))
-  json.dump({**config, "class_embed_type": "timestep"}, open(path, "w"))
+  with open(path) as f:
+    config = json.load(f)
+  with open(path, "w") as f:
+    json.dump({**config, "class_embed_type": "timestep"}, f)
   with pytest.raises(ValueError, match="cannot build.*class_embed_type"):
     sdm.load_stable_diffusion(folder)
 

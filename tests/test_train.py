@@ -19,6 +19,7 @@ from vsdjax.training import train_step
 from vsdjax.prior import analytic as analytic_prior
 
 
+@pytest.mark.slow
 def test_run_workdir_and_resume(tmp_path):
   full = train.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
   # Interrupted after 2 steps (checkpointed), then the same config again.
@@ -38,6 +39,7 @@ def test_run_workdir_and_resume(tmp_path):
     assert (d / "video.mp4").exists() and list((d / "views").glob("*.png"))
 
 
+@pytest.mark.slow
 def test_step_compiles_once_and_sds_is_the_same_step():
   for mode in ("vsd", "sds"):
     c = tiny_config(**{"guidance.mode": mode})
@@ -59,6 +61,7 @@ def test_step_compiles_once_and_sds_is_the_same_step():
       assert float(metrics["loss_orientation"]) >= 0
 
 
+@pytest.mark.slow
 def test_2d_mode_step():
   c = tiny_config(representation="image", n_particles=3)
   m, frozen = models.build(c, jax.random.PRNGKey(0))
@@ -81,6 +84,7 @@ def test_2d_mode_step():
   assert int(metrics["guidance_nonfinite"]) == 0
 
 
+@pytest.mark.slow
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Adam moves each pixel by ~lr: finite after step 1, the prior's eps overflows at step 2.
   c = tiny_config(**{"optim.lr": 1e18, "checkpoint_every": 1, "representation": "image",

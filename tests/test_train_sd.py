@@ -31,6 +31,8 @@ def _tiny(c, prior_dir):
   return c
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_vsd_step_on_tiny_stable_diffusion(tiny_sd, tiny_sd_v):
   c = _tiny(vsd.get_config(), tiny_sd.path)
   c.eps_phi.base = tiny_sd_v.path  # the paper: a v-prediction base for eps_phi
@@ -53,6 +55,8 @@ def test_vsd_step_on_tiny_stable_diffusion(tiny_sd, tiny_sd_v):
   assert max(jax.tree.leaves(moved["lora"])) > 0 and max(jax.tree.leaves(moved["camera"])) > 0
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_sds_config_shares_the_step(tiny_sd):
   c = _tiny(sds.get_config(), tiny_sd.path)
   c.n_particles = 1
@@ -86,6 +90,7 @@ def _traced_inputs(step, state, frozen):
   return seen
 
 
+@pytest.mark.torch
 def test_renders_are_resized_to_the_priors_own_size(tiny_sd, tiny_sd_v):
   # The tiny UNet's sample_size is 16 (x 8 = 128 images); the render is 64.
   c = _tiny(vsd.get_config(), tiny_sd.path)
@@ -102,6 +107,7 @@ def test_renders_are_resized_to_the_priors_own_size(tiny_sd, tiny_sd_v):
 
 @pytest.mark.parametrize("phi_base,dtype", [("stable-diffusion-2-1", "float32"),
                                             ("prior", "bfloat16")])
+@pytest.mark.slow
 def test_real_sd_step_shapes_at_a_64_render(phi_base, dtype):
   """SD 2.1-base (and SD 2.1 for eps_phi) at their real sizes, no weights: a 64x64
   render reaches the VAE as 512x512 and both UNets as 64x64 latents; eps_phi's

@@ -90,6 +90,7 @@ def test_an_unknown_field_is_refused_with_a_suggestion():
     checks.validate_config(c)
 
 
+@pytest.mark.slow
 def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
   run = str(tmp_path / "run")
   fetched = []
@@ -110,11 +111,16 @@ def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
   train.train_and_evaluate(_config_2d(**{"steps": 4, "optim.lr": 0.02}), run,
                            allow_changes=["optim.lr"])
   segments = sorted(glob.glob(str(tmp_path / "run" / "config.resume-*.json")))
-  assert [json.load(open(p))["steps"] for p in segments] == [3, 4]
+  steps = []
+  for p in segments:
+    with open(p) as f:
+      steps.append(json.load(f)["steps"])
+  assert steps == [3, 4]
   assert json.loads(saved)["steps"] == 2
   assert (tmp_path / "run" / "config.json").read_bytes() == saved
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
   full = train.train_and_evaluate(_config_2d(steps=6), str(tmp_path / "full"))
   run = tmp_path / "run"
@@ -136,8 +142,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys
 def _wait_for_steps(path: str, n: int, proc, timeout: float = 240) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(path) and len(open(path).read().splitlines()) >= n:
-      return
+    if os.path.exists(path):
+      with open(path) as f:
+        if len(f.read().splitlines()) >= n:
+          return
     time.sleep(0.02)
   raise AssertionError(f"{path} did not reach {n} lines")
 
@@ -148,6 +156,7 @@ def _restore(workdir, step):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum):
   run, steps = str(tmp_path / "run"), 1500
   flags = ["--config", "experiments/toy2d.py", "--workdir", run, f"--config.steps={steps}",
@@ -176,10 +185,12 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum)
   a, b = _restore(run, steps), _restore(str(tmp_path / "full"), steps)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  logged = [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))]
+  with open(os.path.join(run, "metrics.jsonl")) as f:
+    logged = [json.loads(l)["step"] for l in f]
   assert logged == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
@@ -206,6 +217,7 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert out.stderr.rstrip().endswith("--debug prints it)")  # the error is the last line
 
 
+@pytest.mark.slow
 def test_help_names_every_experiment_config():
   out = _main("--help")
   assert out.returncode == 0, out.stderr
