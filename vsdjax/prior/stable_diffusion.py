@@ -39,7 +39,7 @@ import diffusers.utils.logging
 
 # Drops diffusers' "Flax classes are deprecated" line, logged at import and per
 # module trace, at the handler of diffusers' root logger (every module's records
-# reach it); setup.py pins diffusers<0.40, which still has them.
+# reach it); pyproject.toml pins diffusers<0.40, which still has them.
 for _handler in diffusers.utils.logging.get_logger("diffusers").handlers:
   _handler.addFilter(lambda record: not record.getMessage().startswith(
       "Flax classes are deprecated"))
