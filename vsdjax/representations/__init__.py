@@ -10,8 +10,9 @@ trainer call these and never ask which representation they have.
   "nerf"                  nerf.NeRF             hash-grid NeRF + background MLP
   "image"                 image.Image           an image (the paper's 2D experiment)
 
-A new representation: a module here with a Representation subclass, and one
-entry in `_REPRESENTATIONS` (and in checks.RULES' closed set).
+A new representation: a module here with a Representation subclass (with a
+`from_config(config)` constructor), one entry in `make`, and its name in the
+closed set of checks.RULES["representation"].
 """
 import abc
 from typing import Any
@@ -63,7 +64,7 @@ class Representation(abc.ABC):
 
 def make(config) -> Representation:
   """The representation that `config.representation` names."""
-  from vsdjax.representations import image, nerf  # noqa: PLC0415 (they import this module)
+  from vsdjax.representations import image, nerf  # Deferred: they import this module.
 
   kinds = {"nerf": nerf.NeRF, "image": image.Image}
   return kinds[config.representation].from_config(config)

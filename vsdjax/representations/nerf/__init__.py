@@ -4,12 +4,10 @@ import os
 
 import jax
 
-from vsdjax import cameras
+from vsdjax import cameras, console
 from vsdjax.prior.analytic import evaluate
-from vsdjax.representations.nerf import export
-from vsdjax.representations.nerf import render
-from vsdjax.representations.nerf import scene
 from vsdjax.representations import Representation
+from vsdjax.representations.nerf import export, render, scene
 
 # Regularisers of config.loss, by name: render.py functions of a flattened render.
 _REGULARISERS = {"sparsity": render.opacity_sparsity, "opaque": render.opaque,
@@ -61,8 +59,6 @@ class NeRF(Representation):
     return labels
 
   def export(self, particles, folder, export_config):
-    from vsdjax import console  # noqa: PLC0415
-
     e = export_config
     n = jax.tree.leaves(particles)[0].shape[0]
     for i in range(n):
