@@ -157,17 +157,16 @@ def nonempty_string(field, v):
     _fail(field, f"must be a non-empty string, got {v!r}")
 
 
-def _any(field, v):
-  del field, v  # Checked by the settings dataclass that reads it.
+def _by_dataclass(field, v):
+  del field, v  # Checked by the settings dataclass that reads it (validate_config builds it).
 
 
 _POSITIVE = number(0.0, lo_open=True)
 _NONNEGATIVE = number(0.0)
-_PROBABILITY = number(0.0, 1.0)
-_FRACTION = number(0.0, 1.0)
+_UNIT = number(0.0, 1.0)  # probabilities, and t as a fraction of the diffusion steps
 
 # One rule per field of defaults.get_config(); a field without a rule is
-# unknown. `_any` marks fields whose settings dataclass checks them.
+# unknown. `_by_dataclass` marks fields that a settings dataclass checks.
 RULES = {
     "seed": integer(0, 2**32 - 1),
     "steps": integer(0),
@@ -177,9 +176,9 @@ RULES = {
     "prompt": string,
     "guidance.mode": choice("vsd", "sds"),
     "guidance.scale": _NONNEGATIVE,
-    "guidance.t_min": _FRACTION,
-    "guidance.t_max": _FRACTION,
-    "guidance.t_max_after": _FRACTION,
+    "guidance.t_min": _UNIT,
+    "guidance.t_max": _UNIT,
+    "guidance.t_max_after": _UNIT,
     "guidance.t_switch_step": integer(0),
     "guidance.t_anneal_steps": integer(0),
     "guidance.grad_clip": _NONNEGATIVE,
@@ -196,33 +195,33 @@ RULES = {
     "eps_phi.alpha": number(),
     "eps_phi.lr": _POSITIVE,
     "eps_phi.weight_decay": _NONNEGATIVE,
-    "eps_phi.camera_dropout": _PROBABILITY,
+    "eps_phi.camera_dropout": _UNIT,
     "eps_phi.steps_per_step": integer(1),
-    "eps_phi.tiny_channels": _any,
-    "scene.bound": _any,
-    "scene.n_levels": _any,
-    "scene.n_features": _any,
-    "scene.log2_table_size": _any,
-    "scene.base_resolution": _any,
-    "scene.per_level_scale": _any,
-    "scene.hidden": _any,
-    "scene.density_activation": _any,
-    "scene.blob_density": _any,
-    "scene.blob_radius": _any,
-    "scene.albedo_init_std": _any,
-    "scene.shading": _any,
-    "scene.background": _any,
-    "scene.random_bg_prob": _PROBABILITY,
+    "eps_phi.tiny_channels": _by_dataclass,
+    "scene.bound": _by_dataclass,
+    "scene.n_levels": _by_dataclass,
+    "scene.n_features": _by_dataclass,
+    "scene.log2_table_size": _by_dataclass,
+    "scene.base_resolution": _by_dataclass,
+    "scene.per_level_scale": _by_dataclass,
+    "scene.hidden": _by_dataclass,
+    "scene.density_activation": _by_dataclass,
+    "scene.blob_density": _by_dataclass,
+    "scene.blob_radius": _by_dataclass,
+    "scene.albedo_init_std": _by_dataclass,
+    "scene.shading": _by_dataclass,
+    "scene.background": _by_dataclass,
+    "scene.random_bg_prob": _UNIT,
     "render.resolution": integer(1),
     "render.resolution_after": integer(1),
     "render.resolution_step": integer(0),
-    "render.n_samples": _any,
-    "render.chunk": _any,
+    "render.n_samples": _by_dataclass,
+    "render.chunk": _by_dataclass,
     "render.ray_batch": integer(0),
-    "camera.radius": _any,
-    "camera.elevation": _any,
-    "camera.azimuth": _any,
-    "camera.fovy": _any,
+    "camera.radius": _by_dataclass,
+    "camera.elevation": _by_dataclass,
+    "camera.azimuth": _by_dataclass,
+    "camera.fovy": _by_dataclass,
     "optim.lr": _POSITIVE,
     "optim.grid_lr": _POSITIVE,
     "optim.b1": number(0.0, 1.0),
