@@ -27,6 +27,7 @@ also give samples_per_ray and ray_batch.
   python benchmarks/field.py --benches render --sizes 512 --ray-batch 32768 \
       --repeats 1 --warmup 0                      # CPU: 512x512 in batches
 """
+
 import argparse
 import json
 import statistics
@@ -35,10 +36,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from xla_memory import memory
 from vsdjax import cameras
-from vsdjax.representations.nerf import hashgrid
-from vsdjax.representations.nerf import scene
+from vsdjax.representations.nerf import hashgrid, scene
+from xla_memory import memory
 
 # The benchmark camera: outside the scene cube, looking at the blob at the origin.
 _CAMERA = dict(radius=1.3, elevation=15.0, azimuth=30.0, fovy=50.0)
@@ -47,23 +47,27 @@ _GIB = 2.0**30
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--benches", default="hashgrid,render",
-                 help="comma-separated, of hashgrid, render")
-  p.add_argument("--points", type=int, default=2**18,
-                 help="points per hash-grid encode")
-  p.add_argument("--sizes", default="64,512",
-                 help="comma-separated square render sizes")
+  p.add_argument(
+    "--benches", default="hashgrid,render", help="comma-separated, of hashgrid, render"
+  )
+  p.add_argument("--points", type=int, default=2**18, help="points per hash-grid encode")
+  p.add_argument("--sizes", default="64,512", help="comma-separated square render sizes")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per program")
-  p.add_argument("--warmup", type=int, default=1,
-                 help="untimed runs per program after compiling")
-  p.add_argument("--ray-batch", type=int, default=None,
-                 help="render in batches of this many rays (lax.map)")
-  p.add_argument("--max-temp-gib", type=float, default=None,
-                 help="compile but do not run programs whose XLA temp memory "
-                      "exceeds this")
-  p.add_argument("--quick", action="store_true",
-                 help="one timed run each; skip render forward+backward at "
-                      "sizes above 128 (CPU)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed runs per program after compiling")
+  p.add_argument(
+    "--ray-batch", type=int, default=None, help="render in batches of this many rays (lax.map)"
+  )
+  p.add_argument(
+    "--max-temp-gib",
+    type=float,
+    default=None,
+    help="compile but do not run programs whose XLA temp memory exceeds this",
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="one timed run each; skip render forward+backward at sizes above 128 (CPU)",
+  )
   args = p.parse_args()
   args.sizes = [int(s) for s in args.sizes.split(",")]
   args.benches = args.benches.split(",")
@@ -88,8 +92,9 @@ def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
   result = {"compile_s": round(time.perf_counter() - start, 2)}
   temp_gib = compiled.memory_analysis().temp_size_in_bytes / _GIB
   if max_temp_gib is not None and temp_gib > max_temp_gib:
-    result.update(seconds=None, memory=memory(compiled),
-                  skipped=f"temp {temp_gib:.2f} GiB > --max-temp-gib")
+    result.update(
+      seconds=None, memory=memory(compiled), skipped=f"temp {temp_gib:.2f} GiB > --max-temp-gib"
+    )
     return result
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
@@ -102,14 +107,20 @@ def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
   return result
 
 
-def emit(base: dict, bench: str, size, count: int, unit: str, result: dict,
-         **extra) -> None:
+def emit(base: dict, bench: str, size, count: int, unit: str, result: dict, **extra) -> None:
   """Prints one line: throughput count / seconds in `unit`."""
   seconds = result.pop("seconds")
   value = None if seconds is None else round(count / seconds, 1)
-  row = dict(bench=bench, size=size, value=value, unit=unit, **base,
-             seconds=None if seconds is None else round(seconds, 5), **extra,
-             **result)
+  row = dict(
+    bench=bench,
+    size=size,
+    value=value,
+    unit=unit,
+    **base,
+    seconds=None if seconds is None else round(seconds, 5),
+    **extra,
+    **result,
+  )
   print(json.dumps(row), flush=True)
 
 
@@ -125,25 +136,30 @@ def bench_hashgrid(args, base: dict) -> None:
 
   def forward_backward(params, x, cotangent):
     # <encode, cotangent> and its table gradient: one VJP, as in training.
-    return jax.value_and_grad(
-        lambda p: jnp.vdot(forward(p, x), cotangent))(params)
+    return jax.value_and_grad(lambda p: jnp.vdot(forward(p, x), cotangent))(params)
 
   for bench, fn, fn_args in (
-      ("hashgrid_encode_forward", forward, (params, x)),
-      ("hashgrid_encode_forward_backward", forward_backward,
-       (params, x, cotangent))):
-    result = measure(fn, fn_args, args.repeats, args.warmup,
-                     args.max_temp_gib)
-    emit(base, bench, args.points, args.points, "points/s", result,
-         levels=spec.n_levels, log2_table_size=spec.log2_table_size)
+    ("hashgrid_encode_forward", forward, (params, x)),
+    ("hashgrid_encode_forward_backward", forward_backward, (params, x, cotangent)),
+  ):
+    result = measure(fn, fn_args, args.repeats, args.warmup, args.max_temp_gib)
+    emit(
+      base,
+      bench,
+      args.points,
+      args.points,
+      "points/s",
+      result,
+      levels=spec.n_levels,
+      log2_table_size=spec.log2_table_size,
+    )
 
 
 def render_programs(spec: scene.SceneSpec, size: int, ray_batch):
   """(forward, forward_backward) of one size x size render of `spec`."""
 
   def forward(params, c2w, fovy, key):
-    out = scene.render_camera(params, c2w, fovy, size, size, spec, key,
-                              ray_batch)
+    out = scene.render_camera(params, c2w, fovy, size, size, spec, key, ray_batch)
     return out["rgb"], out["opacity"]  # [H, W, 3], [H, W]
 
   def forward_backward(field_params, params, c2w, fovy, key, cotangent):
@@ -152,6 +168,7 @@ def render_programs(spec: scene.SceneSpec, size: int, ray_batch):
     def loss(field_params):
       rgb, opacity = forward(dict(params, field=field_params), c2w, fovy, key)
       return jnp.vdot(rgb, cotangent) + jnp.mean(opacity)
+
     return jax.value_and_grad(loss)(field_params)
 
   return forward, forward_backward
@@ -165,23 +182,36 @@ def bench_render(args, base: dict) -> None:
   for size in sorted(args.sizes):
     forward, forward_backward = render_programs(spec, size, args.ray_batch)
     cotangent = jax.random.normal(k_g, (size, size, 3))  # [H, W, 3]
-    programs = [("render_forward", forward,
-                 (params, cam.c2w, cam.fovy, k_render))]
+    programs = [("render_forward", forward, (params, cam.c2w, cam.fovy, k_render))]
     if not (args.quick and size > 128):
-      programs.append(("render_forward_backward", forward_backward,
-                       (params["field"], params, cam.c2w, cam.fovy, k_render,
-                        cotangent)))
+      programs.append(
+        (
+          "render_forward_backward",
+          forward_backward,
+          (params["field"], params, cam.c2w, cam.fovy, k_render, cotangent),
+        )
+      )
     for bench, fn, fn_args in programs:
-      result = measure(fn, fn_args, args.repeats, args.warmup,
-                     args.max_temp_gib)
-      emit(base, bench, f"{size}x{size}", size * size, "rays/s", result,
-           samples_per_ray=spec.render.n_samples, ray_batch=args.ray_batch)
+      result = measure(fn, fn_args, args.repeats, args.warmup, args.max_temp_gib)
+      emit(
+        base,
+        bench,
+        f"{size}x{size}",
+        size * size,
+        "rays/s",
+        result,
+        samples_per_ray=spec.render.n_samples,
+        ray_batch=args.ray_batch,
+      )
 
 
 def main():
   args = parse_args()
-  base = {"device": jax.devices()[0].device_kind,
-          "backend": jax.default_backend(), "repeats": args.repeats}
+  base = {
+    "device": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
+    "repeats": args.repeats,
+  }
   if "hashgrid" in args.benches:
     bench_hashgrid(args, base)
   if "render" in args.benches:

@@ -9,6 +9,7 @@ PNGs in `--out`. The last line printed is one JSON object.
 
   python benchmarks/fit_multiview.py            # ~ a few minutes on a 2-core CPU
 """
+
 import argparse
 import json
 import os
@@ -21,21 +22,21 @@ import numpy as np
 import optax
 
 from vsdjax import cameras
-from vsdjax.representations.nerf import background
-from vsdjax.representations.nerf import field
-from vsdjax.representations.nerf import hashgrid
-from vsdjax.representations.nerf import render
-from vsdjax.representations.nerf import scene
 from vsdjax.prior.analytic import shapes
+from vsdjax.representations.nerf import background, field, hashgrid, render, scene
 
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--shape", default="torus:#d08030", help="reference, shape:#rrggbb")
   p.add_argument("--views", type=int, default=40, help="training views")
-  p.add_argument("--bound", type=float, default=0.6,
-                 help="half-size of the scene cube; the shapes fit in radius 0.5, and a "
-                 "cube that excludes the cameras leaves no room for floaters")
+  p.add_argument(
+    "--bound",
+    type=float,
+    default=0.6,
+    help="half-size of the scene cube; the shapes fit in radius 0.5, and a "
+    "cube that excludes the cameras leaves no room for floaters",
+  )
   p.add_argument("--heldout", type=int, default=8, help="held-out views")
   p.add_argument("--size", type=int, default=64, help="image size (square)")
   p.add_argument("--steps", type=int, default=600)
@@ -47,7 +48,7 @@ def parse_args():
 
 
 def psnr(a, b):
-  return float(-10.0 * np.log10(np.mean((np.asarray(a) - np.asarray(b))**2)))
+  return float(-10.0 * np.log10(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
 
 
 def main():
@@ -69,16 +70,20 @@ def main():
   train_rgb, train_o, train_d = (v.reshape(-1, 3) for v in (train_rgb, train_o, train_d))
 
   spec = scene.SceneSpec(
-      field=field.FieldSpec(grid=hashgrid.GridSpec(n_levels=8, log2_table_size=16),
-                            bound=args.bound),
-      render=render.RenderSpec(n_samples=args.samples, chunk=16, bound=args.bound),
-      background="mlp")
+    field=field.FieldSpec(grid=hashgrid.GridSpec(n_levels=8, log2_table_size=16), bound=args.bound),
+    render=render.RenderSpec(n_samples=args.samples, chunk=16, bound=args.bound),
+    background="mlp",
+  )
   params = scene.init(k_init, spec)
   labels = jax.tree.map(lambda _: "mlp", params)
   labels["field"]["grid"] = jax.tree.map(lambda _: "grid", params["field"]["grid"])
   opt = optax.multi_transform(
-      {"grid": optax.adam(1e-2, b1=0.9, b2=0.99, eps=1e-15),
-       "mlp": optax.adam(3e-3, b1=0.9, b2=0.99, eps=1e-15)}, labels)
+    {
+      "grid": optax.adam(1e-2, b1=0.9, b2=0.99, eps=1e-15),
+      "mlp": optax.adam(3e-3, b1=0.9, b2=0.99, eps=1e-15),
+    },
+    labels,
+  )
   opt_state = opt.init(params)
 
   def loss_fn(params, idx, key):
@@ -86,7 +91,7 @@ def main():
     d = train_d[idx]  # [R, 3]
     bg = background.color(params["background"], d)  # [R, 3]
     out = render.render(point_fn, train_o[idx], d, bg, spec.render, key)
-    return jnp.mean((out["rgb"] - train_rgb[idx])**2)
+    return jnp.mean((out["rgb"] - train_rgb[idx]) ** 2)
 
   @jax.jit
   def step(params, opt_state, key):
@@ -100,9 +105,17 @@ def main():
   for i in range(args.steps):
     params, opt_state, loss = step(params, opt_state, jax.random.fold_in(k_loop, i))
     if i % 250 == 0 or i == args.steps - 1:
-      print(json.dumps({"step": i, "loss": float(loss), "psnr_train_batch":
-                        -10 * float(np.log10(loss)), "seconds": round(time.time() - t0, 1)}),
-            flush=True)
+      print(
+        json.dumps(
+          {
+            "step": i,
+            "loss": float(loss),
+            "psnr_train_batch": -10 * float(np.log10(loss)),
+            "seconds": round(time.time() - t0, 1),
+          }
+        ),
+        flush=True,
+      )
   seconds = time.time() - t0
 
   render_view = jax.jit(lambda p, m, f: scene.render_camera(p, m, f, size, size, spec)["rgb"])
@@ -113,13 +126,24 @@ def main():
     ref = np.asarray(held_rgb[i])
     scores.append(psnr(pred, ref))
     side = np.concatenate([ref, pred], axis=1)  # reference | NeRF
-    iio.imwrite(os.path.join(args.out, f"heldout_{i:02d}.png"), (side * 255).round().astype(np.uint8))
-  print(json.dumps({
-      "psnr_heldout": round(float(np.mean(scores)), 2),
-      "psnr_heldout_min": round(float(np.min(scores)), 2),
-      "steps": args.steps, "seconds": round(seconds, 1), "views": args.views,
-      "size": size, "shape": args.shape, "device": str(jax.devices()[0].device_kind),
-      "out": args.out}))
+    iio.imwrite(
+      os.path.join(args.out, f"heldout_{i:02d}.png"), (side * 255).round().astype(np.uint8)
+    )
+  print(
+    json.dumps(
+      {
+        "psnr_heldout": round(float(np.mean(scores)), 2),
+        "psnr_heldout_min": round(float(np.min(scores)), 2),
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+        "views": args.views,
+        "size": size,
+        "shape": args.shape,
+        "device": str(jax.devices()[0].device_kind),
+        "out": args.out,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

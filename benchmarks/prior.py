@@ -20,6 +20,7 @@ object per line:
   python benchmarks/prior.py --batch 1 --dtypes float32 --repeats 1  # CPU check
   python benchmarks/prior.py --vae --batch 1
 """
+
 import argparse
 import json
 import os
@@ -33,28 +34,35 @@ import numpy as np
 
 from random_weights import random_like
 from vsdjax.guidance import lora
-from vsdjax.prior import schedule
-from vsdjax.prior import stable_diffusion as sdm
+from vsdjax.prior import schedule, stable_diffusion as sdm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", default="stable-diffusion-2-1-base",
-                 choices=sdm.BUILTIN_CONFIGS, help="shipped config set")
+  p.add_argument(
+    "--config",
+    default="stable-diffusion-2-1-base",
+    choices=sdm.BUILTIN_CONFIGS,
+    help="shipped config set",
+  )
   p.add_argument("--batch", default="1,2,4", help="comma-separated batch sizes")
-  p.add_argument("--dtypes", default="float32,bfloat16",
-                 help="comma-separated, of " + ", ".join(DTYPES))
+  p.add_argument(
+    "--dtypes", default="float32,bfloat16", help="comma-separated, of " + ", ".join(DTYPES)
+  )
   p.add_argument("--repeats", type=int, default=5, help="timed runs per program")
   p.add_argument("--latent", type=int, default=64, help="UNet latent size")
   p.add_argument("--lora-rank", type=int, default=4)
-  p.add_argument("--vae", action="store_true",
-                 help="benchmark the VAE encoder instead of the UNet")
+  p.add_argument("--vae", action="store_true", help="benchmark the VAE encoder instead of the UNet")
   p.add_argument("--image", type=int, default=512, help="VAE image size")
-  p.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
-                 help="time diffusers' PyTorch model too (auto: on the GPU if "
-                      "torch sees one, on the CPU if JAX runs there)")
+  p.add_argument(
+    "--torch",
+    default="auto",
+    choices=("auto", "on", "off"),
+    help="time diffusers' PyTorch model too (auto: on the GPU if "
+    "torch sees one, on the CPU if JAX runs there)",
+  )
   args = p.parse_args()
   args.batch = [int(b) for b in args.batch.split(",")]
   args.dtypes = args.dtypes.split(",")
@@ -84,18 +92,17 @@ def measure(fn, args, repeats: int) -> dict:
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
   memory = compiled.memory_analysis()
-  gib = 2.0 ** 30
+  gib = 2.0**30
   return {
-      "compile_s": round(compile_s, 2),
-      "run_s": round(statistics.median(times), 4),
-      "tflop": round(cost.get("flops", float("nan")) / 1e12, 4),
-      "tflop_per_s": round(cost.get("flops", float("nan")) / 1e12
-                           / statistics.median(times), 2),
-      "memory_gib": {
-          "arguments": round(memory.argument_size_in_bytes / gib, 3),
-          "outputs": round(memory.output_size_in_bytes / gib, 3),
-          "temp": round(memory.temp_size_in_bytes / gib, 3),
-      },
+    "compile_s": round(compile_s, 2),
+    "run_s": round(statistics.median(times), 4),
+    "tflop": round(cost.get("flops", float("nan")) / 1e12, 4),
+    "tflop_per_s": round(cost.get("flops", float("nan")) / 1e12 / statistics.median(times), 2),
+    "memory_gib": {
+      "arguments": round(memory.argument_size_in_bytes / gib, 3),
+      "outputs": round(memory.output_size_in_bytes / gib, 3),
+      "temp": round(memory.temp_size_in_bytes / gib, 3),
+    },
   }
 
 
@@ -105,6 +112,7 @@ def torch_device(mode: str):
   if mode == "off":
     return None
   import torch  # pylint: disable=g-import-not-at-top
+
   if torch.cuda.is_available():
     # XLA's default float32 precision on GPUs computes dots and convolutions
     # in TF32; let PyTorch do the same, so the ratio compares like with like.
@@ -117,6 +125,7 @@ def torch_device(mode: str):
 def torch_time(module_call, inputs, device, repeats: int) -> float:
   """Median seconds of module_call(*inputs) under torch.no_grad()."""
   import torch  # pylint: disable=g-import-not-at-top
+
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   with torch.no_grad():
     module_call(*inputs)
@@ -141,20 +150,25 @@ def bench_unet(args, dtype_name: str, device, base: dict) -> None:
   unet = sdm.unet_from_config(config, dtype)
   key = jax.random.PRNGKey(0)
   params = random_like(sdm.abstract_params(unet), 0, dtype)
-  with open(os.path.join(sdm.config_dir(args.config), "scheduler",
-                         "scheduler_config.json")) as f:
+  with open(os.path.join(sdm.config_dir(args.config), "scheduler", "scheduler_config.json")) as f:
     scheduler_config = json.load(f)
   sd = sdm.StableDiffusion(
-      modules=sdm.Modules(unet, None, None, None), unet_params=None,
-      vae_params=None, text_params=None,
-      alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler_config)),
-      prediction_type=scheduler_config["prediction_type"],
-      scaling_factor=0.18215, dtype=dtype, name=args.config)
+    modules=sdm.Modules(unet, None, None, None),
+    unet_params=None,
+    vae_params=None,
+    text_params=None,
+    alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler_config)),
+    prediction_type=scheduler_config["prediction_type"],
+    scaling_factor=0.18215,
+    dtype=dtype,
+    name=args.config,
+  )
   adapters = lora.init(key, params, args.lora_rank)
   torch_unet = None
   if device is not None:
-    import torch  # pylint: disable=g-import-not-at-top
     from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+
     torch_dtype = getattr(torch, dtype_name)
     with torch.device(device):  # Initialised on the device it runs on.
       torch_unet = UNet2DConditionModel.from_config(config).to(dtype=torch_dtype).eval()
@@ -168,6 +182,7 @@ def bench_unet(args, dtype_name: str, device, base: dict) -> None:
     def loss(adapters):
       eps = sdm.predict_eps(sd, lora.merge(params, adapters, 1.0), x_t, t, emb)
       return jnp.mean(jnp.square(eps))
+
     return jax.grad(loss)(adapters)
 
   for batch in args.batch:
@@ -175,17 +190,23 @@ def bench_unet(args, dtype_name: str, device, base: dict) -> None:
     x_t = jax.random.normal(keys[0], (batch, 4, args.latent, args.latent))
     t = jax.random.randint(keys[1], (batch,), 20, 980)
     emb = jax.random.normal(keys[2], (batch, 77, config["cross_attention_dim"]))
-    row = dict(base, model="unet", dtype=dtype_name, batch=batch,
-               latent=args.latent, lora_rank=args.lora_rank,
-               lora_params=lora.count(adapters))
+    row = dict(
+      base,
+      model="unet",
+      dtype=dtype_name,
+      batch=batch,
+      latent=args.latent,
+      lora_rank=args.lora_rank,
+      lora_params=lora.count(adapters),
+    )
     row["forward"] = measure(forward, (sd, params, x_t, t, emb), args.repeats)
     row["forward_backward_lora"] = measure(
-        lora_grad, (sd, adapters, params, x_t, t, emb), args.repeats)
+      lora_grad, (sd, adapters, params, x_t, t, emb), args.repeats
+    )
     if torch_unet is not None:
       inputs = [torch.from_numpy(np.array(a)).to(device) for a in (x_t, t, emb)]
       inputs = [inputs[0].to(torch_dtype), inputs[1], inputs[2].to(torch_dtype)]
-      seconds = torch_time(lambda x, t, e: torch_unet(x, t, e).sample, inputs,
-                           device, args.repeats)
+      seconds = torch_time(lambda x, t, e: torch_unet(x, t, e).sample, inputs, device, args.repeats)
       row["torch_device"], row["torch_forward_s"] = device, round(seconds, 4)
       row["jax_over_torch_forward"] = round(row["forward"]["run_s"] / seconds, 3)
     print(json.dumps(row), flush=True)
@@ -197,14 +218,21 @@ def bench_vae(args, dtype_name: str, device, base: dict) -> None:
   vae = sdm.vae_from_config(config, dtype)
   params = random_like(sdm.abstract_params(vae), 0, dtype)
   sd = sdm.StableDiffusion(
-      modules=sdm.Modules(None, vae, None, None), unet_params=None,
-      vae_params=params, text_params=None, alphas_cumprod=None, prediction_type="epsilon",
-      scaling_factor=float(config.get("scaling_factor", 0.18215)), dtype=dtype,
-      name=args.config)
+    modules=sdm.Modules(None, vae, None, None),
+    unet_params=None,
+    vae_params=params,
+    text_params=None,
+    alphas_cumprod=None,
+    prediction_type="epsilon",
+    scaling_factor=float(config.get("scaling_factor", 0.18215)),
+    dtype=dtype,
+    name=args.config,
+  )
   torch_vae = None
   if device is not None:
-    import torch  # pylint: disable=g-import-not-at-top
     from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+
     torch_dtype = getattr(torch, dtype_name)
     with torch.device(device):
       torch_vae = AutoencoderKL.from_config(config).to(dtype=torch_dtype).eval()
@@ -216,17 +244,16 @@ def bench_vae(args, dtype_name: str, device, base: dict) -> None:
     return jax.grad(lambda x: jnp.mean(jnp.square(sdm.encode_images(sd, x))))(rgb)
 
   for batch in args.batch:
-    rgb = jax.random.uniform(jax.random.PRNGKey(batch),
-                             (batch, args.image, args.image, 3))
-    row = dict(base, model="vae_encoder", dtype=dtype_name, batch=batch,
-               image=args.image)
+    rgb = jax.random.uniform(jax.random.PRNGKey(batch), (batch, args.image, args.image, 3))
+    row = dict(base, model="vae_encoder", dtype=dtype_name, batch=batch, image=args.image)
     row["forward"] = measure(forward, (sd, rgb), args.repeats)
     row["forward_backward_input"] = measure(input_grad, (sd, rgb), args.repeats)
     if torch_vae is not None:
       x = torch.from_numpy(np.array(rgb)).permute(0, 3, 1, 2)
       x = (2 * x - 1).to(device, torch_dtype)
-      seconds = torch_time(lambda x: torch_vae.encode(x).latent_dist.mean,
-                           [x], device, args.repeats)
+      seconds = torch_time(
+        lambda x: torch_vae.encode(x).latent_dist.mean, [x], device, args.repeats
+      )
       row["torch_device"], row["torch_forward_s"] = device, round(seconds, 4)
       row["jax_over_torch_forward"] = round(row["forward"]["run_s"] / seconds, 3)
     print(json.dumps(row), flush=True)
@@ -235,9 +262,14 @@ def bench_vae(args, dtype_name: str, device, base: dict) -> None:
 def main():
   args = parse_args()
   device = torch_device(args.torch)
-  base = {"config": args.config, "backend": jax.default_backend(), "jax": jax.__version__,
-          "device": jax.devices()[0].device_kind, "host": platform.node(),
-          "repeats": args.repeats}
+  base = {
+    "config": args.config,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "host": platform.node(),
+    "repeats": args.repeats,
+  }
   for dtype_name in args.dtypes:
     if args.vae:
       bench_vae(args, dtype_name, device, base)

@@ -4,6 +4,7 @@ Drawn on the host with numpy and put on the device leaf by leaf: one jitted
 program drawing every leaf of the SD UNet took over two minutes to compile on
 a GPU (H200, jax 0.11.2), while numpy draws its 866 M values in seconds.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np

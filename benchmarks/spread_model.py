@@ -20,6 +20,7 @@ small, eps_phi's error is what moves it.
   python benchmarks/spread_model.py
   python benchmarks/spread_model.py --sigmas 0.05,0.1 --phi-errors 0.02 --steps 500,2000
 """
+
 import argparse
 import json
 
@@ -35,8 +36,7 @@ def parse_args():
   p.add_argument("--sigmas", type=floats, default=[0.0, 0.05, 0.1, 0.2])
   p.add_argument("--phi-errors", type=floats, default=[0.0, 0.02, 0.05])
   p.add_argument("--steps", type=ints, default=[500, 2000])
-  p.add_argument("--optimisers", default="adam,sgd",
-                 help="comma-separated, of adam, sgd")
+  p.add_argument("--optimisers", default="adam,sgd", help="comma-separated, of adam, sgd")
   p.add_argument("--adam-lr", type=float, default=1e-2, help="toy2d's optim.lr")
   p.add_argument("--sgd-lr", type=float, default=0.3)
   p.add_argument("--particles", type=int, default=8)
@@ -46,8 +46,17 @@ def parse_args():
   return p.parse_args()
 
 
-def spread(sigma_ref: float, phi_error: float, optimiser: str, lr: float,
-           steps: int, n: int, d: int, t_range, seed: int) -> float:
+def spread(
+  sigma_ref: float,
+  phi_error: float,
+  optimiser: str,
+  lr: float,
+  steps: int,
+  n: int,
+  d: int,
+  t_range,
+  seed: int,
+) -> float:
   """Mean per-pixel std of n particles after `steps` updates.
 
   Particles x [n, d] in x0 units; the prior is N(m, sigma_ref^2 I) with m
@@ -66,8 +75,7 @@ def spread(sigma_ref: float, phi_error: float, optimiser: str, lr: float,
     x_t = a * x + s * rng.standard_normal((n, d))
     mean, var = x.mean(axis=0), x.var(axis=0).mean()
     eps_prior = s * (x_t - a * m) / (a**2 * sigma_ref**2 + s**2)
-    eps_phi = (s * (x_t - a * mean) / (a**2 * var + s**2)
-               + phi_error * rng.standard_normal((n, d)))
+    eps_phi = s * (x_t - a * mean) / (a**2 * var + s**2) + phi_error * rng.standard_normal((n, d))
     grad = s**2 * (eps_prior - eps_phi)  # w(t) = 1 - abar_t = s_t^2
     if optimiser == "adam":
       m1 = 0.9 * m1 + 0.1 * grad
@@ -87,14 +95,32 @@ def main():
     for sigma_ref in args.sigmas:
       for phi_error in args.phi_errors:
         for steps in args.steps:
-          value = spread(sigma_ref, phi_error, optimiser, lr, steps, args.particles,
-                         args.pixels, args.t_range, args.seed)
-          print(json.dumps({"bench": "vsd_spread_model", "sigma_ref": sigma_ref,
-                            "phi_error": phi_error, "optimiser": optimiser,
-                            "lr": lr, "steps": steps, "spread": round(value, 4),
-                            "spread_over_sigma_ref": (round(value / sigma_ref, 2)
-                                                      if sigma_ref else None)}),
-                flush=True)
+          value = spread(
+            sigma_ref,
+            phi_error,
+            optimiser,
+            lr,
+            steps,
+            args.particles,
+            args.pixels,
+            args.t_range,
+            args.seed,
+          )
+          print(
+            json.dumps(
+              {
+                "bench": "vsd_spread_model",
+                "sigma_ref": sigma_ref,
+                "phi_error": phi_error,
+                "optimiser": optimiser,
+                "lr": lr,
+                "steps": steps,
+                "spread": round(value, 4),
+                "spread_over_sigma_ref": (round(value / sigma_ref, 2) if sigma_ref else None),
+              }
+            ),
+            flush=True,
+          )
 
 
 if __name__ == "__main__":

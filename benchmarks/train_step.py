@@ -40,6 +40,7 @@ render.chunk=4 for smaller render scan steps; lines list them in `overrides`.
   python benchmarks/train_step.py --sd --sd-resolutions 512 --set render.chunk=4
   python benchmarks/train_step.py --sd --time --sd-particles 1,2   # GPU
 """
+
 import argparse
 import ast
 import dataclasses
@@ -55,9 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from random_weights import random_like
+from vsdjax.training import models as models_lib, train_step
 from xla_memory import memory
-from vsdjax.training import models as models_lib
-from vsdjax.training import train_step
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DTYPES = ("float32", "bfloat16")
@@ -66,33 +66,50 @@ _PHI_BASES = ("prior", "stable-diffusion-2-1")
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", default=os.path.join(_ROOT, "experiments", "toy.py"),
-                 help="toy part: experiment config file")
+  p.add_argument(
+    "--config",
+    default=os.path.join(_ROOT, "experiments", "toy.py"),
+    help="toy part: experiment config file",
+  )
   p.add_argument("--modes", default="vsd,sds", help="comma-separated guidance modes")
-  p.add_argument("--particles", default="1,2,4,8",
-                 help="comma-separated particle counts (toy part)")
-  p.add_argument("--resolution", type=int, default=None,
-                 help="toy part: render size (default: the config's)")
+  p.add_argument(
+    "--particles", default="1,2,4,8", help="comma-separated particle counts (toy part)"
+  )
+  p.add_argument(
+    "--resolution", type=int, default=None, help="toy part: render size (default: the config's)"
+  )
   p.add_argument("--repeats", type=int, default=5, help="timed steps")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
-  p.add_argument("--sd", action="store_true",
-                 help="run the Stable Diffusion part only")
-  p.add_argument("--sd-config", default=os.path.join(_ROOT, "experiments", "vsd.py"),
-                 help="SD part: experiment config file")
-  p.add_argument("--sd-resolutions", default="64,512",
-                 help="SD part: comma-separated render sizes")
-  p.add_argument("--sd-dtypes", default="float32,bfloat16",
-                 help="SD part: prior dtypes, of " + ", ".join(_DTYPES))
-  p.add_argument("--phi-bases", default="prior,stable-diffusion-2-1",
-                 help="SD part: eps_phi bases, of " + ", ".join(_PHI_BASES))
-  p.add_argument("--sd-particles", default="1",
-                 help="SD part: comma-separated particle counts")
-  p.add_argument("--time", action="store_true",
-                 help="SD part: also run the step on random weights (GPU)")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="override a config field of either part, e.g. "
-                      "render.chunk=4 (repeatable; VALUE is a Python literal "
-                      "or a string)")
+  p.add_argument("--sd", action="store_true", help="run the Stable Diffusion part only")
+  p.add_argument(
+    "--sd-config",
+    default=os.path.join(_ROOT, "experiments", "vsd.py"),
+    help="SD part: experiment config file",
+  )
+  p.add_argument("--sd-resolutions", default="64,512", help="SD part: comma-separated render sizes")
+  p.add_argument(
+    "--sd-dtypes",
+    default="float32,bfloat16",
+    help="SD part: prior dtypes, of " + ", ".join(_DTYPES),
+  )
+  p.add_argument(
+    "--phi-bases",
+    default="prior,stable-diffusion-2-1",
+    help="SD part: eps_phi bases, of " + ", ".join(_PHI_BASES),
+  )
+  p.add_argument("--sd-particles", default="1", help="SD part: comma-separated particle counts")
+  p.add_argument(
+    "--time", action="store_true", help="SD part: also run the step on random weights (GPU)"
+  )
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="override a config field of either part, e.g. "
+    "render.chunk=4 (repeatable; VALUE is a Python literal "
+    "or a string)",
+  )
   args = p.parse_args()
   ints = lambda s: [int(v) for v in s.split(",")]
   args.modes = args.modes.split(",")
@@ -101,18 +118,23 @@ def parse_args():
   args.sd_particles = ints(args.sd_particles)
   args.sd_dtypes = args.sd_dtypes.split(",")
   args.phi_bases = args.phi_bases.split(",")
-  for name, values, allowed in (("--modes", args.modes, ("vsd", "sds")),
-                                ("--sd-dtypes", args.sd_dtypes, _DTYPES),
-                                ("--phi-bases", args.phi_bases, _PHI_BASES)):
+  for name, values, allowed in (
+    ("--modes", args.modes, ("vsd", "sds")),
+    ("--sd-dtypes", args.sd_dtypes, _DTYPES),
+    ("--phi-bases", args.phi_bases, _PHI_BASES),
+  ):
     unknown = sorted(set(values) - set(allowed))
     if unknown:
       p.error(f"{name}: unknown {unknown}, expected some of {list(allowed)}")
   for item in args.set:
     if "=" not in item:
       p.error(f"--set {item!r}: expected FIELD=VALUE")
-  if (min(args.particles + args.sd_particles + args.sd_resolutions) < 1
-      or args.repeats < 1 or args.warmup < 0
-      or (args.resolution is not None and args.resolution < 1)):
+  if (
+    min(args.particles + args.sd_particles + args.sd_resolutions) < 1
+    or args.repeats < 1
+    or args.warmup < 0
+    or (args.resolution is not None and args.resolution < 1)
+  ):
     p.error("particle counts, resolutions and --repeats must be positive")
   return args
 
@@ -143,8 +165,7 @@ def load_config(path: str, overrides):
 
 def nbytes(tree) -> int:
   """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
-  return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
-             for v in jax.tree.leaves(tree))
+  return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize for v in jax.tree.leaves(tree))
 
 
 def compile_step(step, state, key, frozen):
@@ -182,11 +203,20 @@ def bench_toy(args, base: dict) -> None:
       step = train_step.make_train_step(config, models, frozen, res)
       compiled, compile_s = compile_step(step, state, key, frozen)
       seconds = time_steps(compiled, state, key, frozen, args.repeats, args.warmup)
-      row = dict(bench="toy_step", size=f"n={n}", value=round(seconds, 5),
-                 unit="s/step", **base, mode=mode, n_particles=n, resolution=res,
-                 overrides=args.set,
-                 per_particle_s=round(seconds / n, 5),
-                 compile_s=round(compile_s, 2), memory=memory(compiled))
+      row = dict(
+        bench="toy_step",
+        size=f"n={n}",
+        value=round(seconds, 5),
+        unit="s/step",
+        **base,
+        mode=mode,
+        n_particles=n,
+        resolution=res,
+        overrides=args.set,
+        per_particle_s=round(seconds / n, 5),
+        compile_s=round(compile_s, 2),
+        memory=memory(compiled),
+      )
       print(json.dumps(row), flush=True)
 
 
@@ -199,12 +229,18 @@ def sd_models(config, phi_base: str) -> tuple:
 def materialize(frozen: dict, shared: bool, seed: int) -> dict:
   """Random weights and embeddings for an abstract frozen (the schedule stays)."""
   sd = frozen["prior"]["sd"]
-  sd = dataclasses.replace(sd, unet_params=random_like(sd.unet_params, seed),
-                           vae_params=random_like(sd.vae_params, seed + 1))
+  sd = dataclasses.replace(
+    sd,
+    unet_params=random_like(sd.unet_params, seed),
+    vae_params=random_like(sd.vae_params, seed + 1),
+  )
   prior = {k: v for k, v in frozen["prior"].items() if k != "sd"}
-  phi_base = (sd.unet_params if shared else random_like(frozen["phi_base"], seed + 2))
-  return {"prior": dict(random_like(prior, seed + 3), sd=sd), "phi_base": phi_base,
-          "phi_emb": random_like(frozen["phi_emb"], seed + 4)}
+  phi_base = sd.unet_params if shared else random_like(frozen["phi_base"], seed + 2)
+  return {
+    "prior": dict(random_like(prior, seed + 3), sd=sd),
+    "phi_base": phi_base,
+    "phi_emb": random_like(frozen["phi_emb"], seed + 4),
+  }
 
 
 def bench_sd(args, base: dict) -> None:
@@ -227,23 +263,36 @@ def bench_sd(args, base: dict) -> None:
           shared_bytes = nbytes(frozen["phi_base"]) if shared else 0
           sd = frozen["prior"]["sd"]
           row = dict(
-              bench="sd_step", size=f"{res}x{res}", value=None, unit="s/step",
-              **base, mode="vsd", n_particles=n, resolution=res,
-              latent=models.prior.model.unet.sample_size,
-              prior_dtype=dtype_name, phi_base=phi_base, overrides=args.set,
-              compile_s=round(compile_s, 2), memory=memory(compiled, shared_bytes),
-              state_bytes={k: nbytes(v) for k, v in state.items()},
-              frozen_bytes={"prior_unet": nbytes(sd.unet_params),
-                            "prior_vae": nbytes(sd.vae_params),
-                            "phi_base": nbytes(frozen["phi_base"]),
-                            "embeddings": nbytes([frozen["prior"]["emb_cond"],
-                                                  frozen["prior"]["emb_uncond"],
-                                                  frozen["phi_emb"]])})
+            bench="sd_step",
+            size=f"{res}x{res}",
+            value=None,
+            unit="s/step",
+            **base,
+            mode="vsd",
+            n_particles=n,
+            resolution=res,
+            latent=models.prior.model.unet.sample_size,
+            prior_dtype=dtype_name,
+            phi_base=phi_base,
+            overrides=args.set,
+            compile_s=round(compile_s, 2),
+            memory=memory(compiled, shared_bytes),
+            state_bytes={k: nbytes(v) for k, v in state.items()},
+            frozen_bytes={
+              "prior_unet": nbytes(sd.unet_params),
+              "prior_vae": nbytes(sd.vae_params),
+              "phi_base": nbytes(frozen["phi_base"]),
+              "embeddings": nbytes(
+                [frozen["prior"]["emb_cond"], frozen["prior"]["emb_uncond"], frozen["phi_emb"]]
+              ),
+            },
+          )
           if args.time:
             real_frozen = materialize(frozen, shared, 0)
             real_state = jax.jit(init)(real_frozen, key)
-            row["value"] = round(time_steps(compiled, real_state, key, real_frozen,
-                                            args.repeats, args.warmup), 5)
+            row["value"] = round(
+              time_steps(compiled, real_state, key, real_frozen, args.repeats, args.warmup), 5
+            )
             row["per_particle_s"] = round(row["value"] / n, 5)
             row["memory"] = memory(compiled, shared_bytes)  # With the device peak.
             del real_frozen, real_state
@@ -252,8 +301,12 @@ def bench_sd(args, base: dict) -> None:
 
 def main():
   args = parse_args()
-  base = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-          "jax": jax.__version__, "repeats": args.repeats}
+  base = {
+    "device": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "repeats": args.repeats,
+  }
   if args.sd:
     bench_sd(args, base)
   else:

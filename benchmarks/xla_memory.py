@@ -1,4 +1,5 @@
 """XLA's memory analysis of a compiled program, in bytes, for the benchmarks."""
+
 import jax
 
 
@@ -14,15 +15,16 @@ def memory(compiled, shared: int = 0) -> dict:
   """
   m = compiled.memory_analysis()
   out = {
-      "arguments": m.argument_size_in_bytes,
-      "outputs": m.output_size_in_bytes,
-      "alias": m.alias_size_in_bytes,
-      "temp": m.temp_size_in_bytes,
-      "generated_code": m.generated_code_size_in_bytes,
-      "shared": shared,
+    "arguments": m.argument_size_in_bytes,
+    "outputs": m.output_size_in_bytes,
+    "alias": m.alias_size_in_bytes,
+    "temp": m.temp_size_in_bytes,
+    "generated_code": m.generated_code_size_in_bytes,
+    "shared": shared,
   }
-  out["total"] = (out["arguments"] + out["outputs"] - out["alias"] + out["temp"]
-                  + out["generated_code"] - shared)
+  out["total"] = (
+    out["arguments"] + out["outputs"] - out["alias"] + out["temp"] + out["generated_code"] - shared
+  )
   out["total_gib"] = round(out["total"] / 2.0**30, 3)
   stats = jax.devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:

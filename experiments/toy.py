@@ -14,41 +14,42 @@ With point-mass references, which reference a particle ends at is decided
 by where it starts (its basin); identical grey starts all fall into the same
 one, so the two-reference run gives the particles random initial colours.
 """
+
 from vsdjax import defaults
 
 
 def get_config():
   c = defaults.get_config()
-  c.steps = 400                 # a few minutes on 2 CPU cores
+  c.steps = 400  # a few minutes on 2 CPU cores
   c.n_particles = 1
-  c.prompt = ""                 # analytic prior: "" = all references (a name selects one)
+  c.prompt = ""  # analytic prior: "" = all references (a name selects one)
 
   c.prior.kind = "analytic"
   c.prior.references = "sphere:#d04040"  # "shape:#rrggbb,..."; shapes: sphere, cube,
-                                         # torus, cylinder, cone (colour optional)
-  c.prior.sigma_ref = 0.0       # point masses at the references
+  # torus, cylinder, cone (colour optional)
+  c.prior.sigma_ref = 0.0  # point masses at the references
 
-  c.guidance.scale = 1.0        # "" prompt: cond = uncond, CFG has no effect
+  c.guidance.scale = 1.0  # "" prompt: cond = uncond, CFG has no effect
   c.guidance.t_switch_step = 300  # t_max 0.98 -> 0.5 half way, as at 5k of 25k
   c.guidance.view_prompts = False
 
-  c.eps_phi.base = "tiny"       # small pixel-space UNet from scratch
-  c.eps_phi.mode = "full"       # all its weights train (no pretrained base to keep)
+  c.eps_phi.base = "tiny"  # small pixel-space UNet from scratch
+  c.eps_phi.mode = "full"  # all its weights train (no pretrained base to keep)
   c.eps_phi.lr = 1e-3
 
-  c.scene.n_levels = 8          # a small hash grid for the CPU
+  c.scene.n_levels = 8  # a small hash grid for the CPU
   c.scene.log2_table_size = 14
   c.scene.per_level_scale = 1.5
   c.scene.hidden = 32
   c.scene.background = "white"  # the references are rendered on white
   c.scene.random_bg_prob = 0.0
-  c.loss.sparsity = 0.0         # no regulariser needed against an exact prior
+  c.loss.sparsity = 0.0  # no regulariser needed against an exact prior
 
-  c.render.resolution = 32      # render = prior size; no resolution switch
+  c.render.resolution = 32  # render = prior size; no resolution switch
   c.render.resolution_after = 32
   c.render.n_samples = 32
   c.render.chunk = 16
-  c.render.ray_batch = 0        # 32x32: one batch
+  c.render.ray_batch = 0  # 32x32: one batch
 
   c.optim.grid_lr = 1e-2
   c.optim.lr = 1e-3

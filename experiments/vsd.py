@@ -10,15 +10,16 @@ Needs the weights: pass a local diffusers folder when the machine is offline:
       --config.prior.name=/path/to/stable-diffusion-2-1-base \
       --config.eps_phi.base=/path/to/stable-diffusion-2-1   # or "prior" to share (less memory)
 """
+
 from vsdjax import defaults
 
 
 def get_config():
-  c = defaults.get_config()     # every default is ProlificDreamer stage 1
-  c.n_particles = 1             # 4 particles: 4x the particle cost, eps_phi shared
+  c = defaults.get_config()  # every default is ProlificDreamer stage 1
+  c.n_particles = 1  # 4 particles: 4x the particle cost, eps_phi shared
   c.guidance.mode = "vsd"
   c.prior.kind = "stable_diffusion"
   c.prior.name = "stabilityai/stable-diffusion-2-1-base"  # hub id or local folder
-  c.eps_phi.base = "stabilityai/stable-diffusion-2-1"     # "prior" shares the prior's UNet
-  c.loss.sparsity = 10.0        # threestudio's sparsity weight (foggy results otherwise)
+  c.eps_phi.base = "stabilityai/stable-diffusion-2-1"  # "prior" shares the prior's UNet
+  c.loss.sparsity = 10.0  # threestudio's sparsity weight (foggy results otherwise)
   return c

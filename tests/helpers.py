@@ -1,4 +1,5 @@
 """Helpers shared by several test modules."""
+
 import jax
 import numpy as np
 
@@ -68,7 +69,7 @@ def tiny_config(**overrides):
   c.render.resolution_after = 8
   c.render.n_samples = 8
   c.render.chunk = 8
-  c.render.ray_batch = 32       # two batches of the 8x8 rays: exercises lax.map
+  c.render.ray_batch = 32  # two batches of the 8x8 rays: exercises lax.map
   c.log_every = 1
   c.checkpoint_every = 2
   c.export.views = 1

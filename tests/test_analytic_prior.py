@@ -5,6 +5,7 @@ N(m_k, sigma_k^2 I), x_t = a_t x0 + s_t eps) in float64 numpy: the closed-form
 posterior with its own log-sum-exp, a Monte Carlo check of E[eps | x_t], and
 finite differences of log p(x_t).
 """
+
 import functools
 
 import jax
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from vsdjax import prior as priors
-from vsdjax.prior.analytic import mixture as analytic
 from vsdjax.prior import schedule
+from vsdjax.prior.analytic import mixture as analytic
 
 NAMES = ("sphere", "cube", "torus")
 SIGMA = (0.0, 0.1, 0.5)
@@ -45,10 +46,11 @@ def _log_components(prior, means, x, t, emb):
     for k, sigma in enumerate(prior.sigma):
       if emb[b, k] <= 0:
         continue
-      var = a[b]**2 * sigma**2 + s[b]**2
-      sq = np.sum((x[b] - a[b] * means[b, k])**2)
-      out[b, k] = (np.log(emb[b, k] / emb[b].sum()) - 0.5 * sq / var -
-                   0.5 * dim * np.log(2 * np.pi * var))
+      var = a[b] ** 2 * sigma**2 + s[b] ** 2
+      sq = np.sum((x[b] - a[b] * means[b, k]) ** 2)
+      out[b, k] = (
+        np.log(emb[b, k] / emb[b].sum()) - 0.5 * sq / var - 0.5 * dim * np.log(2 * np.pi * var)
+      )
   return out
 
 
@@ -65,7 +67,7 @@ def _reference_eps(prior, means, x, t, emb):
   eps = np.zeros(np.shape(x))
   for b in range(eps.shape[0]):
     for k, sigma in enumerate(prior.sigma):
-      var = a[b]**2 * sigma**2 + s[b]**2
+      var = a[b] ** 2 * sigma**2 + s[b] ** 2
       eps[b] += s[b] * w[b, k] * (x[b] - a[b] * means[b, k]) / var
   return eps, w
 
@@ -76,17 +78,16 @@ def _noisy_batch(prior, rng, shape, t, spread):
   base = rng.uniform(-1, 1, size=(batch, 1) + shape)
   means = base + spread * rng.normal(size=(batch, len(prior.sigma)) + shape)
   k = rng.integers(0, len(prior.sigma), size=batch)
-  x0 = (means[np.arange(batch), k] + np.asarray(prior.sigma)[k].reshape(
-      (batch,) + (1,) * len(shape)) * rng.normal(size=(batch,) + shape))
+  x0 = means[np.arange(batch), k] + np.asarray(prior.sigma)[k].reshape(
+    (batch,) + (1,) * len(shape)
+  ) * rng.normal(size=(batch,) + shape)
   a, s = _coefs(prior, t)
   expand = (batch,) + (1,) * len(shape)
-  x_t = a.reshape(expand) * x0 + s.reshape(expand) * rng.normal(
-      size=(batch,) + shape)
+  x_t = a.reshape(expand) * x0 + s.reshape(expand) * rng.normal(size=(batch,) + shape)
   return means.astype(np.float32), x_t.astype(np.float32)
 
 
-@pytest.mark.parametrize("shape, spread", [((3, 4, 5), 0.5),
-                                           ((3, 64, 64), 0.02)])
+@pytest.mark.parametrize("shape, spread", [((3, 4, 5), 0.5), ((3, 64, 64), 0.02)])
 def test_eps_matches_closed_form(prior, shape, spread):
   rng = np.random.default_rng(0)
   t = np.array([0, 5, 100, 400, 700, 900, 999, 999, 600])
@@ -128,14 +129,14 @@ def test_monte_carlo_conditional_expectation():
   emb = np.ones((n, 2), np.float32)
 
   def max_z(pred_prior):
-    eps_hat = pred_prior(means.astype(np.float32),
-                         x_t.reshape(n, 1, 2, 2).astype(np.float32),
-                         jnp.asarray(t), emb)
+    eps_hat = pred_prior(
+      means.astype(np.float32), x_t.reshape(n, 1, 2, 2).astype(np.float32), jnp.asarray(t), emb
+    )
     resid = eps - np.asarray(eps_hat, np.float64).reshape(n, 4)  # [n, D]
     feats = [np.ones(n)] + [x_t[:, i] for i in range(4)]
-    feats += [x_t[:, i]**2 for i in range(4)]
+    feats += [x_t[:, i] ** 2 for i in range(4)]
     feats += [np.tanh(2 * x_t @ (m[1] - m[0]))]
-    feats += [np.exp(-np.sum((x_t - a[:, None] * m[j])**2, 1)) for j in (0, 1)]
+    feats += [np.exp(-np.sum((x_t - a[:, None] * m[j]) ** 2, 1)) for j in (0, 1)]
     worst = 0.0
     for t_value in ts:
       sel = t == t_value
@@ -152,9 +153,7 @@ def test_monte_carlo_conditional_expectation():
   def uniform_weights(means, x_t, t, emb):
     del emb
     one_hot = np.eye(2, dtype=np.float32)
-    per_k = [_predict(prior, means, x_t, t,
-                                  np.broadcast_to(one_hot[j], (n, 2)))
-             for j in (0, 1)]
+    per_k = [_predict(prior, means, x_t, t, np.broadcast_to(one_hot[j], (n, 2))) for j in (0, 1)]
     return 0.5 * (per_k[0] + per_k[1])
 
   assert max_z(uniform_weights) > 10.0
@@ -180,16 +179,14 @@ def test_eps_is_the_tweedie_score(prior):
     up = _logsumexp(_log_components(prior, means, x64 + step, t, emb))
     down = _logsumexp(_log_components(prior, means, x64 - step, t, emb))
     grad[(slice(None),) + idx] = (up - down) / (2 * h)
-  np.testing.assert_allclose(score, grad, rtol=1e-4,
-                             atol=1e-4 * np.abs(grad).max())
+  np.testing.assert_allclose(score, grad, rtol=1e-4, atol=1e-4 * np.abs(grad).max())
 
 
 def test_prompt_masks_and_guidance(prior):
   emb = analytic.encode_prompts(
-      prior, ["", "sphere", "A Sphere, front view", "a cube next to a torus",
-              "  "])
-  np.testing.assert_array_equal(
-      emb, [[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
+    prior, ["", "sphere", "A Sphere, front view", "a cube next to a torus", "  "]
+  )
+  np.testing.assert_array_equal(emb, [[1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
   assert emb.dtype == jnp.float32
   for bad in ("a hamburger", "spheres"):
     with pytest.raises(ValueError, match=f"'{bad}'.*'sphere', 'cube', 'torus'"):
@@ -207,12 +204,11 @@ def test_prompt_masks_and_guidance(prior):
   ref_u, _ = _reference_eps(prior, means, x_t, t, uncond)
   ref_c, _ = _reference_eps(prior, means, x_t, t, cond)
   np.testing.assert_allclose(
-      schedule.cfg(eps_u, eps_c, 7.5), ref_u + 7.5 * (ref_c - ref_u),
-      rtol=1e-4, atol=5e-4)
+    schedule.cfg(eps_u, eps_c, 7.5), ref_u + 7.5 * (ref_c - ref_u), rtol=1e-4, atol=5e-4
+  )
   # The prior-agnostic CFG (one call of batch 2B) gives the same.
   guided = priors.predict_eps_cfg(prior, means, x_t, t, cond, uncond, 7.5)
-  np.testing.assert_allclose(guided, ref_u + 7.5 * (ref_c - ref_u),
-                             rtol=1e-4, atol=5e-4)
+  np.testing.assert_allclose(guided, ref_u + 7.5 * (ref_c - ref_u), rtol=1e-4, atol=5e-4)
   # One point mass selected: eps = (x_t - a_t m) / s_t exactly, whatever the
   # means of the unselected components are.
   a, s = _coefs(prior, t)
@@ -221,8 +217,8 @@ def test_prompt_masks_and_guidance(prior):
   moved = means.copy()
   moved[:, 1:] += 3.0
   np.testing.assert_allclose(
-      _predict(prior, moved, x_t, jnp.asarray(t), cond), eps_c, rtol=1e-6,
-      atol=1e-6)
+    _predict(prior, moved, x_t, jnp.asarray(t), cond), eps_c, rtol=1e-6, atol=1e-6
+  )
 
 
 def test_encode_decode_layout_and_round_trip(prior):
@@ -269,14 +265,14 @@ def test_jit_and_vmap(prior):
   emb = np.ones((6, 3), np.float32)
   ref, _ = _reference_eps(prior, means, x_t, t, emb)
   np.testing.assert_allclose(
-      _predict(prior, means, x_t, jnp.asarray(t), emb), ref, rtol=1e-4,
-      atol=5e-5)
+    _predict(prior, means, x_t, jnp.asarray(t), emb), ref, rtol=1e-4, atol=5e-5
+  )
   # vmap over a leading particle axis of size 3 with batch 2 each, t traced.
   split = lambda a: a.reshape((3, 2) + a.shape[1:])
   vmapped = jax.jit(jax.vmap(functools.partial(analytic.predict_eps, prior)))(
-      split(means), split(x_t), split(jnp.asarray(t)), split(emb))
-  np.testing.assert_allclose(vmapped.reshape(ref.shape), ref, rtol=1e-4,
-                             atol=5e-5)
+    split(means), split(x_t), split(jnp.asarray(t)), split(emb)
+  )
+  np.testing.assert_allclose(vmapped.reshape(ref.shape), ref, rtol=1e-4, atol=5e-5)
   # Equal priors are equal and hash alike, so jit caches are shared.
   again = analytic.make_prior(list(NAMES), list(SIGMA))
   assert again == prior and hash(again) == hash(prior)
@@ -307,11 +303,13 @@ def test_validation_errors(prior):
   x_t = np.zeros((2, 3, 4, 4), np.float32)
   t = jnp.array([1, 2])
   emb = np.ones((2, 3), np.float32)
-  cases = [("means", (means[:, :2], x_t, t, emb)),
-           ("x_t", (means, x_t[0], t, emb)),
-           ("t must be", (means, x_t, t[:1], emb)),
-           ("t must hold integer", (means, x_t, t * 1.0, emb)),
-           ("emb", (means, x_t, t, emb[:, :2]))]
+  cases = [
+    ("means", (means[:, :2], x_t, t, emb)),
+    ("x_t", (means, x_t[0], t, emb)),
+    ("t must be", (means, x_t, t[:1], emb)),
+    ("t must hold integer", (means, x_t, t * 1.0, emb)),
+    ("emb", (means, x_t, t, emb[:, :2])),
+  ]
   for match, args in cases:
     with pytest.raises(ValueError, match=match):
       analytic.predict_eps(prior, *args)

@@ -1,4 +1,5 @@
 """Tests for vsdjax.cameras against direct numpy geometry."""
+
 import math
 
 import jax
@@ -30,12 +31,14 @@ def test_from_spherical_frame():
   np.testing.assert_allclose(np.swapaxes(rot, -1, -2) @ rot, eye, atol=1e-6)
   np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-6)
   np.testing.assert_array_equal(
-      c2w[..., 3, :], np.broadcast_to([0.0, 0.0, 0.0, 1.0], e.shape + (4,)))
+    c2w[..., 3, :], np.broadcast_to([0.0, 0.0, 0.0, 1.0], e.shape + (4,))
+  )
   # Position from the spherical formula, written out per camera.
   for idx in np.ndindex(e.shape):
     er, ar = math.radians(e[idx]), math.radians(a[idx])
-    want = radius[idx] * np.array([math.cos(er) * math.cos(ar),
-                                   math.cos(er) * math.sin(ar), math.sin(er)])
+    want = radius[idx] * np.array(
+      [math.cos(er) * math.cos(ar), math.cos(er) * math.sin(ar), math.sin(er)]
+    )
     np.testing.assert_allclose(c2w[idx][:3, 3], want, atol=1e-5)
   # The camera's -z axis points at the origin, +x stays horizontal.
   pos = c2w[..., :3, 3]
@@ -61,8 +64,7 @@ def test_look_at_matches_from_spherical_and_targets():
   # horizontal "right" is a free choice, so compare there only for a = 0).
   pole = np.abs(e) == 90.0
   keep = ~pole | (np.mod(a, 360.0) == 0.0)
-  np.testing.assert_allclose(np.asarray(via_look_at)[keep],
-                             np.asarray(cams.c2w)[keep], atol=2e-6)
+  np.testing.assert_allclose(np.asarray(via_look_at)[keep], np.asarray(cams.c2w)[keep], atol=2e-6)
 
   # Arbitrary eye / target / up: orthonormal, -z towards target, x _|_ up.
   rng = np.random.default_rng(0)
@@ -71,8 +73,9 @@ def test_look_at_matches_from_spherical_and_targets():
   up = np.array([0.3, -1.0, 0.5])
   c2w = np.asarray(cameras.look_at(eye, target, up), np.float64)
   rot = c2w[..., :3, :3]
-  np.testing.assert_allclose(np.swapaxes(rot, -1, -2) @ rot,
-                             np.broadcast_to(np.eye(3), rot.shape), atol=1e-6)
+  np.testing.assert_allclose(
+    np.swapaxes(rot, -1, -2) @ rot, np.broadcast_to(np.eye(3), rot.shape), atol=1e-6
+  )
   np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-6)
   fwd = (target - eye) / np.linalg.norm(target - eye, axis=-1, keepdims=True)
   np.testing.assert_allclose(-rot[..., 2], fwd, atol=1e-6)
@@ -88,8 +91,9 @@ def test_look_at_matches_from_spherical_and_targets():
 
 
 def test_sample_and_orbit():
-  ranges = cameras.CameraRanges(radius=(1.0, 1.5), elevation=(-10.0, 45.0),
-                                azimuth=(-180.0, 180.0), fovy=(40.0, 70.0))
+  ranges = cameras.CameraRanges(
+    radius=(1.0, 1.5), elevation=(-10.0, 45.0), azimuth=(-180.0, 180.0), fovy=(40.0, 70.0)
+  )
   cams = cameras.sample(jax.random.key(0), ranges, 256)
   for name in ("radius", "elevation", "azimuth", "fovy"):
     v = np.asarray(getattr(cams, name))
@@ -98,8 +102,7 @@ def test_sample_and_orbit():
     assert np.all(v >= low) and np.all(v <= high), name
     # Uniform: both halves of each range are visited about equally.
     assert 0.35 < np.mean(v < 0.5 * (low + high)) < 0.65, name
-  np.testing.assert_allclose(np.linalg.norm(cams.c2w[:, :3, 3], axis=-1),
-                             cams.radius, rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(cams.c2w[:, :3, 3], axis=-1), cams.radius, rtol=1e-6)
   again = cameras.sample(jax.random.key(0), ranges, 256)
   np.testing.assert_array_equal(again.c2w, cams.c2w)
   other = cameras.sample(jax.random.key(1), ranges, 256)
@@ -111,15 +114,13 @@ def test_sample_and_orbit():
   np.testing.assert_allclose(np.mod(az, 360.0), 45.0 * np.arange(8), atol=1e-5)
   assert np.all(az >= -180.0) and np.all(az < 180.0)
   np.testing.assert_allclose(ring.elevation, 20.0)
-  np.testing.assert_allclose(np.linalg.norm(ring.c2w[:, :3, 3], axis=-1), 1.5,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(ring.c2w[:, :3, 3], axis=-1), 1.5, rtol=1e-6)
 
 
 def _angle(u, v):
   u = np.asarray(u, np.float64)
   v = np.asarray(v, np.float64)
-  c = np.sum(u * v, -1) / (np.linalg.norm(u, axis=-1) *
-                           np.linalg.norm(v, axis=-1))
+  c = np.sum(u * v, -1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
   return np.arccos(np.clip(c, -1.0, 1.0))
 
 
@@ -131,8 +132,7 @@ def test_rays_geometry(height, width):
   assert origins.shape == dirs.shape == (height, width, 3)
   c2w = np.asarray(cam.c2w, np.float64)
   np.testing.assert_allclose(np.linalg.norm(dirs, axis=-1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(origins, np.broadcast_to(c2w[:3, 3], dirs.shape),
-                             atol=1e-6)
+  np.testing.assert_allclose(origins, np.broadcast_to(c2w[:3, 3], dirs.shape), atol=1e-6)
   right, up, back = c2w[:3, 0], c2w[:3, 1], c2w[:3, 2]
   ci, cj = height // 2, width // 2
   # Odd sizes: the centre pixel looks along the camera's -z.
@@ -146,10 +146,8 @@ def test_rays_geometry(height, width):
   tan_half = math.tan(math.radians(fovy) / 2)
   vertical = 2 * math.atan((height - 1) / height * tan_half)
   horizontal = 2 * math.atan((width - 1) / height * tan_half)
-  np.testing.assert_allclose(_angle(dirs[0, cj], dirs[-1, cj]), vertical,
-                             atol=1e-5)
-  np.testing.assert_allclose(_angle(dirs[ci, 0], dirs[ci, -1]), horizontal,
-                             atol=1e-5)
+  np.testing.assert_allclose(_angle(dirs[0, cj], dirs[-1, cj]), vertical, atol=1e-5)
+  np.testing.assert_allclose(_angle(dirs[ci, 0], dirs[ci, -1]), horizontal, atol=1e-5)
   # Each corner ray makes the angle atan(hypot(tx, ty)) with the axis.
   tx = (width - 1) / height * tan_half
   ty = (height - 1) / height * tan_half
@@ -158,8 +156,7 @@ def test_rays_geometry(height, width):
     np.testing.assert_allclose(_angle(dirs[i, j], -back), corner, atol=1e-5)
 
   # A batch of cameras gives the per-camera rays.
-  cams = cameras.from_spherical(1.4, 25.0, np.array([-60.0, 10.0]),
-                                np.array([50.0, 35.0]))
+  cams = cameras.from_spherical(1.4, 25.0, np.array([-60.0, 10.0]), np.array([50.0, 35.0]))
   _, batched = cameras.rays(cams.c2w, cams.fovy, height, width)
   _, second = cameras.rays(cams.c2w[1], cams.fovy[1], height, width)
   np.testing.assert_allclose(batched[0], dirs, atol=1e-6)
@@ -196,15 +193,31 @@ def _label_reference(elevation, azimuth):
 def test_view_label_thresholds():
   eps = 1e-3
   elev = [-30.0, 0.0, 60.0 - eps, 60.0, 60.0 + eps, 90.0]
-  azim = [0.0, 45.0 - eps, 45.0, 45.0 + eps, -45.0 + eps, -45.0,
-          135.0 - eps, 135.0, 135.0 + eps, -135.0, -135.0 - eps, 180.0,
-          -180.0, 225.0, -315.0, 370.0, 719.0]
-  e, a = np.meshgrid(np.array(elev, np.float32), np.array(azim, np.float32),
-                     indexing="ij")
+  azim = [
+    0.0,
+    45.0 - eps,
+    45.0,
+    45.0 + eps,
+    -45.0 + eps,
+    -45.0,
+    135.0 - eps,
+    135.0,
+    135.0 + eps,
+    -135.0,
+    -135.0 - eps,
+    180.0,
+    -180.0,
+    225.0,
+    -315.0,
+    370.0,
+    719.0,
+  ]
+  e, a = np.meshgrid(np.array(elev, np.float32), np.array(azim, np.float32), indexing="ij")
   got = np.asarray(cameras.view_label(e, a))
   assert got.dtype == np.int32
-  want = np.array([[_label_reference(float(x), float(y))
-                    for y in row_a] for x, row_a in zip(e[:, 0], a)])
+  want = np.array(
+    [[_label_reference(float(x), float(y)) for y in row_a] for x, row_a in zip(e[:, 0], a)]
+  )
   np.testing.assert_array_equal(got, want)
   # Spot checks written out by hand.
   assert int(cameras.view_label(0.0, 44.9)) == 0
@@ -219,8 +232,7 @@ def test_view_label_thresholds():
 def test_view_prompt():
   assert cameras.VIEW_NAMES == ("front", "side", "back", "overhead")
   assert cameras.view_prompt("a hamburger", 0) == "a hamburger, front view"
-  assert (cameras.view_prompt("a corgi", np.int32(3)) ==
-          "a corgi, overhead view")
+  assert cameras.view_prompt("a corgi", np.int32(3)) == "a corgi, overhead view"
   label = cameras.view_label(0.0, 180.0)
   assert cameras.view_prompt("x", label) == "x, back view"
   with pytest.raises(ValueError, match="label"):
@@ -231,7 +243,9 @@ def test_view_prompt():
     cameras.view_prompt(3, 1)
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(
+  "field,value",
+  [
     ("radius", (1.5, 1.0)),
     ("radius", (0.0, 1.0)),
     ("radius", (1.0, float("inf"))),
@@ -243,7 +257,8 @@ def test_view_prompt():
     ("fovy", (0.0, 60.0)),
     ("fovy", (40.0, 180.0)),
     ("fovy", (70.0, 40.0)),
-])
+  ],
+)
 def test_camera_ranges_validation(field, value):
   with pytest.raises(ValueError, match=f"CameraRanges.{field}"):
     cameras.CameraRanges(**{field: value})

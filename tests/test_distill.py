@@ -1,4 +1,5 @@
 """The SDS/VSD maths of distill.py against direct computations."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ def test_guidance_grad_weights_cleans_and_clips():
   np.testing.assert_allclose(g, expected, rtol=1e-6)
   clipped, n_bad = distill.guidance_grad(eps_hat, jnp.zeros_like(eps_hat), w, clip=1.0)
   assert int(n_bad) == 0
-  norms = np.sqrt(np.sum(np.asarray(clipped)**2, axis=(1, 2, 3)))
+  norms = np.sqrt(np.sum(np.asarray(clipped) ** 2, axis=(1, 2, 3)))
   np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 

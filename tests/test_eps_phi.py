@@ -7,6 +7,7 @@ function is compiled once per module (the UNet is the costly part on a CPU);
 "full" mode, which differentiates every UNet parameter, and the vmap test run
 on a smaller UNet without attention.
 """
+
 import functools
 
 import flax.linen as nn
@@ -16,9 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from vsdjax.guidance import eps_phi
-from vsdjax.guidance import lora
 from helpers import get, walk
+from vsdjax.guidance import eps_phi, lora
 from vsdjax.prior import schedule
 
 BATCH, CHANNELS, HEIGHT, WIDTH = 4, 4, 8, 16  # Non-square latents.
@@ -51,18 +51,26 @@ def _random_params(shapes, seed):
 def setup():
   """Tiny UNet (one cross-attention level + mid block), random weights, inputs."""
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+
   unet = FlaxUNet2DConditionModel(
-      sample_size=8, in_channels=CHANNELS, out_channels=CHANNELS,
-      block_out_channels=(CHANNELS_0,), down_block_types=("CrossAttnDownBlock2D",),
-      up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1,
-      attention_head_dim=8, cross_attention_dim=TEXT_DIM, use_linear_projection=True)
+    sample_size=8,
+    in_channels=CHANNELS,
+    out_channels=CHANNELS,
+    block_out_channels=(CHANNELS_0,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=TEXT_DIM,
+    use_linear_projection=True,
+  )
   base = _random_params(jax.eval_shape(unet.init_weights, jax.random.key(0)), seed=0)
   rng = np.random.default_rng(1)
   inputs = {
-      "x": jnp.asarray(rng.normal(size=(BATCH, CHANNELS, HEIGHT, WIDTH)), jnp.float32),
-      "t": jnp.array([3, 250, 601, 999], jnp.int32),
-      "emb": jnp.asarray(rng.normal(size=(BATCH, TEXT_LEN, TEXT_DIM)), jnp.float32),
-      "camera": jnp.asarray(rng.normal(size=(BATCH, 16)), jnp.float32),
+    "x": jnp.asarray(rng.normal(size=(BATCH, CHANNELS, HEIGHT, WIDTH)), jnp.float32),
+    "t": jnp.array([3, 250, 601, 999], jnp.int32),
+    "emb": jnp.asarray(rng.normal(size=(BATCH, TEXT_LEN, TEXT_DIM)), jnp.float32),
+    "camera": jnp.asarray(rng.normal(size=(BATCH, 16)), jnp.float32),
   }
   alphas_cumprod = schedule.alphas_cumprod(schedule.SD_SCHEDULER)
   return unet, base, inputs, alphas_cumprod
@@ -76,6 +84,7 @@ def fns(setup):
   def manual_forward(module, sample, timesteps, context, t_emb_shift):
     """diffusers' UNet forward, written out, with t_emb + t_emb_shift."""
     from diffusers.models.unets import unet_2d_blocks_flax as blocks
+
     t_emb = module.time_embedding(module.time_proj(timesteps)) + t_emb_shift
     h = module.conv_in(jnp.transpose(sample, (0, 2, 3, 1)))
     res = (h,)
@@ -90,8 +99,13 @@ def fns(setup):
       n = module.layers_per_block + 1
       r, res = res[-n:], res[:-n]
       if isinstance(block, blocks.FlaxCrossAttnUpBlock2D):
-        h = block(h, temb=t_emb, encoder_hidden_states=context,
-                  res_hidden_states_tuple=r, deterministic=True)
+        h = block(
+          h,
+          temb=t_emb,
+          encoder_hidden_states=context,
+          res_hidden_states_tuple=r,
+          deterministic=True,
+        )
       else:
         h = block(h, temb=t_emb, res_hidden_states_tuple=r, deterministic=True)
     h = module.conv_out(nn.silu(module.conv_norm_out(h)))
@@ -107,16 +121,17 @@ def fns(setup):
     @jax.jit
     def step(trainable, opt_state, x0, emb, camera, key):
       (value, aux), grads = jax.value_and_grad(eps_phi.loss, argnums=3, has_aux=True)(
-          spec, unet, base, trainable, x0, emb, camera, alphas_cumprod,
-          prediction_type, key)
+        spec, unet, base, trainable, x0, emb, camera, alphas_cumprod, prediction_type, key
+      )
       updates, opt_state = optimizer.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, value, aux, grads
+
     return step
 
   return {
-      "apply": jax.jit(functools.partial(eps_phi.apply, SPEC, unet, base)),
-      "references": references,
-      "make_step": make_step,
+    "apply": jax.jit(functools.partial(eps_phi.apply, SPEC, unet, base)),
+    "references": references,
+    "make_step": make_step,
   }
 
 
@@ -124,16 +139,24 @@ def fns(setup):
 def micro(setup):
   """A UNet without attention (cheap to differentiate) for "full" mode."""
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+
   _, _, inp, _ = setup
   unet = FlaxUNet2DConditionModel(
-      sample_size=8, in_channels=CHANNELS, out_channels=CHANNELS,
-      block_out_channels=(32,), down_block_types=("DownBlock2D",),
-      up_block_types=("UpBlock2D",), mid_block_type=None, layers_per_block=1,
-      cross_attention_dim=TEXT_DIM)
+    sample_size=8,
+    in_channels=CHANNELS,
+    out_channels=CHANNELS,
+    block_out_channels=(32,),
+    down_block_types=("DownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    mid_block_type=None,
+    layers_per_block=1,
+    cross_attention_dim=TEXT_DIM,
+  )
   shapes = jax.eval_shape(unet.init_weights, jax.random.key(0))
   base = _random_params(shapes, seed=10)
-  plain = jax.jit(lambda params, x, t: unet.apply(
-      {"params": params}, x, t, inp["emb"], return_dict=False)[0])
+  plain = jax.jit(
+    lambda params, x, t: unet.apply({"params": params}, x, t, inp["emb"], return_dict=False)[0]
+  )
   return unet, base, plain
 
 
@@ -232,10 +255,15 @@ def test_lora_training_lowers_loss_and_touches_only_trainable(setup, fns):
   a, s = np.sqrt(abar)[:, None, None, None], np.sqrt(1.0 - abar)[:, None, None, None]
   noise, x0_np = np.asarray(first_aux["noise"], np.float64), np.asarray(x0, np.float64)
   camera = np.where(dropped[:, None], 0.0, np.asarray(inp["camera"]))
-  out = fns["apply"](initial, jnp.asarray(a * x0_np + s * noise, jnp.float32),
-                     first_aux["t"], inp["emb"], jnp.asarray(camera, jnp.float32))
+  out = fns["apply"](
+    initial,
+    jnp.asarray(a * x0_np + s * noise, jnp.float32),
+    first_aux["t"],
+    inp["emb"],
+    jnp.asarray(camera, jnp.float32),
+  )
   v = a * noise - s * x0_np
-  np.testing.assert_allclose(first, np.mean((np.asarray(out, np.float64) - v)**2), rtol=1e-4)
+  np.testing.assert_allclose(first, np.mean((np.asarray(out, np.float64) - v) ** 2), rtol=1e-4)
 
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.9 * losses[0]
@@ -263,7 +291,8 @@ def test_full_mode_trains_every_unet_param(setup, fns, micro):
   step = fns["make_step"](FULL_SPEC, unet, base, "epsilon", optimizer)
   key = jax.random.key(8)
   new, opt_state, value, aux, grads = step(
-      trainable, opt_state, inp["x"], inp["emb"], inp["camera"], key)
+    trainable, opt_state, inp["x"], inp["emb"], inp["camera"], key
+  )
 
   # The epsilon target: MSE against the sampled noise. At init the camera MLP
   # outputs 0, so the full-mode model is the plain base UNet.
@@ -272,7 +301,7 @@ def test_full_mode_trains_every_unet_param(setup, fns, micro):
   noise = np.asarray(aux["noise"], np.float64)
   x_t = a * np.asarray(inp["x"], np.float64) + s * noise
   plain = np.asarray(plain_fn(base, jnp.asarray(x_t, jnp.float32), aux["t"]), np.float64)
-  np.testing.assert_allclose(value, np.mean((plain - noise)**2), rtol=1e-4)
+  np.testing.assert_allclose(value, np.mean((plain - noise) ** 2), rtol=1e-4)
 
   for path, g in walk(grads["unet"]):
     assert np.any(np.asarray(g) != 0), path
@@ -294,17 +323,20 @@ def test_predict_eps_converts_v_under_jit_and_vmap(setup, micro):
   # Two "particles" on a leading axis: [2, B, ...].
   xs = jnp.stack([inp["x"], -inp["x"]])
   cams = jnp.stack([inp["camera"], jnp.zeros_like(inp["camera"])])
-  eps = jax.jit(jax.vmap(lambda x, c: predict(
-      x, inp["t"], inp["emb"], c, alphas_cumprod, "v_prediction")))(xs, cams)
+  eps = jax.jit(
+    jax.vmap(lambda x, c: predict(x, inp["t"], inp["emb"], c, alphas_cumprod, "v_prediction"))
+  )(xs, cams)
   abar = np.asarray(alphas_cumprod, np.float64)[np.asarray(inp["t"])]
   a, s = np.sqrt(abar)[:, None, None, None], np.sqrt(1.0 - abar)[:, None, None, None]
   for i in range(2):
     v = np.asarray(apply(trainable, xs[i], inp["t"], inp["emb"], cams[i]), np.float64)
     np.testing.assert_allclose(eps[i], s * np.asarray(xs[i]) + a * v, rtol=1e-4, atol=1e-4)
   eps_type = jax.jit(lambda x, c: predict(x, inp["t"], inp["emb"], c, alphas_cumprod, "epsilon"))(
-      xs[0], cams[0])
-  np.testing.assert_allclose(eps_type, apply(trainable, xs[0], inp["t"], inp["emb"], cams[0]),
-                             rtol=1e-5, atol=1e-5)
+    xs[0], cams[0]
+  )
+  np.testing.assert_allclose(
+    eps_type, apply(trainable, xs[0], inp["t"], inp["emb"], cams[0]), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_init_from_shapes_only(setup):
@@ -315,8 +347,9 @@ def test_init_from_shapes_only(setup):
   for (path, x), (_, y) in zip(walk(from_shapes), walk(from_arrays)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
   assert lora.count(from_shapes["lora"]) == sum(
-      2 * (d_in + d_out) for (d_in, d_out) in (
-          get(base, p + ("kernel",)).shape for p in lora.paths(from_shapes["lora"])))
+    2 * (d_in + d_out)
+    for (d_in, d_out) in (get(base, p + ("kernel",)).shape for p in lora.paths(from_shapes["lora"]))
+  )
 
 
 def test_bad_input_raises(setup):
@@ -334,13 +367,27 @@ def test_bad_input_raises(setup):
   with pytest.raises(ValueError, match="base_params"):
     eps_phi.init(jax.random.key(0), SPEC, unet, {"conv_in": base["conv_in"]})
   trainable = eps_phi.init(jax.random.key(0), SPEC, unet, base)
-  for name, bad in (("x_t", inp["x"][:, :3]), ("t", inp["t"][:2]),
-                    ("emb", inp["emb"][..., :5]), ("camera", inp["camera"][:, :12])):
+  for name, bad in (
+    ("x_t", inp["x"][:, :3]),
+    ("t", inp["t"][:2]),
+    ("emb", inp["emb"][..., :5]),
+    ("camera", inp["camera"][:, :12]),
+  ):
     kw = {"x_t": inp["x"], "t": inp["t"], "emb": inp["emb"], "camera": inp["camera"], name: bad}
     with pytest.raises(ValueError, match=name):
       eps_phi.apply(SPEC, unet, base, trainable, **kw)
   with pytest.raises(ValueError, match="trainable"):
     eps_phi.apply(FULL_SPEC, unet, base, trainable, inp["x"], inp["t"], inp["emb"], inp["camera"])
   with pytest.raises(ValueError, match="prediction_type"):
-    eps_phi.loss(SPEC, unet, base, trainable, inp["x"], inp["emb"], inp["camera"],
-                 alphas_cumprod, "sample", jax.random.key(0))
+    eps_phi.loss(
+      SPEC,
+      unet,
+      base,
+      trainable,
+      inp["x"],
+      inp["emb"],
+      inp["camera"],
+      alphas_cumprod,
+      "sample",
+      jax.random.key(0),
+    )

@@ -1,4 +1,5 @@
 """Tests of vsdjax.evaluate: held-out cameras, PSNR to references, eval.json."""
+
 import json
 import os
 
@@ -6,23 +7,21 @@ import jax
 import numpy as np
 import pytest
 
-from vsdjax import cameras
-from vsdjax.prior.analytic import evaluate
-from vsdjax.representations.nerf import hashgrid
-from vsdjax.representations.nerf import render
-from vsdjax.representations.nerf import scene
-from vsdjax.prior.analytic import shapes
 from helpers import random_particle
-from vsdjax.representations.nerf import field as field_lib
+from vsdjax import cameras
+from vsdjax.prior.analytic import evaluate, shapes
+from vsdjax.representations.nerf import field as field_lib, hashgrid, render, scene
 
 SPEC = scene.SceneSpec(
-    field=field_lib.FieldSpec(
-        grid=hashgrid.GridSpec(n_levels=4, log2_table_size=10), hidden=16),
-    render=render.RenderSpec(n_samples=32, chunk=8),
-    background="white")
-REFS = (shapes.Reference("sphere", (0.8, 0.2, 0.2)),
-        shapes.Reference("cube", (0.2, 0.3, 0.8)),
-        shapes.Reference("sphere", (0.2, 0.7, 0.2)))
+  field=field_lib.FieldSpec(grid=hashgrid.GridSpec(n_levels=4, log2_table_size=10), hidden=16),
+  render=render.RenderSpec(n_samples=32, chunk=8),
+  background="white",
+)
+REFS = (
+  shapes.Reference("sphere", (0.8, 0.2, 0.2)),
+  shapes.Reference("cube", (0.2, 0.3, 0.8)),
+  shapes.Reference("sphere", (0.2, 0.7, 0.2)),
+)
 NAMES = ["sphere", "cube", "sphere#2"]
 SIZE = 16
 N_VIEWS = 2
@@ -84,8 +83,7 @@ def test_evaluate_2d_against_numpy():
   images[0, 0, 0, 0] = 2.5  # Outside [-1, 1]: clipped to rgb 1.
   result = evaluate.evaluate_2d(images.astype(np.float32), means, names, 0.1)
   assert result["references"] == NAMES
-  assert [p["nearest"] for p in result["particles"]] == [
-      "cube", "sphere", "sphere#2", "cube"]
+  assert [p["nearest"] for p in result["particles"]] == ["cube", "sphere", "sphere#2", "cube"]
   assert result["covered"] == ["cube", "sphere", "sphere#2"]
   assert result["sigma_ref"] == 0.1
   for i, particle in enumerate(result["particles"]):
@@ -150,8 +148,7 @@ def particles():
 
 @pytest.fixture(scope="module")
 def result_3d(particles):
-  return evaluate.evaluate_3d(particles, SPEC, REFS, n_views=N_VIEWS,
-                              size=SIZE, ray_batch=100)
+  return evaluate.evaluate_3d(particles, SPEC, REFS, n_views=N_VIEWS, size=SIZE, ray_batch=100)
 
 
 def test_evaluate_3d_psnr_of_the_renders(particles, result_3d):
@@ -159,15 +156,19 @@ def test_evaluate_3d_psnr_of_the_renders(particles, result_3d):
   assert result_3d["n_views"] == N_VIEWS and result_3d["size"] == SIZE
   assert len(result_3d["particles"]) == 2
   cams = evaluate.heldout_cameras(N_VIEWS)
-  refs = np.asarray(shapes.render_views(REFS, cams.c2w, cams.fovy, SIZE,
-                                        SIZE)["rgb"])  # [V, K, H, W, 3]
+  refs = np.asarray(
+    shapes.render_views(REFS, cams.c2w, cams.fovy, SIZE, SIZE)["rgb"]
+  )  # [V, K, H, W, 3]
   # A white (all-background) reference set: only the shapes differ from it.
   assert np.all(refs[:, :, 0, 0] == 1.0) and np.any(refs < 0.9)
   for i, particle_result in enumerate(result_3d["particles"]):
     particle = jax.tree.map(lambda v: v[i], particles)
-    rgb = np.stack([
-        np.asarray(render_camera(particle, cams.c2w[v], cams.fovy[v], SIZE,
-                                 SIZE, SPEC)["rgb"]) for v in range(N_VIEWS)])
+    rgb = np.stack(
+      [
+        np.asarray(render_camera(particle, cams.c2w[v], cams.fovy[v], SIZE, SIZE, SPEC)["rgb"])
+        for v in range(N_VIEWS)
+      ]
+    )
     if i == 1:  # The empty particle shows the white background only.
       np.testing.assert_allclose(rgb, 1.0, atol=1e-6)
     expected = [_numpy_psnr(rgb, refs[:, k]) for k in range(len(REFS))]
@@ -176,8 +177,7 @@ def test_evaluate_3d_psnr_of_the_renders(particles, result_3d):
     best = int(np.argmax(expected))
     assert particle_result["nearest"] == NAMES[best]
     assert particle_result["psnr"] == pytest.approx(expected[best], abs=1e-3)
-  assert result_3d["covered"] == sorted(
-      {p["nearest"] for p in result_3d["particles"]})
+  assert result_3d["covered"] == sorted({p["nearest"] for p in result_3d["particles"]})
   # The empty particle is nearest to the reference with the least coverage,
   # here the cube (smaller than the spheres, all equally far from white).
   assert result_3d["particles"][1]["nearest"] == "cube"

@@ -1,4 +1,5 @@
 """Tests of vsdjax.export: PNG views, the orbit video and the mesh."""
+
 import os
 
 import imageio
@@ -8,18 +9,14 @@ import numpy as np
 import pytest
 import trimesh
 
-from vsdjax import cameras
-from vsdjax.representations.nerf import export
-from vsdjax.representations.nerf import hashgrid
-from vsdjax.representations.nerf import render
-from vsdjax.representations.nerf import scene
 from helpers import random_particle
-from vsdjax.representations.nerf import field as field_lib
+from vsdjax import cameras
+from vsdjax.representations.nerf import export, field as field_lib, hashgrid, render, scene
 
 SPEC = scene.SceneSpec(
-    field=field_lib.FieldSpec(
-        grid=hashgrid.GridSpec(n_levels=4, log2_table_size=10), hidden=16),
-    render=render.RenderSpec(n_samples=32, chunk=8))
+  field=field_lib.FieldSpec(grid=hashgrid.GridSpec(n_levels=4, log2_table_size=10), hidden=16),
+  render=render.RenderSpec(n_samples=32, chunk=8),
+)
 RES = 32
 MESH_RES = 32
 THRESHOLD = 10.0
@@ -47,23 +44,29 @@ def particle():
 def exported(particle, tmp_path_factory):
   out_dir = tmp_path_factory.mktemp("particle_0")
   result = export.export_particle(
-      particle, SPEC, out_dir, views=2, video_frames=4, resolution=RES,
-      mesh_resolution=MESH_RES, mesh_threshold=THRESHOLD, ray_batch=256,
-      **ORBIT)
+    particle,
+    SPEC,
+    out_dir,
+    views=2,
+    video_frames=4,
+    resolution=RES,
+    mesh_resolution=MESH_RES,
+    mesh_threshold=THRESHOLD,
+    ray_batch=256,
+    **ORBIT,
+  )
   return out_dir, result
 
 
 def test_views_match_direct_renders(particle, exported):
   out_dir, result = exported
-  assert result["views"] == [
-      os.path.join(out_dir, "views", f"view_{i:02d}.png") for i in range(2)]
+  assert result["views"] == [os.path.join(out_dir, "views", f"view_{i:02d}.png") for i in range(2)]
   cams = cameras.orbit(2, **ORBIT)
   for i, path in enumerate(result["views"]):
     png = iio.imread(path)
     assert png.shape == (RES, RES, 3) and png.dtype == np.uint8
     # Reference: one unbatched render of the same orbit camera.
-    rgb = np.asarray(render_camera(particle, cams.c2w[i], cams.fovy[i], RES,
-                                   RES, SPEC)["rgb"])
+    rgb = np.asarray(render_camera(particle, cams.c2w[i], cams.fovy[i], RES, RES, SPEC)["rgb"])
     expected = np.round(np.clip(rgb, 0, 1) * 255)
     assert np.max(np.abs(png.astype(np.float64) - expected)) <= 1.0
   # The blob is in front of the background: the views are not uniform.
@@ -109,7 +112,8 @@ def test_mesh_of_the_initial_blob(particle, exported):
   # The vertices lie on the iso-surface: marching cubes interpolates the
   # density linearly inside a grid cell, so log-density is off by a little.
   dens, albedo = jax.jit(field_lib.density_and_albedo, static_argnums=2)(
-      particle["field"], vertices, SPEC.field)
+    particle["field"], vertices, SPEC.field
+  )
   log_err = np.abs(np.log(np.asarray(dens)) - np.log(THRESHOLD))
   assert np.max(log_err) < 0.5
   # The vertex colours are the albedo at the vertices.
@@ -122,8 +126,17 @@ def test_mesh_of_the_initial_blob(particle, exported):
 def test_empty_iso_surface_writes_no_mesh(particle, exported, tmp_path):
   _, first = exported
   result = export.export_particle(
-      particle, SPEC, tmp_path, views=1, video_frames=1, resolution=RES,
-      mesh_resolution=MESH_RES, mesh_threshold=1e12, ray_batch=256, **ORBIT)
+    particle,
+    SPEC,
+    tmp_path,
+    views=1,
+    video_frames=1,
+    resolution=RES,
+    mesh_resolution=MESH_RES,
+    mesh_threshold=1e12,
+    ray_batch=256,
+    **ORBIT,
+  )
   assert result["mesh"] is None and result["n_vertices"] == 0
   assert "mesh_threshold" in result["mesh_note"]
   assert result["density_max"] == pytest.approx(first["density_max"])
@@ -157,9 +170,15 @@ def test_bad_arguments(particle, tmp_path):
   bad["background"] = jax.tree.map(lambda v: v * np.nan, bad["background"])
   with pytest.raises(ValueError, match="non-finite"):
     export.export_particle(bad, SPEC, tmp_path)
-  for name, value in (("mesh_threshold", 0.0), ("views", 0), ("fovy", 180.0),
-                      ("radius", -1.0), ("elevation", 95.0),
-                      ("mesh_resolution", 1), ("mesh_threshold", np.inf)):
+  for name, value in (
+    ("mesh_threshold", 0.0),
+    ("views", 0),
+    ("fovy", 180.0),
+    ("radius", -1.0),
+    ("elevation", 95.0),
+    ("mesh_resolution", 1),
+    ("mesh_threshold", np.inf),
+  ):
     with pytest.raises(ValueError, match=name):
       export.export_particle(particle, SPEC, tmp_path, **{name: value})
   assert not os.listdir(tmp_path)

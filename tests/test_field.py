@@ -1,4 +1,5 @@
 """Tests of vsdjax.mlp, vsdjax.field and vsdjax.background."""
+
 import dataclasses
 
 import jax
@@ -6,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vsdjax.representations.nerf import background
-from vsdjax.representations.nerf import field
-from vsdjax.representations.nerf import hashgrid
 from vsdjax import mlp
+from vsdjax.representations.nerf import background, field, hashgrid
 
-GRID = hashgrid.GridSpec(n_levels=4, n_features=2, log2_table_size=10,
-                         base_resolution=4, per_level_scale=1.5)
+GRID = hashgrid.GridSpec(
+  n_levels=4, n_features=2, log2_table_size=10, base_resolution=4, per_level_scale=1.5
+)
 SPEC = field.FieldSpec(grid=GRID, hidden=16)
 N = 32  # Points per test batch (one compiled shape).
 
@@ -39,8 +39,7 @@ def _points(seed, n, r_min, r_max):
 
 def test_mlp_matches_numpy():
   p = jax.jit(mlp.init, static_argnums=1)(jax.random.PRNGKey(1), (5, 7, 4, 2))
-  assert [p[f"layer_{i}"]["w"].shape for i in range(3)] == [(5, 7), (7, 4),
-                                                             (4, 2)]
+  assert [p[f"layer_{i}"]["w"].shape for i in range(3)] == [(5, 7), (7, 4), (4, 2)]
   p = jax.tree.map(lambda a: a + 0.1, p)  # Non-zero biases.
   x = np.random.default_rng(0).normal(size=(3, 6, 5))
   h = x
@@ -48,8 +47,7 @@ def test_mlp_matches_numpy():
     h = h @ np.asarray(p[f"layer_{i}"]["w"]) + np.asarray(p[f"layer_{i}"]["b"])
     if i < 2:
       h = np.maximum(h, 0.0)
-  np.testing.assert_allclose(jax.jit(mlp.apply)(p, x.astype(np.float32)), h,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(mlp.apply)(p, x.astype(np.float32)), h, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="x must"):
     mlp.apply(p, np.zeros((3, 4), np.float32))
   with pytest.raises(ValueError, match="sizes"):
@@ -60,8 +58,7 @@ def test_shapes_and_ranges(params):
   x = jnp.asarray(_points(0, N, 0.0, 1.2).reshape(2, N // 2, 3), jnp.float32)
   dens, albedo = density_and_albedo(params, x, SPEC)
   assert dens.shape == (2, N // 2) and albedo.shape == (2, N // 2, 3)
-  assert bool(jnp.all(dens >= 0)) and bool(jnp.all((albedo >= 0) &
-                                                   (albedo <= 1)))
+  assert bool(jnp.all(dens >= 0)) and bool(jnp.all((albedo >= 0) & (albedo <= 1)))
   np.testing.assert_allclose(density(params, x, SPEC), dens, rtol=1e-6)
   assert normals(params, x, SPEC).shape == (2, N // 2, 3)
 
@@ -81,28 +78,26 @@ def test_blob_density_at_init(params, activation):
 
 def test_gaussian_and_no_bias():
   x = np.array([[0.0, 0.0, 0.0], [0.3, 0.4, 0.0], [0.0, 0.0, 1.0]])
-  gauss = field.FieldSpec(grid=GRID, density_bias="gaussian",
-                          density_activation="softplus")
+  gauss = field.FieldSpec(grid=GRID, density_bias="gaussian", density_activation="softplus")
   np.testing.assert_allclose(
-      field.density_bias(jnp.asarray(x), gauss),
-      10.0 * np.exp(-0.5 * np.sum(x**2, -1) / 0.25), rtol=1e-6)
+    field.density_bias(jnp.asarray(x), gauss),
+    10.0 * np.exp(-0.5 * np.sum(x**2, -1) / 0.25),
+    rtol=1e-6,
+  )
   none = field.FieldSpec(grid=GRID, density_bias="none")
-  np.testing.assert_array_equal(field.density_bias(jnp.asarray(x), none),
-                                np.zeros(3))
+  np.testing.assert_array_equal(field.density_bias(jnp.asarray(x), none), np.zeros(3))
 
 
 def test_trunc_exp_gradient_clamp():
   xs = jnp.array([-3.0, 0.0, 3.0, 14.5, 20.0, 50.0])
-  np.testing.assert_allclose(field.trunc_exp(xs), np.exp(np.asarray(xs)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(field.trunc_exp(xs), np.exp(np.asarray(xs)), rtol=1e-6)
   g = jax.vmap(jax.grad(field.trunc_exp))(xs)
-  np.testing.assert_allclose(g, np.exp(np.minimum(np.asarray(xs), 15.0)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(g, np.exp(np.minimum(np.asarray(xs), 15.0)), rtol=1e-6)
   # Reverse over reverse (normals inside a loss): d/dx exp(min(x, 15)).
   gg = jax.vmap(jax.grad(jax.grad(field.trunc_exp)))(xs)
   np.testing.assert_allclose(
-      gg, np.where(np.asarray(xs) <= 15.0, np.exp(np.asarray(xs)), 0.0),
-      rtol=1e-6)
+    gg, np.where(np.asarray(xs) <= 15.0, np.exp(np.asarray(xs)), 0.0), rtol=1e-6
+  )
   assert np.isfinite(float(field.trunc_exp(1e4)))
 
 
@@ -114,8 +109,7 @@ def test_normals_match_finite_differences(params):
   p["grid"] = {"tables": rng.uniform(-0.5, 0.5, params["grid"]["tables"].shape)}
   x = _points(3, 48, 0.1, 0.9)
   # Keep points whose difference stencil stays inside one cell per level.
-  pos = ((x + 1.0) / 2.0)[:, None, :] * hashgrid.levels(spec.grid).scale[
-      None, :, None] + 0.5
+  pos = ((x + 1.0) / 2.0)[:, None, :] * hashgrid.levels(spec.grid).scale[None, :, None] + 0.5
   x = x[np.all(np.abs(pos - np.round(pos)) > 1e-3, axis=(1, 2))]
   with jax.enable_x64(True):
     p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p)
@@ -125,9 +119,10 @@ def test_normals_match_finite_differences(params):
     for d in range(3):
       e = np.zeros(3)
       e[d] = h
-      grad[:, d] = (np.asarray(density(p, jnp.asarray(x + e), spec))
-                    - np.asarray(density(p, jnp.asarray(x - e), spec))
-                    ) / (2 * h)
+      grad[:, d] = (
+        np.asarray(density(p, jnp.asarray(x + e), spec))
+        - np.asarray(density(p, jnp.asarray(x - e), spec))
+      ) / (2 * h)
   want = -grad / np.linalg.norm(grad, axis=-1, keepdims=True)
   np.testing.assert_allclose(n, want, atol=1e-6)
   # The grid bends the normals away from the pure blob's radial ones.
@@ -140,8 +135,7 @@ def test_normals_of_pure_blob_are_radial(params):
   p["grid"] = {"tables": jnp.zeros_like(params["grid"]["tables"])}
   x = _points(5, N, 0.05, 1.0)
   n = normals(p, jnp.asarray(x, jnp.float32), SPEC)
-  np.testing.assert_allclose(
-      n, x / np.linalg.norm(x, axis=-1, keepdims=True), atol=1e-5)
+  np.testing.assert_allclose(n, x / np.linalg.norm(x, axis=-1, keepdims=True), atol=1e-5)
   # At the origin the blob has no gradient: the normal is zero, not NaN, and
   # so is the parameter gradient through it.
   origin = jnp.zeros((N, 3))
@@ -156,14 +150,15 @@ def test_shading_modes():
   normal = _points(7, 10, 1.0, 1.0)
   light = np.array([0.0, 0.0, 2.0])  # Not unit: shade normalises it.
   lam = np.maximum(normal[:, 2:3], 0.0)
+  np.testing.assert_allclose(field.shade(albedo, None, None, "albedo"), albedo)
   np.testing.assert_allclose(
-      field.shade(albedo, None, None, "albedo"), albedo)
+    field.shade(albedo, normal, light, "diffuse"), albedo * (0.1 + 0.9 * lam), rtol=1e-5
+  )
   np.testing.assert_allclose(
-      field.shade(albedo, normal, light, "diffuse"),
-      albedo * (0.1 + 0.9 * lam), rtol=1e-5)
-  np.testing.assert_allclose(
-      field.shade(albedo, normal, light, "textureless", ambient=0.3),
-      np.repeat(0.3 + 0.7 * lam, 3, axis=-1), rtol=1e-5)
+    field.shade(albedo, normal, light, "textureless", ambient=0.3),
+    np.repeat(0.3 + 0.7 * lam, 3, axis=-1),
+    rtol=1e-5,
+  )
   back = field.shade(albedo, -np.tile(light / 2, (10, 1)), light, "diffuse")
   np.testing.assert_allclose(back, 0.1 * albedo, rtol=1e-5)
   with pytest.raises(ValueError, match="mode"):
@@ -181,9 +176,11 @@ def test_point_fn(params):
 
   @jax.jit
   def run(p, x, d):
-    return (field.point_fn(p, SPEC)(x, d),
-            field.point_fn(p, SPEC, "diffuse", light)(x, d),
-            field.point_fn(p, SPEC, with_normals=True)(x, d))
+    return (
+      field.point_fn(p, SPEC)(x, d),
+      field.point_fn(p, SPEC, "diffuse", light)(x, d),
+      field.point_fn(p, SPEC, with_normals=True)(x, d),
+    )
 
   plain, diffuse, with_normals = run(params, x, d)
   assert set(plain) == {"density", "rgb"}
@@ -194,11 +191,13 @@ def test_point_fn(params):
   np.testing.assert_allclose(diffuse["density"], dens, rtol=1e-5)
   np.testing.assert_allclose(diffuse["normal"], normal, atol=1e-5)
   np.testing.assert_allclose(
-      diffuse["rgb"], field.shade(albedo, normal, light, "diffuse"), atol=1e-5)
+    diffuse["rgb"], field.shade(albedo, normal, light, "diffuse"), atol=1e-5
+  )
   np.testing.assert_allclose(with_normals["normal"], normal, atol=1e-5)
   # Shading with normals is differentiable w.r.t. the parameters.
-  g = jax.jit(jax.grad(lambda q: jnp.sum(
-      field.point_fn(q, SPEC, "textureless", light)(x, d)["rgb"])))(params)
+  g = jax.jit(
+    jax.grad(lambda q: jnp.sum(field.point_fn(q, SPEC, "textureless", light)(x, d)["rgb"]))
+  )(params)
   assert float(jnp.max(jnp.abs(g["grid"]["tables"]))) > 0.0
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
   with pytest.raises(ValueError, match="light_dir"):
@@ -211,21 +210,19 @@ def test_point_fn(params):
 
 def test_jit_vmap_over_particles():
   n = 3
-  particles = jax.tree.map(lambda *a: jnp.stack(a), *[
-      init(k, SPEC) for k in jax.random.split(jax.random.PRNGKey(9), n)])
+  particles = jax.tree.map(
+    lambda *a: jnp.stack(a), *[init(k, SPEC) for k in jax.random.split(jax.random.PRNGKey(9), n)]
+  )
   assert particles["grid"]["tables"].shape == (n, 4, 1024, 2)
   x = jnp.asarray(_points(10, n * N, 0.0, 1.0).reshape(n, N, 3), jnp.float32)
   light = jnp.array([0.0, 0.6, 0.8])
-  step = jax.jit(jax.vmap(
-      lambda p, x: field.point_fn(p, SPEC, "diffuse", light)(x, x)))
+  step = jax.jit(jax.vmap(lambda p, x: field.point_fn(p, SPEC, "diffuse", light)(x, x)))
   out = step(particles, x)
   assert out["rgb"].shape == (n, N, 3) and out["density"].shape == (n, N)
   for i in range(n):
     p_i = jax.tree.map(lambda a: a[i], particles)
-    np.testing.assert_allclose(out["density"][i],
-                               density(p_i, x[i], SPEC), rtol=1e-5)
-    np.testing.assert_allclose(out["normal"][i],
-                               normals(p_i, x[i], SPEC), atol=1e-5)
+    np.testing.assert_allclose(out["density"][i], density(p_i, x[i], SPEC), rtol=1e-5)
+    np.testing.assert_allclose(out["normal"][i], normals(p_i, x[i], SPEC), atol=1e-5)
 
 
 def test_sample_light():
@@ -237,8 +234,7 @@ def test_sample_light():
   assert np.asarray(sample_light(key, 2000, perturb=0.0))[:, 2].min() >= 0.0
   cams = np.array([[2.0, 0.0, 1.0]] * 1000 + [[0.0, -1.0, 0.0]] * 1000)
   unit = cams / np.linalg.norm(cams, axis=-1, keepdims=True)
-  np.testing.assert_allclose(sample_light(key, 2000, cams, perturb=0.0),
-                             unit, rtol=1e-6)
+  np.testing.assert_allclose(sample_light(key, 2000, cams, perturb=0.0), unit, rtol=1e-6)
   near = np.asarray(sample_light(key, 2000, cams))
   assert np.sum(near * unit, axis=-1).mean() > 0.6  # Around the camera.
   with pytest.raises(ValueError, match="camera_positions"):
@@ -256,7 +252,7 @@ def test_albedo_init_std_gives_each_field_its_colour(params):
   coloured = jax.vmap(lambda k: density_and_albedo(init(k, spec), x, spec)[1])(keys)
   # Per field, the mean albedo over points: grey fields all near 0.5 (the
   # hash grid starts near 0), coloured fields spread like sigmoid(N(0, 1)).
-  grey_mean = np.asarray(grey).mean(axis=1)      # [64, 3]
+  grey_mean = np.asarray(grey).mean(axis=1)  # [64, 3]
   colour_mean = np.asarray(coloured).mean(axis=1)
   assert np.abs(grey_mean - 0.5).max() < 0.05
   assert 0.15 < colour_mean.std(axis=0).min() < 0.3  # sigmoid(N(0,1)): std 0.21
@@ -268,15 +264,17 @@ def test_albedo_init_std_gives_each_field_its_colour(params):
 
 
 def test_field_spec_errors(params):
-  for kwargs, name in [({"bound": 0.0}, "bound"),
-                       ({"hidden": 0}, "hidden"),
-                       ({"n_hidden_layers": -1}, "n_hidden_layers"),
-                       ({"density_activation": "relu"}, "density_activation"),
-                       ({"density_bias": "ball"}, "density_bias"),
-                       ({"blob_radius": 0.0}, "blob_radius"),
-                       ({"blob_density": float("inf")}, "blob_density"),
-                       ({"albedo_init_std": -1.0}, "albedo_init_std"),
-                       ({"grid": {"n_levels": 4}}, "grid")]:
+  for kwargs, name in [
+    ({"bound": 0.0}, "bound"),
+    ({"hidden": 0}, "hidden"),
+    ({"n_hidden_layers": -1}, "n_hidden_layers"),
+    ({"density_activation": "relu"}, "density_activation"),
+    ({"density_bias": "ball"}, "density_bias"),
+    ({"blob_radius": 0.0}, "blob_radius"),
+    ({"blob_density": float("inf")}, "blob_density"),
+    ({"albedo_init_std": -1.0}, "albedo_init_std"),
+    ({"grid": {"n_levels": 4}}, "grid"),
+  ]:
     with pytest.raises(ValueError, match=name):
       field.FieldSpec(**kwargs)
   with pytest.raises(ValueError, match="x must"):
@@ -306,13 +304,11 @@ def test_spherical_harmonics_are_orthonormal():
   with jax.enable_x64(True):
     y1 = np.asarray(background.spherical_harmonics(jnp.asarray(e), 2))
   c = 0.48860251190291987
-  np.testing.assert_allclose(y1[:, 1:], [[0, 0, -c], [-c, 0, 0], [0, c, 0]],
-                             atol=1e-12)
+  np.testing.assert_allclose(y1[:, 1:], [[0, 0, -c], [-c, 0, 0], [0, c, 0]], atol=1e-12)
 
 
 def test_background_color():
-  p = jax.jit(background.init, static_argnums=(1, 2))(
-      jax.random.PRNGKey(12), 8, 3)
+  p = jax.jit(background.init, static_argnums=(1, 2))(jax.random.PRNGKey(12), 8, 3)
   assert p["mlp"]["layer_0"]["w"].shape == (9, 8)
   dirs = jnp.asarray(_points(13, 20, 0.5, 3.0).reshape(4, 5, 3), jnp.float32)
   color = jax.jit(background.color)
@@ -328,12 +324,10 @@ def test_background_color():
 
 
 def test_solid_or_mlp():
-  rgb = jnp.asarray(np.random.default_rng(14).uniform(0, 1, (50, 3)),
-                    jnp.float32)
+  rgb = jnp.asarray(np.random.default_rng(14).uniform(0, 1, (50, 3)), jnp.float32)
   keys = jax.random.split(jax.random.PRNGKey(15), 400)
   # One compilation: prob is traced.
-  per_render = jax.jit(
-      jax.vmap(background.solid_or_mlp, in_axes=(0, None, None)))
+  per_render = jax.jit(jax.vmap(background.solid_or_mlp, in_axes=(0, None, None)))
   never = per_render(keys, rgb, 0.0)
   np.testing.assert_array_equal(never, np.broadcast_to(rgb, never.shape))
   always = np.asarray(per_render(keys, rgb, 1.0))

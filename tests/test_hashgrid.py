@@ -1,4 +1,5 @@
 """Tests of vsdjax.hashgrid against a slow reference after tiny-cuda-nn."""
+
 import itertools
 import math
 
@@ -12,9 +13,14 @@ from vsdjax.representations.nerf import hashgrid
 # Level 0: resolution 5, dense, 125 cells in 128 rows (the wrap-around of the
 # corner above the top cell matters); level 1: scale 6.5, resolution 8, dense,
 # exactly T / 2 rows; levels 2 and 3: hashed.
-SPEC = hashgrid.GridSpec(n_levels=4, n_features=2, log2_table_size=10,
-                         base_resolution=5, per_level_scale=1.5,
-                         init_scale=1.0)
+SPEC = hashgrid.GridSpec(
+  n_levels=4,
+  n_features=2,
+  log2_table_size=10,
+  base_resolution=5,
+  per_level_scale=1.5,
+  init_scale=1.0,
+)
 PRIMES = (1, 2654435761, 805459861)
 
 
@@ -36,7 +42,7 @@ def reference_encode(tables, x, spec):
     for l in range(n_levels):
       scale = spec.base_resolution * spec.per_level_scale**l - 1.0
       res = math.ceil(scale) + 1
-      hashmap_size = min(t, -(-res**3 // 8) * 8)
+      hashmap_size = min(t, -(-(res**3) // 8) * 8)
       pos = [p * scale + 0.5 for p in point]
       cell = [math.floor(p) for p in pos]
       frac = [p - c for p, c in zip(pos, cell)]
@@ -57,7 +63,7 @@ def reference_encode(tables, x, spec):
         weight = 1.0
         for d in range(3):
           weight *= frac[d] if offset[d] else 1.0 - frac[d]
-        out[n, l * n_feat:(l + 1) * n_feat] += weight * tables[l, index]
+        out[n, l * n_feat : (l + 1) * n_feat] += weight * tables[l, index]
   return out
 
 
@@ -98,8 +104,7 @@ def _test_points():
   corners = np.array(list(itertools.product((0.0, 1.0), repeat=3)))
   faces = rng.uniform(0.0, 1.0, (12, 3))
   faces[np.arange(12), np.arange(12) % 3] = np.arange(12) % 2  # 0 or 1.
-  return np.concatenate([rng.uniform(0.0, 1.0, (64, 3)), corners, faces,
-                         _border_points(rng, SPEC)])
+  return np.concatenate([rng.uniform(0.0, 1.0, (64, 3)), corners, faces, _border_points(rng, SPEC)])
 
 
 def _encode(t, x):
@@ -125,8 +130,7 @@ def test_encode_matches_reference_float64(tables):
   with jax.enable_x64(True):
     got = encode(jnp.asarray(t64), jnp.asarray(x))
     assert got.dtype == jnp.float64
-  np.testing.assert_allclose(got, reference_encode(t64, x, SPEC),
-                             atol=1e-12, rtol=0)
+  np.testing.assert_allclose(got, reference_encode(t64, x, SPEC), atol=1e-12, rtol=0)
 
 
 def test_outside_points_are_clamped_and_batch_shape(tables):
@@ -134,8 +138,7 @@ def test_outside_points_are_clamped_and_batch_shape(tables):
   x = rng.uniform(-0.5, 1.5, (2, 5, 3)).astype(np.float32)
   got = encode(tables, x)
   assert got.shape == (2, 5, 8)
-  want = reference_encode(np.asarray(tables, np.float64),
-                          np.clip(x.reshape(-1, 3), 0.0, 1.0), SPEC)
+  want = reference_encode(np.asarray(tables, np.float64), np.clip(x.reshape(-1, 3), 0.0, 1.0), SPEC)
   np.testing.assert_allclose(got.reshape(-1, 8), want, atol=5e-5, rtol=0)
 
 
@@ -155,8 +158,7 @@ def test_gradients_match_finite_differences(tables):
   with jax.enable_x64(True):
     loss = jax.jit(lambda t, x: jnp.sum(_encode(t, x) * cot))
 
-    g_t, g_x = jax.grad(loss, argnums=(0, 1))(jnp.asarray(t64),
-                                              jnp.asarray(x))
+    g_t, g_x = jax.grad(loss, argnums=(0, 1))(jnp.asarray(t64), jnp.asarray(x))
     g_t, g_x = np.asarray(g_t), np.asarray(g_x)
     # Table entries: the 10 largest gradients and 10 random ones.
     flat = np.argsort(-np.abs(g_t).ravel())[:10]
@@ -189,8 +191,7 @@ def test_position_gradient_is_zero_outside(tables):
 
 
 def test_vmap_over_tables(tables):
-  x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (3, 7, 3)),
-                  jnp.float32)
+  x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (3, 7, 3)), jnp.float32)
   stacked = jnp.stack([tables, -2.0 * tables, tables + 1.0])
   got = jax.jit(jax.vmap(_encode))(stacked, x)
   for i in range(3):
@@ -207,12 +208,14 @@ def test_bad_inputs(tables):
     hashgrid.encode(params, jnp.array([[0.1, jnp.nan, 0.2]]), SPEC)
   with pytest.raises(ValueError, match="tables"):
     hashgrid.encode({"tables": tables[:3]}, jnp.zeros((4, 3)), SPEC)
-  for kwargs, name in [({"n_levels": 0}, "n_levels"),
-                       ({"n_features": 1.5}, "n_features"),
-                       ({"log2_table_size": 40}, "log2_table_size"),
-                       ({"base_resolution": 1}, "base_resolution"),
-                       ({"per_level_scale": 0.9}, "per_level_scale"),
-                       ({"per_level_scale": float("nan")}, "per_level_scale"),
-                       ({"init_scale": -1.0}, "init_scale")]:
+  for kwargs, name in [
+    ({"n_levels": 0}, "n_levels"),
+    ({"n_features": 1.5}, "n_features"),
+    ({"log2_table_size": 40}, "log2_table_size"),
+    ({"base_resolution": 1}, "base_resolution"),
+    ({"per_level_scale": 0.9}, "per_level_scale"),
+    ({"per_level_scale": float("nan")}, "per_level_scale"),
+    ({"init_scale": -1.0}, "init_scale"),
+  ]:
     with pytest.raises(ValueError, match=name):
       hashgrid.GridSpec(**kwargs)

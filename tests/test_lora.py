@@ -1,4 +1,5 @@
 """Tests of vsdjax.lora against hand-written numpy references on a tiny UNet."""
+
 import math
 
 import flax.linen as nn
@@ -18,22 +19,31 @@ ATTN_PARAM_NAMES = ("to_q", "to_k", "to_v", "to_out_0")
 def unet_params():
   """Random parameters of a tiny two-level FlaxUNet2DConditionModel."""
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
+
   unet = FlaxUNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-      attention_head_dim=8, cross_attention_dim=32, use_linear_projection=True)
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    use_linear_projection=True,
+  )
   shapes = jax.eval_shape(unet.init_weights, jax.random.key(0))
   rng = np.random.default_rng(0)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.1, s.dtype), shapes)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.1, s.dtype), shapes)
 
 
 def _attention_kernels(params):
   """Paths of the attention projection modules found by walking the tree."""
-  return {path[:-1] for path, _ in walk(params)
-          if path[-1] == "kernel" and path[-2] in ATTN_PARAM_NAMES
-          and path[-3].startswith("attn")}
+  return {
+    path[:-1]
+    for path, _ in walk(params)
+    if path[-1] == "kernel" and path[-2] in ATTN_PARAM_NAMES and path[-3].startswith("attn")
+  }
 
 
 def _random_lora(params, seed=1):

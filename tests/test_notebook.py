@@ -1,24 +1,29 @@
 """notebooks/quickstart.ipynb: its Python parses, and its config cells set
 only fields that the configs have (a typo would otherwise add a new field
 that nothing reads, silently)."""
+
 import ast
 import json
 import os
 
-from vsdjax import defaults
-from vsdjax import train
+from vsdjax import defaults, train
 
-NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "notebooks", "quickstart.ipynb")
+NOTEBOOK = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "quickstart.ipynb"
+)
 
 
 def code_cells() -> list:
   """Python of each code cell, shell (!) and magic (%) lines dropped."""
   with open(NOTEBOOK) as f:
     cells = json.load(f)["cells"]
-  return ["\n".join(line for line in "".join(c["source"]).splitlines()
-                    if not line.lstrip().startswith(("!", "%")))
-          for c in cells if c["cell_type"] == "code"]
+  return [
+    "\n".join(
+      line for line in "".join(c["source"]).splitlines() if not line.lstrip().startswith(("!", "%"))
+    )
+    for c in cells
+    if c["cell_type"] == "code"
+  ]
 
 
 def field_paths(config, prefix=()) -> set:
@@ -41,8 +46,7 @@ def test_cells_parse():
 
 def test_config_cells_set_existing_fields(monkeypatch):
   configs = []
-  monkeypatch.setattr(train, "train_and_evaluate",
-                      lambda config, workdir: configs.append(config))
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: configs.append(config))
   namespace = {}
   for cell in code_cells():
     if "get_config()" in cell:  # Run the config cells, training stubbed out.

@@ -5,6 +5,7 @@ normals. The references evaluate all samples at once and composite with
 cumsum (numpy float64 for values, jnp for gradients), independently of the
 renderer's chunked lax.scan.
 """
+
 import functools
 import math
 
@@ -20,24 +21,22 @@ SPEC = render.RenderSpec(n_samples=32, chunk=8, bound=1.0, near_min=0.05)
 
 # The tests compile a dozen small programs; XLA's backend optimisations would
 # take most of their run time and do not change the values compared.
-_jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _params():
   return {
-      "center": jnp.array([0.1, -0.05, 0.05]),
-      "log_width": jnp.array(math.log(0.35)),
-      "peak": jnp.array(25.0),
-      "w": jnp.array([[1.5, -0.5, 0.2], [0.3, 1.0, -0.8], [-0.4, 0.6, 1.2]]),
-      "b": jnp.array([0.1, -0.2, 0.3]),
+    "center": jnp.array([0.1, -0.05, 0.05]),
+    "log_width": jnp.array(math.log(0.35)),
+    "peak": jnp.array(25.0),
+    "w": jnp.array([[1.5, -0.5, 0.2], [0.3, 1.0, -0.8], [-0.4, 0.6, 1.2]]),
+    "b": jnp.array([0.1, -0.2, 0.3]),
   }
 
 
 def _blob(params, x, xp=jnp):
   """Density [N], rgb [N, 3], outward normal [N, 3] of the blob at x [N, 3]."""
-  sigmoid = (jax.nn.sigmoid if xp is jnp else
-             lambda v: 1.0 / (1.0 + np.exp(-v)))
+  sigmoid = jax.nn.sigmoid if xp is jnp else lambda v: 1.0 / (1.0 + np.exp(-v))
   rel = x - params["center"]  # [N, 3]
   r2 = xp.sum(rel * rel, axis=-1)  # [N]
   density = params["peak"] * xp.exp(-0.5 * r2 / xp.exp(2 * params["log_width"]))
@@ -51,6 +50,7 @@ def _point_fn(params):
     del d  # The blob's colour does not depend on the view.
     density, rgb, normal = _blob(params, x)
     return {"density": density, "rgb": rgb, "normal": normal}
+
   return point_fn
 
 
@@ -62,24 +62,30 @@ def _rays():
   target = rng.uniform(-0.6, 0.6, size=(10, 3))
   d = target - eye
   d /= np.linalg.norm(d, axis=-1, keepdims=True)
-  extra_o = np.array([
-      [-3.0, 0.2, 0.3],   # axis-aligned (two zero components), hits.
-      [0.0, 0.0, 0.0],    # starts inside the cube.
-      [-3.0, 2.0, 0.0],   # parallel to x outside the y-slab: misses.
-      [3.0, 0.0, 0.0],    # points away from the cube: misses.
-      [2.0, 2.0, 2.0],    # passes beside the cube: misses.
-      [0.0, -4.0, 0.1],   # non-unit direction, hits.
-  ])
-  extra_d = np.array([
+  extra_o = np.array(
+    [
+      [-3.0, 0.2, 0.3],  # axis-aligned (two zero components), hits.
+      [0.0, 0.0, 0.0],  # starts inside the cube.
+      [-3.0, 2.0, 0.0],  # parallel to x outside the y-slab: misses.
+      [3.0, 0.0, 0.0],  # points away from the cube: misses.
+      [2.0, 2.0, 2.0],  # passes beside the cube: misses.
+      [0.0, -4.0, 0.1],  # non-unit direction, hits.
+    ]
+  )
+  extra_d = np.array(
+    [
       [1.0, 0.0, 0.0],
       [0.0, 0.6, 0.8],
       [1.0, 0.0, 0.0],
       [1.0, 0.0, 0.0],
       [1.0, -1.0, 0.0] / np.sqrt(2.0),
       [0.0, 2.0, 0.5],
-  ])
-  return (np.concatenate([eye, extra_o]).astype(np.float32),
-          np.concatenate([d, extra_d]).astype(np.float32))
+    ]
+  )
+  return (
+    np.concatenate([eye, extra_o]).astype(np.float32),
+    np.concatenate([d, extra_d]).astype(np.float32),
+  )
 
 
 MISSES = [12, 13, 14]  # Indices of the rays that miss the cube.
@@ -127,12 +133,12 @@ def _numpy_reference(params, o, d, t, background, bound, near, far, hit):
   unit = d / length[:, None]
   facing = np.maximum(np.einsum("rsk,rk->rs", normal, unit), 0.0)
   return {
-      "weights": w,
-      "opacity": opacity,
-      "rgb": (w[..., None] * rgb).sum(1) + (1 - opacity)[:, None] * background,
-      "depth": (w * t).sum(-1),
-      "normal": (w[..., None] * normal).sum(1),
-      "orientation": (w * facing**2).sum(-1),
+    "weights": w,
+    "opacity": opacity,
+    "rgb": (w[..., None] * rgb).sum(1) + (1 - opacity)[:, None] * background,
+    "depth": (w * t).sum(-1),
+    "normal": (w[..., None] * normal).sum(1),
+    "orientation": (w * facing**2).sum(-1),
   }
 
 
@@ -145,8 +151,7 @@ def scene():
   @_jit
   def render_all(params, keys):
     centre = render.render(_point_fn(params), o, d, background, SPEC)
-    jittered = [render.render(_point_fn(params), o, d, background, SPEC, k)
-                for k in keys]
+    jittered = [render.render(_point_fn(params), o, d, background, SPEC, k) for k in keys]
     return centre, jittered
 
   keys = [jax.random.key(3), jax.random.key(3), jax.random.key(4)]
@@ -165,8 +170,7 @@ def test_matches_numpy_reference(scene):
   # Bin centres of S equal bins in [near, far].
   want_t = near[:, None] + (np.arange(32) + 0.5) * (far - near)[:, None] / 32
   np.testing.assert_allclose(out["t_vals"], want_t, rtol=1e-5, atol=1e-5)
-  ref = _numpy_reference(params, o, d, out["t_vals"], background, SPEC.bound,
-                         near, far, hit)
+  ref = _numpy_reference(params, o, d, out["t_vals"], background, SPEC.bound, near, far, hit)
   assert out["weights"].shape == (16, 32) and out["rgb"].shape == (16, 3)
   for k in ("weights", "opacity", "rgb", "depth", "normal", "orientation"):
     np.testing.assert_allclose(out[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=k)
@@ -191,8 +195,7 @@ def test_jittered_samples(scene):
   offset = (t - near[hit][:, None]) / width - np.arange(32)  # In [0, 1).
   assert np.all(offset > -1e-3) and np.all(offset < 1 + 1e-3)
   assert offset.std() > 0.2  # Spread over the bins, not at their centres.
-  ref = _numpy_reference(_params(), o, d, out["t_vals"], background,
-                         SPEC.bound, near, far, hit)
+  ref = _numpy_reference(_params(), o, d, out["t_vals"], background, SPEC.bound, near, far, hit)
   for k in ("weights", "rgb", "depth"):
     np.testing.assert_allclose(out[k], ref[k], rtol=2e-5, atol=2e-6, err_msg=k)
   np.testing.assert_array_equal(again["t_vals"], out["t_vals"])
@@ -213,44 +216,50 @@ def _jnp_reference_loss(params, o, d, t, background, hit, near, far, probe):
   trans = jnp.exp(-(jnp.cumsum(tau, axis=-1) - tau))
   w = (1.0 - jnp.exp(-tau)) * trans
   opacity = w.sum(-1)
-  facing = jnp.maximum(jnp.einsum("rsk,rk->rs", normal,
-                                  d / length[:, None]), 0.0)
+  facing = jnp.maximum(jnp.einsum("rsk,rk->rs", normal, d / length[:, None]), 0.0)
   out = {
-      "rgb": (w[..., None] * rgb).sum(1) + (1 - opacity)[:, None] * background,
-      "opacity": opacity,
-      "depth": (w * t).sum(-1),
-      "normal": (w[..., None] * normal).sum(1),
-      "orientation": (jax.lax.stop_gradient(w) * facing**2).sum(-1),
-      "weights": w,
+    "rgb": (w[..., None] * rgb).sum(1) + (1 - opacity)[:, None] * background,
+    "opacity": opacity,
+    "depth": (w * t).sum(-1),
+    "normal": (w[..., None] * normal).sum(1),
+    "orientation": (jax.lax.stop_gradient(w) * facing**2).sum(-1),
+    "weights": w,
   }
   return _probe_loss(out, probe)
 
 
 def _probe_loss(out, probe):
   """A random linear functional of the outputs plus the regularisers."""
-  return (jnp.sum(out["rgb"] * probe["rgb"]) +
-          jnp.sum(out["opacity"] * probe["opacity"]) +
-          0.1 * jnp.sum(out["depth"] * probe["depth"]) +
-          jnp.sum(out["normal"] * probe["normal"]) +
-          jnp.sum(out["weights"] * probe["weights"]) +
-          render.orientation(out) + render.entropy(out) + render.opaque(out) +
-          render.opacity_sparsity(out))
+  return (
+    jnp.sum(out["rgb"] * probe["rgb"])
+    + jnp.sum(out["opacity"] * probe["opacity"])
+    + 0.1 * jnp.sum(out["depth"] * probe["depth"])
+    + jnp.sum(out["normal"] * probe["normal"])
+    + jnp.sum(out["weights"] * probe["weights"])
+    + render.orientation(out)
+    + render.entropy(out)
+    + render.opaque(out)
+    + render.opacity_sparsity(out)
+  )
 
 
 def _probe(n_rays, n_samples):
   rng = np.random.default_rng(2)
-  shapes = {"rgb": (n_rays, 3), "opacity": (n_rays,), "depth": (n_rays,),
-            "normal": (n_rays, 3), "weights": (n_rays, n_samples)}
-  return {k: jnp.asarray(rng.normal(size=s), jnp.float32)
-          for k, s in shapes.items()}
+  shapes = {
+    "rgb": (n_rays, 3),
+    "opacity": (n_rays,),
+    "depth": (n_rays,),
+    "normal": (n_rays, 3),
+    "weights": (n_rays, n_samples),
+  }
+  return {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
 
 
 def test_gradients_match_cumsum_reference_and_checkpointing(scene):
   o, d, background, _, _ = scene
   params = _params()
   probe = _probe(16, 32)
-  near, far, hit = (jnp.asarray(v, jnp.float32)
-                    for v in _slab_reference(o, d, 1.0, 0.05))
+  near, far, hit = (jnp.asarray(v, jnp.float32) for v in _slab_reference(o, d, 1.0, 0.05))
   t = near[:, None] + (jnp.arange(32) + 0.5) * (far - near)[:, None] / 32
 
   def loss(p, spec):
@@ -261,18 +270,18 @@ def test_gradients_match_cumsum_reference_and_checkpointing(scene):
 
   @_jit
   def grads(p):
-    return (jax.grad(loss)(p, SPEC), jax.grad(loss)(p, no_remat),
-            jax.grad(_jnp_reference_loss)(p, o, d, t, background, hit, near,
-                                          far, probe))
+    return (
+      jax.grad(loss)(p, SPEC),
+      jax.grad(loss)(p, no_remat),
+      jax.grad(_jnp_reference_loss)(p, o, d, t, background, hit, near, far, probe),
+    )
 
   grad_scan, grad_plain, grad_ref = grads(params)
   for k in params:
     scale = float(jnp.max(jnp.abs(grad_ref[k])))
     assert scale > 1e-3, k  # Every parameter matters to the loss.
-    np.testing.assert_allclose(grad_scan[k], grad_ref[k], rtol=1e-4,
-                               atol=1e-4 * scale, err_msg=k)
-    np.testing.assert_allclose(grad_plain[k], grad_scan[k], rtol=1e-5,
-                               atol=1e-6 * scale, err_msg=k)
+    np.testing.assert_allclose(grad_scan[k], grad_ref[k], rtol=1e-4, atol=1e-4 * scale, err_msg=k)
+    np.testing.assert_allclose(grad_plain[k], grad_scan[k], rtol=1e-5, atol=1e-6 * scale, err_msg=k)
 
 
 def test_chunk_size_does_not_change_result(scene):
@@ -280,27 +289,33 @@ def test_chunk_size_does_not_change_result(scene):
 
   @_jit
   def render_chunks(params):
-    return [render.render(_point_fn(params), o, d, background,
-                          render.RenderSpec(n_samples=32, chunk=c))
-            for c in (1, 32)]
+    return [
+      render.render(_point_fn(params), o, d, background, render.RenderSpec(n_samples=32, chunk=c))
+      for c in (1, 32)
+    ]
 
   for chunk, out in zip((1, 32), render_chunks(_params())):
     for k in base:
-      np.testing.assert_allclose(out[k], base[k], rtol=1e-5, atol=1e-6,
-                                 err_msg=f"{k} chunk={chunk}")
+      np.testing.assert_allclose(
+        out[k], base[k], rtol=1e-5, atol=1e-6, err_msg=f"{k} chunk={chunk}"
+      )
 
 
 def test_uniform_slab_closed_form():
   sigma = 1.7
   bound = 0.8
-  origins = np.array([[-3.0, 0.1, -0.2],   # along x: length 2 * bound.
-                      [-2.0, -2.0, -2.0],  # main diagonal: 2 sqrt(3) bound.
-                      [0.0, 0.0, 0.0],     # from the centre along z.
-                      [1.0, 0.5, -0.1]], np.float32)  # clips a corner.
-  unit = np.array([[1.0, 0.0, 0.0],
-                   [1.0, 1.0, 1.0] / np.sqrt(3.0),
-                   [0.0, 0.0, 1.0],
-                   [-0.6, 0.8, 0.0]], np.float32)
+  origins = np.array(
+    [
+      [-3.0, 0.1, -0.2],  # along x: length 2 * bound.
+      [-2.0, -2.0, -2.0],  # main diagonal: 2 sqrt(3) bound.
+      [0.0, 0.0, 0.0],  # from the centre along z.
+      [1.0, 0.5, -0.1],
+    ],
+    np.float32,
+  )  # clips a corner.
+  unit = np.array(
+    [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0] / np.sqrt(3.0), [0.0, 0.0, 1.0], [-0.6, 0.8, 0.0]], np.float32
+  )
   # Entry parameters along the unit directions. The corner ray enters x = 0.8
   # at t = 1/3 (y = 0.767) and leaves through y = 0.8 at t = 0.375.
   entry = np.array([3.0 - bound, (2.0 - bound) * math.sqrt(3.0), 0.0, 1 / 3])
@@ -311,22 +326,19 @@ def test_uniform_slab_closed_form():
     return {"density": jnp.full(x.shape[:1], sigma), "rgb": jnp.ones_like(x)}
 
   spec = render.RenderSpec(n_samples=16, chunk=4, bound=bound, near_min=0.05)
-  render_fn = _jit(lambda v: render.render(point_fn, origins, v,
-                                              np.zeros((4, 3)), spec))
+  render_fn = _jit(lambda v: render.render(point_fn, origins, v, np.zeros((4, 3)), spec))
   for scale in (1.0, 2.0):
     out = render_fn(unit * scale)
     assert "normal" not in out and "orientation" not in out
     # Ray parameters are in multiples of |direction|, near_min included.
     near = np.maximum(entry / scale, spec.near_min)
     far = exit_ / scale
-    np.testing.assert_allclose(out["t_vals"][:, 0], near + (far - near) / 32,
-                               rtol=1e-5)
+    np.testing.assert_allclose(out["t_vals"][:, 0], near + (far - near) / 32, rtol=1e-5)
     # Densities integrate over world length.
     length = (far - near) * scale
     want = 1.0 - np.exp(-sigma * length)
     np.testing.assert_allclose(out["opacity"], want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["rgb"], np.repeat(want[:, None], 3, 1),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["rgb"], np.repeat(want[:, None], 3, 1), rtol=1e-5, atol=1e-6)
 
 
 def test_render_image_and_ray_batching():
@@ -337,13 +349,13 @@ def test_render_image_and_ray_batching():
   @_jit
   def images(params):
     point_fn = _point_fn(params)
-    image = functools.partial(render.render_image, point_fn, cam.c2w, cam.fovy,
-                              3, 5, background_fn, spec)
+    image = functools.partial(
+      render.render_image, point_fn, cam.c2w, cam.fovy, 3, 5, background_fn, spec
+    )
     o, d = cameras.rays(cam.c2w, cam.fovy, 3, 5)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
     flat = render.render(point_fn, o, d, background_fn(d), spec)
-    return (image(), flat, image(ray_batch=4),
-            image(key=jax.random.key(0), ray_batch=8))
+    return (image(), flat, image(ray_batch=4), image(key=jax.random.key(0), ray_batch=8))
 
   image, flat, batched, jittered = images(_params())
   assert image["rgb"].shape == (3, 5, 3)
@@ -351,8 +363,7 @@ def test_render_image_and_ray_batching():
   for k in flat:
     want = flat[k].reshape(image[k].shape)
     np.testing.assert_allclose(image[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
-    np.testing.assert_allclose(batched[k], want, rtol=1e-5, atol=1e-6,
-                               err_msg=k)
+    np.testing.assert_allclose(batched[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
   assert float(image["opacity"][1, 2]) > 0.9  # The blob is in the middle.
   assert jittered["rgb"].shape == (3, 5, 3)
   assert not np.allclose(jittered["t_vals"], image["t_vals"])
@@ -363,18 +374,21 @@ def test_vmap_over_fields(scene):
   p0 = _params()
   p1 = dict(p0, center=p0["center"] + 0.2, peak=jnp.array(5.0))
   stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), p0, p1)
-  both = _jit(jax.vmap(lambda p: render.render(
-      _point_fn(p), o, d, background, SPEC)))(stacked)
+  both = _jit(jax.vmap(lambda p: render.render(_point_fn(p), o, d, background, SPEC)))(stacked)
   # Particle 0 equals the unbatched render; particle 1 differs from it.
   for k in centre:
-    np.testing.assert_allclose(both[k][0], centre[k], rtol=1e-5, atol=1e-6,
-                               err_msg=k)
+    np.testing.assert_allclose(both[k][0], centre[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert not np.allclose(both["rgb"][1], centre["rgb"])
-  p1_ref = _numpy_reference(p1, o, d, centre["t_vals"], background,
-                            SPEC.bound,
-                            *_slab_reference(o, d, SPEC.bound, SPEC.near_min))
-  np.testing.assert_allclose(both["rgb"][1], p1_ref["rgb"], rtol=2e-5,
-                             atol=2e-6)
+  p1_ref = _numpy_reference(
+    p1,
+    o,
+    d,
+    centre["t_vals"],
+    background,
+    SPEC.bound,
+    *_slab_reference(o, d, SPEC.bound, SPEC.near_min),
+  )
+  np.testing.assert_allclose(both["rgb"][1], p1_ref["rgb"], rtol=2e-5, atol=2e-6)
 
 
 def test_regularisers_match_formulas():
@@ -382,22 +396,26 @@ def test_regularisers_match_formulas():
   opacity = np.concatenate([[0.0, 1.0, 1e-5], rng.uniform(size=5)])
   weights = np.concatenate([np.zeros((1, 4)), rng.uniform(size=(3, 4))])
   orient = rng.uniform(size=8)
-  out = {"opacity": jnp.asarray(opacity, jnp.float32),
-         "weights": jnp.asarray(weights, jnp.float32),
-         "orientation": jnp.asarray(orient, jnp.float32)}
-  regs = _jit(lambda o: [f(o) for f in (
-      render.opacity_sparsity, render.opaque, render.entropy,
-      render.orientation)])
+  out = {
+    "opacity": jnp.asarray(opacity, jnp.float32),
+    "weights": jnp.asarray(weights, jnp.float32),
+    "orientation": jnp.asarray(orient, jnp.float32),
+  }
+  regs = _jit(
+    lambda o: [
+      f(o) for f in (render.opacity_sparsity, render.opaque, render.entropy, render.orientation)
+    ]
+  )
   sparsity, opaque, entropy, orientation = regs(out)
-  np.testing.assert_allclose(sparsity, np.mean(np.sqrt(opacity**2 + 0.01)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(sparsity, np.mean(np.sqrt(opacity**2 + 0.01)), rtol=1e-6)
   oc = np.clip(opacity, 1e-3, 1 - 1e-3)
   np.testing.assert_allclose(
-      opaque, np.mean(-oc * np.log(oc) - (1 - oc) * np.log(1 - oc)), rtol=1e-5)
+    opaque, np.mean(-oc * np.log(oc) - (1 - oc) * np.log(1 - oc)), rtol=1e-5
+  )
   wc = np.clip(weights, 1e-5, 1 - 1e-5)
   np.testing.assert_allclose(
-      entropy, np.mean(-wc * np.log2(wc) - (1 - wc) * np.log2(1 - wc)),
-      rtol=1e-5)
+    entropy, np.mean(-wc * np.log2(wc) - (1 - wc) * np.log2(1 - wc)), rtol=1e-5
+  )
   np.testing.assert_allclose(orientation, np.mean(orient), rtol=1e-6)
   # Binary entropy peaks at 1 bit for w = 1/2.
   half = dict(out, weights=jnp.full((4, 4), 0.5))
@@ -438,8 +456,6 @@ def test_validation():
     render.render(lambda x, v: {"density": x[:, 0]}, o, d, o, spec)
   cam = cameras.from_spherical(2.0, 0.0, 0.0, 50.0)
   with pytest.raises(ValueError, match="ray_batch"):
-    render.render_image(point_fn, cam.c2w, 50.0, 2, 2, jnp.ones_like, spec,
-                        ray_batch=0)
+    render.render_image(point_fn, cam.c2w, 50.0, 2, 2, jnp.ones_like, spec, ray_batch=0)
   with pytest.raises(ValueError, match="c2w"):
-    render.render_image(point_fn, cam.c2w[None], 50.0, 2, 2, jnp.ones_like,
-                        spec)
+    render.render_image(point_fn, cam.c2w[None], 50.0, 2, 2, jnp.ones_like, spec)

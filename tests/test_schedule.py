@@ -1,23 +1,27 @@
 """Tests of vsdjax.prior.schedule against diffusers' PyTorch DDPMScheduler."""
+
 import json
 import os
 
+from diffusers import DDPMScheduler
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from vsdjax.prior import schedule
 
 SD_CONFIGS = "/work/shared/sd-configs"
 CONFIGS = {
-    "scaled_linear": schedule.SD_SCHEDULER,
-    "linear": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-               "num_train_timesteps": 1000},
-    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2",
-                          "num_train_timesteps": 1000},
+  "scaled_linear": schedule.SD_SCHEDULER,
+  "linear": {
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "num_train_timesteps": 1000,
+  },
+  "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000},
 }
 
 
@@ -39,42 +43,41 @@ def test_alphas_cumprod_matches_diffusers(name):
 
 def test_scaled_linear_formula_and_other_lengths():
   # method.md: beta_i = linspace(sqrt(.00085), sqrt(.012), 1000)_i ** 2.
-  betas = [(0.00085**0.5 + i * (0.012**0.5 - 0.00085**0.5) / 999)**2
-           for i in range(1000)]
+  betas = [(0.00085**0.5 + i * (0.012**0.5 - 0.00085**0.5) / 999) ** 2 for i in range(1000)]
   abar, ref = 1.0, []
   for b in betas:
     abar *= 1.0 - b
     ref.append(abar)
-  np.testing.assert_allclose(
-      schedule.alphas_cumprod(schedule.SD_SCHEDULER), ref, rtol=1e-6)
+  np.testing.assert_allclose(schedule.alphas_cumprod(schedule.SD_SCHEDULER), ref, rtol=1e-6)
   config = dict(CONFIGS["linear"], num_train_timesteps=37)
   np.testing.assert_allclose(
-      schedule.alphas_cumprod(config), _ddpm(config).alphas_cumprod.numpy(),
-      rtol=1e-5)
+    schedule.alphas_cumprod(config), _ddpm(config).alphas_cumprod.numpy(), rtol=1e-5
+  )
 
 
-@pytest.mark.parametrize("folder", ["stable-diffusion-2-1",
-                                    "stable-diffusion-2-1-base"])
+@pytest.mark.parametrize("folder", ["stable-diffusion-2-1", "stable-diffusion-2-1-base"])
 def test_real_sd_scheduler_configs(folder):
-  with open(os.path.join(SD_CONFIGS, folder, "scheduler",
-                         "scheduler_config.json")) as f:
+  with open(os.path.join(SD_CONFIGS, folder, "scheduler", "scheduler_config.json")) as f:
     config = json.load(f)
   for key, value in schedule.SD_SCHEDULER.items():
     assert config[key] == value
   np.testing.assert_array_equal(
-      schedule.alphas_cumprod(config),
-      schedule.alphas_cumprod(schedule.SD_SCHEDULER))
+    schedule.alphas_cumprod(config), schedule.alphas_cumprod(schedule.SD_SCHEDULER)
+  )
 
 
 def test_trained_betas_override():
   betas = np.linspace(0.01, 0.2, 10)
   np.testing.assert_allclose(
-      schedule.alphas_cumprod({"trained_betas": list(betas),
-                               "num_train_timesteps": 10}),
-      np.cumprod(1 - betas), rtol=1e-6)
+    schedule.alphas_cumprod({"trained_betas": list(betas), "num_train_timesteps": 10}),
+    np.cumprod(1 - betas),
+    rtol=1e-6,
+  )
 
 
-@pytest.mark.parametrize("config, field", [
+@pytest.mark.parametrize(
+  "config, field",
+  [
     ({"beta_schedule": "sigmoid"}, "beta_schedule"),
     ({"beta_schedule": "cosine"}, "beta_schedule"),
     ({"beta_start": 0.02, "beta_end": 0.01}, "beta_start"),
@@ -86,7 +89,8 @@ def test_trained_betas_override():
     ({"trained_betas": [[0.1]]}, "trained_betas"),
     ({"trained_betas": [0.1, 1.0]}, "trained_betas"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
-])
+  ],
+)
 def test_alphas_cumprod_rejects_bad_configs(config, field):
   with pytest.raises(ValueError, match=field):
     schedule.alphas_cumprod(config)
@@ -111,38 +115,32 @@ def test_coefficients_add_noise_velocity_match_diffusers():
   x_t = schedule.add_noise(x0, eps, a_t, s_t)
   tx0, teps = torch.from_numpy(x0), torch.from_numpy(eps)
   tt = torch.from_numpy(t)
-  np.testing.assert_allclose(x_t, ddpm.add_noise(tx0, teps, tt).numpy(),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(x_t, ddpm.add_noise(tx0, teps, tt).numpy(), rtol=1e-5, atol=1e-6)
   v = schedule.v_target(x0, eps, a_t, s_t)
-  np.testing.assert_allclose(v, ddpm.get_velocity(tx0, teps, tt).numpy(),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v, ddpm.get_velocity(tx0, teps, tt).numpy(), rtol=1e-5, atol=1e-6)
   # eps from v inverts the pair (x_t, v) back to eps, for both output kinds.
-  np.testing.assert_allclose(schedule.eps_from_v(x_t, v, a_t, s_t), eps,
-                             atol=2e-5)
+  np.testing.assert_allclose(schedule.eps_from_v(x_t, v, a_t, s_t), eps, atol=2e-5)
   np.testing.assert_allclose(
-      schedule.eps_from_output(v, x_t, a_t, s_t, "v_prediction"), eps,
-      atol=2e-5)
-  np.testing.assert_array_equal(
-      schedule.eps_from_output(eps, x_t, a_t, s_t, "epsilon"), eps)
+    schedule.eps_from_output(v, x_t, a_t, s_t, "v_prediction"), eps, atol=2e-5
+  )
+  np.testing.assert_array_equal(schedule.eps_from_output(eps, x_t, a_t, s_t, "epsilon"), eps)
 
 
 def test_cfg_formula_and_broadcast():
   rng = np.random.default_rng(1)
   u, c = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 4))
-  np.testing.assert_allclose(schedule.cfg(u, c, 7.5), u + 7.5 * (c - u),
-                             rtol=1e-6)
+  np.testing.assert_allclose(schedule.cfg(u, c, 7.5), u + 7.5 * (c - u), rtol=1e-6)
   np.testing.assert_allclose(schedule.cfg(u, c, 1.0), c, rtol=1e-6)
   scale = np.array([2.0, 100.0])
   np.testing.assert_allclose(
-      schedule.cfg(u, c, scale), u + scale[:, None, None] * (c - u), rtol=1e-6,
-      atol=1e-6)
+    schedule.cfg(u, c, scale), u + scale[:, None, None] * (c - u), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_jit_vmap_and_traced_t():
 
   def step(x0, eps, t):
-    a_t, s_t = schedule.coefficients(
-        schedule.alphas_cumprod(schedule.SD_SCHEDULER), t)
+    a_t, s_t = schedule.coefficients(schedule.alphas_cumprod(schedule.SD_SCHEDULER), t)
     return schedule.add_noise(x0, eps, a_t, s_t)
 
   x0 = jnp.ones((3, 2, 5))
@@ -167,7 +165,6 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="shapes must match"):
     schedule.v_target(jnp.ones((2, 4)), jnp.ones((2, 5)), a_t, s_t)
   with pytest.raises(ValueError, match="prediction_type"):
-    schedule.eps_from_output(jnp.ones((2, 4)), jnp.ones((2, 4)), a_t, s_t,
-                             "sample")
+    schedule.eps_from_output(jnp.ones((2, 4)), jnp.ones((2, 4)), a_t, s_t, "sample")
   with pytest.raises(ValueError, match="scale"):
     schedule.cfg(jnp.ones((2, 4)), jnp.ones((2, 4)), jnp.ones((3,)))

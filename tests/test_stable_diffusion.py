@@ -7,12 +7,12 @@ with and without guidance), VAE latents, their gradient and decodes, all on
 non-square 8x16 latents / 64x128 images. The real SD 2.1 architectures are
 checked with jax.eval_shape and torch meta tensors (no memory, no weights).
 """
+
 import json
 import os
 import shutil
 
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 import flax.serialization
 from flax.traverse_util import flatten_dict
 import jax
@@ -25,8 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
 from vsdjax import prior
-from vsdjax.prior import convert
-from vsdjax.prior import stable_diffusion as sdm
+from vsdjax.prior import convert, stable_diffusion as sdm
 
 pytestmark = pytest.mark.torch  # Every test compares with, or builds, PyTorch models.
 
@@ -44,24 +43,31 @@ def rel_err(actual, expected) -> float:
 
 def pipeline(tiny) -> StableDiffusionPipeline:
   return StableDiffusionPipeline(
-      vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
-      unet=tiny.unet, scheduler=tiny.scheduler, safety_checker=None,
-      feature_extractor=None, requires_safety_checker=False)
+    vae=tiny.vae,
+    text_encoder=tiny.text_encoder,
+    tokenizer=tiny.tokenizer,
+    unet=tiny.unet,
+    scheduler=tiny.scheduler,
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
 
 
 @pytest.fixture(scope="module")
 def models(tiny_sd, tiny_sd_v):
   """prediction type -> (TinySD, loaded StableDiffusion)."""
-  return {t.scheduler.config.prediction_type: (t, sdm.load_stable_diffusion(t.path))
-          for t in (tiny_sd, tiny_sd_v)}
+  return {
+    t.scheduler.config.prediction_type: (t, sdm.load_stable_diffusion(t.path))
+    for t in (tiny_sd, tiny_sd_v)
+  }
 
 
 @pytest.fixture(scope="module")
 def torch_embeddings(tiny_sd):
   """(cond, uncond) [2, 77, 32] numpy, from the diffusers pipeline."""
   with torch.no_grad():
-    cond, uncond = pipeline(tiny_sd).encode_prompt(
-        PROMPTS, "cpu", 1, True, negative_prompt=None)
+    cond, uncond = pipeline(tiny_sd).encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
   return cond.numpy(), uncond.numpy()
 
 
@@ -78,24 +84,23 @@ def test_text_embeddings_match_pipeline(models, torch_embeddings):
 def test_alphas_cumprod_match_ddpm_scheduler(models):
   for tiny, sd in models.values():
     expected = DDPMScheduler.from_pretrained(tiny.path, subfolder="scheduler")
-    np.testing.assert_allclose(sd.alphas_cumprod,
-                               expected.alphas_cumprod.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(sd.alphas_cumprod, expected.alphas_cumprod.numpy(), rtol=1e-6)
     assert sd.prediction_type == tiny.scheduler.config.prediction_type
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_unet_eps_with_and_without_cfg_match_torch(models, torch_embeddings,
-                                                   prediction_type):
+def test_unet_eps_with_and_without_cfg_match_torch(models, torch_embeddings, prediction_type):
   tiny, sd = models[prediction_type]
   cond, uncond = torch_embeddings
   x_t = np.random.default_rng(0).normal(size=(2, 4, 8, 16)).astype(np.float32)
   # Reference: the pipeline's batched UNet call, then (for v) the
   # scheduler-free conversion eps = s_t x_t + a_t v in float64.
   with torch.no_grad():
-    out = tiny.unet(torch.from_numpy(np.concatenate([x_t, x_t])),
-                    torch.from_numpy(np.concatenate([TIMESTEPS, TIMESTEPS])),
-                    encoder_hidden_states=torch.from_numpy(
-                        np.concatenate([uncond, cond]))).sample.numpy()
+    out = tiny.unet(
+      torch.from_numpy(np.concatenate([x_t, x_t])),
+      torch.from_numpy(np.concatenate([TIMESTEPS, TIMESTEPS])),
+      encoder_hidden_states=torch.from_numpy(np.concatenate([uncond, cond])),
+    ).sample.numpy()
   out_uncond, out_cond = np.split(out.astype(np.float64), 2)
   if prediction_type == "v_prediction":
     abar = tiny.scheduler.alphas_cumprod.numpy().astype(np.float64)[TIMESTEPS]
@@ -160,11 +165,11 @@ def test_bfloat16_params_and_float32_outputs(tiny_sd, models, torch_embeddings):
   assert emb.dtype == jnp.float32
   assert rel_err(emb, torch_embeddings[0]) < 5e-2
   out = jax.eval_shape(
-      lambda p: sdm.predict_eps(sd, p, jnp.zeros((2, 4, 8, 16)),
-                                jnp.array(TIMESTEPS), emb), sd.unet_params)
+    lambda p: sdm.predict_eps(sd, p, jnp.zeros((2, 4, 8, 16)), jnp.array(TIMESTEPS), emb),
+    sd.unet_params,
+  )
   assert out.shape == (2, 4, 8, 16) and out.dtype == jnp.float32
-  latents = jax.eval_shape(lambda x: sdm.encode_images(sd, x),
-                           jnp.zeros((1, 64, 128, 3)))
+  latents = jax.eval_shape(lambda x: sdm.encode_images(sd, x), jnp.zeros((1, 64, 128, 3)))
   assert latents.dtype == jnp.float32
 
 
@@ -180,8 +185,12 @@ def test_geglu_uses_exact_gelu_like_torch():
   x = 3 * np.random.default_rng(2).normal(size=(2, 5, 32)).astype(np.float32)
   with torch.no_grad():
     expected = geglu(torch.from_numpy(x)).numpy()
-  params = {"proj": {"kernel": geglu.proj.weight.detach().numpy().T,
-                     "bias": geglu.proj.bias.detach().numpy()}}
+  params = {
+    "proj": {
+      "kernel": geglu.proj.weight.detach().numpy().T,
+      "bias": geglu.proj.bias.detach().numpy(),
+    }
+  }
   module = FlaxGEGLU(32)
   with nn.intercept_methods(sdm._exact_geglu):  # pylint: disable=protected-access
     ours = module.apply({"params": params}, x)
@@ -202,8 +211,10 @@ def test_msgpack_and_fp16_only_weights_load(tiny_sd, models, tmp_path):
   with open(os.path.join(folder, "unet", "diffusion_flax_model.msgpack"), "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.device_get(sd.unet_params)))
   text = os.path.join(folder, "text_encoder", "model.safetensors")
-  save_file({k: v.astype(np.float16) for k, v in load_file(text).items()},
-            text.replace("model.", "model.fp16."))
+  save_file(
+    {k: v.astype(np.float16) for k, v in load_file(text).items()},
+    text.replace("model.", "model.fp16."),
+  )
   os.remove(text)
 
   alt = sdm.load_stable_diffusion(folder)
@@ -269,12 +280,10 @@ def test_weight_mismatch_lists_every_key(tiny_sd, tmp_path):
 
 
 def test_old_vae_attention_names_convert_alike(tiny_sd):
-  weights = load_file(os.path.join(tiny_sd.path, "vae",
-                                   "diffusion_pytorch_model.safetensors"))
+  weights = load_file(os.path.join(tiny_sd.path, "vae", "diffusion_pytorch_model.safetensors"))
   target = sdm.abstract_params(sdm.vae_from_config(dict(tiny_sd.vae.config)))
   # Pre-0.14 diffusers names, with 1x1 convolution weights.
-  old_names = {"to_q": "query", "to_k": "key", "to_v": "value",
-               "to_out.0": "proj_attn"}
+  old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
   old = {}
   for name, value in weights.items():
     for new, previous in old_names.items():
@@ -283,10 +292,10 @@ def test_old_vae_attention_names_convert_alike(tiny_sd):
         value = value[..., None, None] if value.ndim == 2 else value
     old[name] = value
   assert old.keys() != weights.keys()
-  expected = flatten_dict(convert.convert_state_dict(
-      weights, target, join_indices=True, what="new"))
-  converted = flatten_dict(convert.convert_state_dict(
-      old, target, join_indices=True, what="old"))
+  expected = flatten_dict(
+    convert.convert_state_dict(weights, target, join_indices=True, what="new")
+  )
+  converted = flatten_dict(convert.convert_state_dict(old, target, join_indices=True, what="old"))
   assert converted.keys() == expected.keys()
   for key, value in expected.items():
     np.testing.assert_array_equal(converted[key], value)
@@ -294,8 +303,9 @@ def test_old_vae_attention_names_convert_alike(tiny_sd):
 
 def _meta_state_dict(module) -> dict:
   """Zero-memory numpy stand-ins (broadcast views) for a meta module's weights."""
-  return {name: np.broadcast_to(np.float32(0), tuple(p.shape))
-          for name, p in module.state_dict().items()}
+  return {
+    name: np.broadcast_to(np.float32(0), tuple(p.shape)) for name, p in module.state_dict().items()
+  }
 
 
 def _assert_same_tree(converted, target):
@@ -315,8 +325,9 @@ def test_real_unet_architecture(name):
   with torch.device("meta"):
     unet = UNet2DConditionModel.from_config(config)
   assert count == sum(p.numel() for p in unet.parameters())
-  _assert_same_tree(convert.convert_state_dict(
-      _meta_state_dict(unet), target, join_indices=True, what=name), target)
+  _assert_same_tree(
+    convert.convert_state_dict(_meta_state_dict(unet), target, join_indices=True, what=name), target
+  )
 
 
 def test_real_vae_and_text_encoder_architecture():
@@ -329,14 +340,17 @@ def test_real_vae_and_text_encoder_architecture():
     vae = AutoencoderKL.from_config(vae_config)
     text = CLIPTextModel(CLIPTextConfig(**text_config))
   for module, flax_module, join in (
-      (vae, sdm.vae_from_config(vae_config), True),
-      (text, sdm.text_encoder_from_config(text_config), False)):
+    (vae, sdm.vae_from_config(vae_config), True),
+    (text, sdm.text_encoder_from_config(text_config), False),
+  ):
     target = sdm.abstract_params(flax_module)
-    assert (sum(np.prod(x.shape) for x in jax.tree.leaves(target))
-            == sum(p.numel() for p in module.parameters()))
-    _assert_same_tree(convert.convert_state_dict(
-        _meta_state_dict(module), target, join_indices=join, what="real"),
-                      target)
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(target)) == sum(
+      p.numel() for p in module.parameters()
+    )
+    _assert_same_tree(
+      convert.convert_state_dict(_meta_state_dict(module), target, join_indices=join, what="real"),
+      target,
+    )
 
 
 @pytest.mark.parametrize("size_in,size_out", [(64, 512), (24, 128), (128, 96)])
@@ -344,9 +358,16 @@ def test_resize_matches_torch_bilinear(size_in, size_out):
   """The render -> prior-size resize is F.interpolate(bilinear, align_corners=False)."""
   rgb = np.random.default_rng(0).uniform(size=(2, size_in, size_in, 3)).astype(np.float32)
   ours = sdm.resize_images(jnp.asarray(rgb), size_out)
-  theirs = torch.nn.functional.interpolate(
-      torch.from_numpy(rgb).permute(0, 3, 1, 2), size=(size_out, size_out), mode="bilinear",
-      align_corners=False).permute(0, 2, 3, 1).numpy()
+  theirs = (
+    torch.nn.functional.interpolate(
+      torch.from_numpy(rgb).permute(0, 3, 1, 2),
+      size=(size_out, size_out),
+      mode="bilinear",
+      align_corners=False,
+    )
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
   np.testing.assert_array_equal(sdm.resize_images(jnp.asarray(rgb), size_in), rgb)
 

@@ -4,6 +4,7 @@ Checks the work-directory contract, that a resumed run ends with the same
 parameters as an uninterrupted one, that the step compiles once, that SDS is
 the same step with the switch, the 2D mode, and the non-finite stop.
 """
+
 import json
 import os
 
@@ -14,9 +15,8 @@ import pytest
 
 from helpers import leaves, tiny_config
 from vsdjax import train
-from vsdjax.training import models
-from vsdjax.training import train_step
 from vsdjax.prior import analytic as analytic_prior
+from vsdjax.training import models, train_step
 
 
 @pytest.mark.slow
@@ -72,23 +72,27 @@ def test_2d_mode_step():
   after = np.asarray(state["particles"]["image"])
   assert after.shape == (3, 3, 8, 8)
   assert np.all(np.abs(after - before) > 0)  # every pixel of every particle moved
-  np.testing.assert_allclose(float(metrics["particle_spread"]),
-                             np.std(after, axis=0).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(metrics["particle_spread"]), np.std(after, axis=0).mean(), rtol=1e-5
+  )
   # Per-particle update norms (the update is after - before), independent of n.
-  norms = np.sqrt(np.sum((after - before).astype(np.float64)**2, axis=(1, 2, 3)))
+  norms = np.sqrt(np.sum((after - before).astype(np.float64) ** 2, axis=(1, 2, 3)))
   for suffix, expected in (("", norms.mean()), ("_min", norms.min()), ("_max", norms.max())):
-    np.testing.assert_allclose(float(metrics["particle_update_norm" + suffix]), expected,
-                               rtol=1e-4)
-  assert (float(metrics["particle_grad_norm_min"]) <= float(metrics["particle_grad_norm"])
-          <= float(metrics["particle_grad_norm_max"]))
+    np.testing.assert_allclose(float(metrics["particle_update_norm" + suffix]), expected, rtol=1e-4)
+  assert (
+    float(metrics["particle_grad_norm_min"])
+    <= float(metrics["particle_grad_norm"])
+    <= float(metrics["particle_grad_norm_max"])
+  )
   assert int(metrics["guidance_nonfinite"]) == 0
 
 
 @pytest.mark.slow
 def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Adam moves each pixel by ~lr: finite after step 1, the prior's eps overflows at step 2.
-  c = tiny_config(**{"optim.lr": 1e18, "checkpoint_every": 1, "representation": "image",
-                     "guidance.mode": "sds"})  # the cheapest step
+  c = tiny_config(
+    **{"optim.lr": 1e18, "checkpoint_every": 1, "representation": "image", "guidance.mode": "sds"}
+  )  # the cheapest step
   with pytest.raises(train.NonFiniteLossError, match="step 2: non-finite.*checkpoint is step 1"):
     train.train_and_evaluate(c, str(tmp_path))
   assert os.path.exists(tmp_path / "checkpoints" / "1")
@@ -102,6 +106,8 @@ def test_nan_from_the_prior_stops_although_the_update_is_finite(tmp_path, monkey
 
   monkeypatch.setattr(analytic_prior.Analytic, "eps_cfg", nan_prior)
   c = tiny_config(**{"representation": "image", "guidance.mode": "sds", "n_particles": 1})
-  with pytest.raises(train.NonFiniteLossError, match=r"guidance_nonfinite=189 .*no checkpoint was written"):
+  with pytest.raises(
+    train.NonFiniteLossError, match=r"guidance_nonfinite=189 .*no checkpoint was written"
+  ):
     train.train_and_evaluate(c, str(tmp_path))
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))

@@ -5,6 +5,7 @@ layout and loaded by the same `models.build` a real run uses: VAE encoding of
 the renders, view-dependent prompts with CFG, eps_phi = LoRA + camera MLP on a
 v-prediction base, both optimiser steps in one compiled call.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,10 @@ import numpy as np
 import pytest
 
 from experiments import sds, vsd
-from vsdjax import checks
-from vsdjax.training import models
-from vsdjax.training import train_step
-from vsdjax.prior import stable_diffusion as sd_lib
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
+from vsdjax import checks
+from vsdjax.prior import stable_diffusion as sd_lib
+from vsdjax.training import models, train_step
 
 
 def _tiny(c, prior_dir):
@@ -25,7 +25,7 @@ def _tiny(c, prior_dir):
   c.scene.n_levels = 2
   c.scene.log2_table_size = 8
   c.scene.hidden = 8
-  c.render.resolution = 64      # the tiny VAE downsamples by 8: 8x8 latents
+  c.render.resolution = 64  # the tiny VAE downsamples by 8: 8x8 latents
   c.render.n_samples = 8
   c.render.chunk = 8
   return c
@@ -80,8 +80,7 @@ def _traced_inputs(step, state, frozen):
 
   def record(next_fun, args, kwargs, context):
     name = type(context.module).__name__
-    if context.method_name == "__call__" and name in ("FlaxUNet2DConditionModel",
-                                                      "FlaxEncoder"):
+    if context.method_name == "__call__" and name in ("FlaxUNet2DConditionModel", "FlaxEncoder"):
       seen.setdefault(name, []).append(tuple(args[0].shape))
     return next_fun(*args, **kwargs)
 
@@ -101,12 +100,16 @@ def test_renders_are_resized_to_the_priors_own_size(tiny_sd, tiny_sd_v):
   seen = _traced_inputs(train_step.make_train_step(c, m, frozen, 64), state, frozen)
   assert seen["FlaxEncoder"] == [(1, 128, 128, 3)]
   # Prior CFG pair (2), eps_phi's target (1), eps_phi's loss on the 3 particles' latents.
-  assert sorted(seen["FlaxUNet2DConditionModel"]) == [(1, 4, 16, 16), (2, 4, 16, 16),
-                                                      (3, 4, 16, 16)]
+  assert sorted(seen["FlaxUNet2DConditionModel"]) == [
+    (1, 4, 16, 16),
+    (2, 4, 16, 16),
+    (3, 4, 16, 16),
+  ]
 
 
-@pytest.mark.parametrize("phi_base,dtype", [("stable-diffusion-2-1", "float32"),
-                                            ("prior", "bfloat16")])
+@pytest.mark.parametrize(
+  "phi_base,dtype", [("stable-diffusion-2-1", "float32"), ("prior", "bfloat16")]
+)
 @pytest.mark.slow
 def test_real_sd_step_shapes_at_a_64_render(phi_base, dtype):
   """SD 2.1-base (and SD 2.1 for eps_phi) at their real sizes, no weights: a 64x64
@@ -115,14 +118,19 @@ def test_real_sd_step_shapes_at_a_64_render(phi_base, dtype):
   c = vsd.get_config()
   c.eps_phi.base, c.prior.dtype = phi_base, dtype
   m, frozen = models.build_abstract(c)
-  state = jax.eval_shape(lambda f: train_step.init_state(c, m, f, jax.random.PRNGKey(1)),
-                         frozen)
-  assert {leaf.dtype for leaf in jax.tree.leaves((state["phi"], state["phi_opt"]))
-          if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+  state = jax.eval_shape(lambda f: train_step.init_state(c, m, f, jax.random.PRNGKey(1)), frozen)
+  assert {
+    leaf.dtype
+    for leaf in jax.tree.leaves((state["phi"], state["phi_opt"]))
+    if jnp.issubdtype(leaf.dtype, jnp.floating)
+  } == {jnp.dtype(jnp.float32)}
   seen = _traced_inputs(train_step.make_train_step(c, m, frozen, 64), state, frozen)
   assert seen["FlaxEncoder"] == [(1, 512, 512, 3)]
-  assert sorted(seen["FlaxUNet2DConditionModel"]) == [(1, 4, 64, 64), (1, 4, 64, 64),
-                                                      (2, 4, 64, 64)]
+  assert sorted(seen["FlaxUNet2DConditionModel"]) == [
+    (1, 4, 64, 64),
+    (1, 4, 64, 64),
+    (2, 4, 64, 64),
+  ]
 
 
 def test_the_sd_prior_encodes_a_posterior_sample_of_the_resized_render(tiny_sd):

@@ -2,6 +2,7 @@
 checks against the saved config, damaged checkpoints, SIGINT / SIGTERM, and the
 command line's one-line errors (subprocesses of `python -m vsdjax.main`).
 """
+
 import glob
 import json
 import os
@@ -21,21 +22,38 @@ from vsdjax import checks, defaults, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # toy2d at toy size with SDS (no eps_phi: compiles in seconds), as command-line overrides.
-TOY2D_FLAGS = ["--config.n_particles=2", "--config.render.resolution=8",
-               "--config.render.resolution_after=8", "--config.guidance.mode=sds"]
+TOY2D_FLAGS = [
+  "--config.n_particles=2",
+  "--config.render.resolution=8",
+  "--config.render.resolution_after=8",
+  "--config.guidance.mode=sds",
+]
 
 
 def _config_2d(**overrides):
   """The cheapest trainer config: 2D, SDS, 3 particles of 8x8 pixels."""
-  base = {"representation": "image", "guidance.mode": "sds", "n_particles": 3, "steps": 4,
-          "checkpoint_every": 2, "keep_checkpoints": 5}
+  base = {
+    "representation": "image",
+    "guidance.mode": "sds",
+    "n_particles": 3,
+    "steps": 4,
+    "checkpoint_every": 2,
+    "keep_checkpoints": 5,
+  }
   return tiny_config(**{**base, **overrides})
 
 
 def _main(*args, timeout=300, **kwargs):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "vsdjax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, **kwargs)
+  return subprocess.run(
+    [sys.executable, "-m", "vsdjax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kwargs,
+  )
 
 
 def _error_lines(stderr: str) -> list:
@@ -50,7 +68,9 @@ def test_every_experiment_and_the_defaults_validate(module):
   checks.validate_config(defaults.get_config())
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("n_particles", 0, "n_particles: must be an integer in"),
     ("steps", -1, "steps: must be an integer in"),
     ("mode", "exprt", "mode: must be one of 'train', 'export'"),
@@ -73,7 +93,8 @@ def test_every_experiment_and_the_defaults_validate(module):
     ("loss.sparsity", -1.0, "loss.sparsity"),
     ("log_every", 0, "log_every"),
     ("representation", "mesh", "representation: must be one of 'nerf', 'image'"),
-])
+  ],
+)
 def test_bad_fields_are_named_before_anything_is_written(tmp_path, field, value, message):
   c = tiny_config(**{field: value, "eps_phi.tiny_channels": (64, 64, 64)})
   start = time.time()
@@ -108,8 +129,9 @@ def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
   # steps, logging and exports may change; a named field may too.
   train.train_and_evaluate(_config_2d(steps=3, log_every=1), run)
-  train.train_and_evaluate(_config_2d(**{"steps": 4, "optim.lr": 0.02}), run,
-                           allow_changes=["optim.lr"])
+  train.train_and_evaluate(
+    _config_2d(**{"steps": 4, "optim.lr": 0.02}), run, allow_changes=["optim.lr"]
+  )
   segments = sorted(glob.glob(str(tmp_path / "run" / "config.resume-*.json")))
   steps = []
   for p in segments:
@@ -125,8 +147,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys
   full = train.train_and_evaluate(_config_2d(steps=6), str(tmp_path / "full"))
   run = tmp_path / "run"
   train.train_and_evaluate(_config_2d(steps=4), str(run))
-  data = max(glob.glob(str(run / "checkpoints" / "4" / "**" / "d" / "*"), recursive=True),
-             key=os.path.getsize)
+  data = max(
+    glob.glob(str(run / "checkpoints" / "4" / "**" / "d" / "*"), recursive=True),
+    key=os.path.getsize,
+  )
   with open(data, "r+b") as f:
     f.truncate(100)
   resumed = train.train_and_evaluate(_config_2d(steps=6), str(run))
@@ -159,11 +183,23 @@ def _restore(workdir, step):
 @pytest.mark.slow
 def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum):
   run, steps = str(tmp_path / "run"), 1500
-  flags = ["--config", "experiments/toy2d.py", "--workdir", run, f"--config.steps={steps}",
-           "--config.log_every=1", "--config.checkpoint_every=5000", *TOY2D_FLAGS]
+  flags = [
+    "--config",
+    "experiments/toy2d.py",
+    "--workdir",
+    run,
+    f"--config.steps={steps}",
+    "--config.log_every=1",
+    "--config.checkpoint_every=5000",
+    *TOY2D_FLAGS,
+  ]
   with open(tmp_path / "stderr.txt", "w") as stderr:
-    proc = subprocess.Popen([sys.executable, "-m", "vsdjax.main", *flags], cwd=ROOT,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=stderr)
+    proc = subprocess.Popen(
+      [sys.executable, "-m", "vsdjax.main", *flags],
+      cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stderr=stderr,
+    )
     _wait_for_steps(os.path.join(run, "metrics.jsonl"), 3, proc)
     proc.send_signal(signum)
     proc.wait(timeout=120)
@@ -172,8 +208,9 @@ def test_a_signal_saves_the_current_step_and_the_rerun_resumes(tmp_path, signum)
   saved = [int(s) for s in os.listdir(os.path.join(run, "checkpoints")) if s.isdigit()]
   assert len(saved) == 1 and 3 <= saved[0] < steps, saved
   last = _error_lines(err)[-1]
-  assert last.startswith(f"vsdjax: error: {signal.Signals(signum).name} at step {saved[0]}: "
-                         f"saved checkpoint {saved[0]}"), err
+  assert last.startswith(
+    f"vsdjax: error: {signal.Signals(signum).name} at step {saved[0]}: saved checkpoint {saved[0]}"
+  ), err
   if signum == signal.SIGINT:
     return  # The resume is checked once, with SIGTERM (what a preempted VM sends).
   done = _main(*flags)
@@ -207,9 +244,10 @@ def test_command_line_errors_are_one_line(tmp_path):
   assert (run / "config.json").read_text() == '{"steps": 7}'
   # A misspelt field, a bad value, missing weights: one line each, naming the field.
   for flags, expected in (
-      (["--config.stepz=3"], '"steps" instead of "stepz"'),
-      (["--config.n_particles=0"], "config field n_particles: must be an integer"),
-      (["--config.prior.name=" + str(tmp_path / "no-weights")], "config field prior.name=")):
+    (["--config.stepz=3"], '"steps" instead of "stepz"'),
+    (["--config.n_particles=0"], "config field n_particles: must be an integer"),
+    (["--config.prior.name=" + str(tmp_path / "no-weights")], "config field prior.name="),
+  ):
     out = _main("--config", "experiments/vsd.py", "--workdir", str(tmp_path / "new"), *flags)
     lines = _error_lines(out.stderr)
     assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr

@@ -22,6 +22,7 @@ test modules import them): `tiny_sd` / `tiny_sd_v` return a `TinySD` (folder and
 torch modules) for an epsilon / v-prediction model; `tiny_sd_dir` the epsilon
 model's folder.
 """
+
 import json
 import os
 from typing import NamedTuple
@@ -31,55 +32,68 @@ import pytest
 # Channel counts are multiples of 32 because diffusers' Flax UNet hard-codes 32
 # GroupNorm groups.
 UNET_CONFIG = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "attention_head_dim": (2, 4),  # SD 2.x style: a list of head counts.
-    "cross_attention_dim": 32,
-    "use_linear_projection": True,
-    "norm_num_groups": 32,
+  "sample_size": 16,
+  "in_channels": 4,
+  "out_channels": 4,
+  "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+  "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+  "block_out_channels": (32, 64),
+  "layers_per_block": 1,
+  "attention_head_dim": (2, 4),  # SD 2.x style: a list of head counts.
+  "cross_attention_dim": 32,
+  "use_linear_projection": True,
+  "norm_num_groups": 32,
 }
 VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (32, 32, 64, 64),
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 64,
+  "in_channels": 3,
+  "out_channels": 3,
+  "down_block_types": ("DownEncoderBlock2D",) * 4,
+  "up_block_types": ("UpDecoderBlock2D",) * 4,
+  "block_out_channels": (32, 32, 64, 64),
+  "layers_per_block": 1,
+  "latent_channels": 4,
+  "norm_num_groups": 32,
+  "sample_size": 64,
 }
 TEXT_CONFIG = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 2,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",  # SD 2.x (OpenCLIP ViT-H) uses exact gelu.
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
+  "hidden_size": 32,
+  "intermediate_size": 64,
+  "num_attention_heads": 2,
+  "num_hidden_layers": 2,
+  "max_position_embeddings": 77,
+  "hidden_act": "gelu",  # SD 2.x (OpenCLIP ViT-H) uses exact gelu.
+  "bos_token_id": 0,
+  "eos_token_id": 2,
+  "pad_token_id": 1,
 }
 SCHEDULER_CONFIG = {
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "steps_offset": 1,  # As SD 2.x (the pipeline warns about 0).
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "beta_end": 0.012,
+  "num_train_timesteps": 1000,
+  "clip_sample": False,
+  "steps_offset": 1,  # As SD 2.x (the pipeline warns about 0).
 }
 # BPE merges of the tiny tokenizer (the first line of merges.txt is a header).
-_MERGES = ("a n", "t h", "th e</w>", "o n</w>", "a r", "ar e</w>", "i n",
-           "in g</w>", "c h", "ch a", "cha i", "chai r</w>")
+_MERGES = (
+  "a n",
+  "t h",
+  "th e</w>",
+  "o n</w>",
+  "a r",
+  "ar e</w>",
+  "i n",
+  "in g</w>",
+  "c h",
+  "ch a",
+  "cha i",
+  "chai r</w>",
+)
 
 
 class TinySD(NamedTuple):
   """A saved tiny Stable Diffusion and the torch modules it was saved from."""
+
   path: str
   unet: "torch.nn.Module"
   vae: "torch.nn.Module"
@@ -105,8 +119,7 @@ def _tiny_tokenizer(folder: str):
   with open(merges_file, "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(_MERGES) + "\n")
   # SD 2.x pads with "!" rather than with the end token.
-  tokenizer = CLIPTokenizer(vocab_file, merges_file, pad_token="!",
-                            model_max_length=77)
+  tokenizer = CLIPTokenizer(vocab_file, merges_file, pad_token="!", model_max_length=77)
   tokenizer.save_pretrained(folder)
   return tokenizer
 
@@ -121,8 +134,7 @@ def _perturb_vectors(module, generator, scale: float = 0.1) -> None:
         p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
-def build_tiny_sd(path: str, prediction_type: str = "epsilon",
-                  seed: int = 0) -> TinySD:
+def build_tiny_sd(path: str, prediction_type: str = "epsilon", seed: int = 0) -> TinySD:
   """Builds, saves (safetensors, diffusers layout) and returns a tiny SD 2.x.
 
   Args:
@@ -134,8 +146,8 @@ def build_tiny_sd(path: str, prediction_type: str = "epsilon",
   Returns:
     TinySD with the folder and the torch modules in eval mode (float32, CPU).
   """
-  import torch
   from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+  import torch
   from transformers import CLIPTextConfig, CLIPTextModel
 
   os.makedirs(path, exist_ok=True)
@@ -143,11 +155,9 @@ def build_tiny_sd(path: str, prediction_type: str = "epsilon",
   tokenizer = _tiny_tokenizer(os.path.join(path, "tokenizer"))
 
   torch.manual_seed(seed)
-  unet = UNet2DConditionModel(
-      **UNET_CONFIG, upcast_attention=prediction_type == "v_prediction")
+  unet = UNet2DConditionModel(**UNET_CONFIG, upcast_attention=prediction_type == "v_prediction")
   vae = AutoencoderKL(**VAE_CONFIG)
-  text_encoder = CLIPTextModel(
-      CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), **TEXT_CONFIG))
+  text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), **TEXT_CONFIG))
   for module in (unet, vae, text_encoder):
     _perturb_vectors(module, generator)
     module.eval()
@@ -155,18 +165,21 @@ def build_tiny_sd(path: str, prediction_type: str = "epsilon",
 
   unet.save_pretrained(os.path.join(path, "unet"), safe_serialization=True)
   vae.save_pretrained(os.path.join(path, "vae"), safe_serialization=True)
-  text_encoder.save_pretrained(
-      os.path.join(path, "text_encoder"), safe_serialization=True)
+  text_encoder.save_pretrained(os.path.join(path, "text_encoder"), safe_serialization=True)
   scheduler.save_pretrained(os.path.join(path, "scheduler"))
   with open(os.path.join(path, "model_index.json"), "w") as f:
-    json.dump({
+    json.dump(
+      {
         "_class_name": "StableDiffusionPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDPMScheduler"],
-    }, f, indent=2)
+      },
+      f,
+      indent=2,
+    )
   return TinySD(path, unet, vae, text_encoder, tokenizer, scheduler)
 
 

@@ -25,6 +25,7 @@ Conventions (used by every module of vsdjax):
   the azimuth wrapped to [-180, 180), "front" if |azimuth| < 45, "back" if
   |azimuth| > 135 and "side" otherwise.
 """
+
 import dataclasses
 import functools
 import math
@@ -54,6 +55,7 @@ class CameraRanges:
     azimuth: degrees; any finite range (angles wrap around).
     fovy: vertical field of view in degrees, within (0, 180).
   """
+
   radius: Tuple[float, float] = (1.0, 1.5)
   elevation: Tuple[float, float] = (-10.0, 45.0)
   azimuth: Tuple[float, float] = (-180.0, 180.0)
@@ -66,33 +68,30 @@ class CameraRanges:
         low, high = (float(v) for v in value)
       except (TypeError, ValueError) as e:
         raise ValueError(
-            f"CameraRanges.{field.name} must be a (min, max) pair of numbers, "
-            f"got {value!r}") from e
+          f"CameraRanges.{field.name} must be a (min, max) pair of numbers, got {value!r}"
+        ) from e
       if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(
-            f"CameraRanges.{field.name} must be finite, got {value!r}")
+        raise ValueError(f"CameraRanges.{field.name} must be finite, got {value!r}")
       if low > high:
-        raise ValueError(
-            f"CameraRanges.{field.name} needs min <= max, got {value!r}")
+        raise ValueError(f"CameraRanges.{field.name} needs min <= max, got {value!r}")
       # Store plain float tuples so instances hash and compare by value.
       object.__setattr__(self, field.name, (low, high))
     if self.radius[0] <= 0.0:
       raise ValueError(f"CameraRanges.radius must be > 0, got {self.radius!r}")
     if self.elevation[0] < -90.0 or self.elevation[1] > 90.0:
-      raise ValueError("CameraRanges.elevation must lie in [-90, 90], got "
-                       f"{self.elevation!r}")
+      raise ValueError(f"CameraRanges.elevation must lie in [-90, 90], got {self.elevation!r}")
     if self.fovy[0] <= 0.0 or self.fovy[1] >= 180.0:
-      raise ValueError(
-          f"CameraRanges.fovy must lie in (0, 180), got {self.fovy!r}")
+      raise ValueError(f"CameraRanges.fovy must lie in (0, 180), got {self.fovy!r}")
 
 
 class Cameras(NamedTuple):
   """A batch of cameras with any leading shape [...]."""
-  c2w: jnp.ndarray        # [..., 4, 4] camera-to-world, OpenGL axes.
-  fovy: jnp.ndarray       # [...] vertical field of view, degrees.
+
+  c2w: jnp.ndarray  # [..., 4, 4] camera-to-world, OpenGL axes.
+  fovy: jnp.ndarray  # [...] vertical field of view, degrees.
   elevation: jnp.ndarray  # [...] degrees.
-  azimuth: jnp.ndarray    # [...] degrees.
-  radius: jnp.ndarray     # [...] world units.
+  azimuth: jnp.ndarray  # [...] degrees.
+  radius: jnp.ndarray  # [...] world units.
 
 
 def _safe_normalize(v: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
@@ -104,8 +103,7 @@ def _safe_normalize(v: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
 def _assemble_c2w(right, up, back, position) -> jnp.ndarray:
   """Stacks axis columns [..., 3] and the position [..., 3] into [..., 4, 4]."""
   rot = jnp.stack([right, up, back, position], axis=-1)  # [..., 3, 4]
-  bottom = jnp.broadcast_to(
-      jnp.array([0.0, 0.0, 0.0, 1.0], rot.dtype), rot.shape[:-2] + (1, 4))
+  bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 0.0, 1.0], rot.dtype), rot.shape[:-2] + (1, 4))
   return jnp.concatenate([rot, bottom], axis=-2)  # [..., 4, 4]
 
 
@@ -121,8 +119,7 @@ def _look_at(eye, target, up):
   fallback = _safe_normalize(jnp.cross(up, axis))  # [..., 3]
   ok = norm > 1e-6
   right = jnp.where(ok, right / jnp.where(ok, norm, 1.0), fallback)
-  right = jnp.broadcast_to(right, jnp.broadcast_shapes(right.shape,
-                                                       forward.shape))
+  right = jnp.broadcast_to(right, jnp.broadcast_shapes(right.shape, forward.shape))
   cam_up = jnp.cross(right, forward)  # [..., 3], unit: right _|_ forward.
   eye = jnp.broadcast_to(eye, right.shape)
   return _assemble_c2w(right, cam_up, -forward, eye)
@@ -154,8 +151,11 @@ def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> jnp.ndarray:
     checks.check_finite(name, v)
   if checks.is_concrete(up) and np.any(np.linalg.norm(np.asarray(up), axis=-1) == 0):
     raise ValueError("up must be a non-zero vector")
-  if (checks.is_concrete(eye) and checks.is_concrete(target) and
-      np.any(np.all(np.asarray(eye) == np.asarray(target), axis=-1))):
+  if (
+    checks.is_concrete(eye)
+    and checks.is_concrete(target)
+    and np.any(np.all(np.asarray(eye) == np.asarray(target), axis=-1))
+  ):
     raise ValueError("eye and target must differ")
 
   return _look_at(eye, target, up)
@@ -186,8 +186,7 @@ def from_spherical(radius, elevation, azimuth, fovy) -> Cameras:
   Returns:
     Cameras whose fields have the broadcast shape [...] (c2w [..., 4, 4]).
   """
-  named = (("radius", radius), ("elevation", elevation), ("azimuth", azimuth),
-           ("fovy", fovy))
+  named = (("radius", radius), ("elevation", elevation), ("azimuth", azimuth), ("fovy", fovy))
   for name, v in named:
     checks.check_finite(name, v)
   checks.check_range("radius", radius, 0.0, math.inf, True, True)
@@ -195,13 +194,21 @@ def from_spherical(radius, elevation, azimuth, fovy) -> Cameras:
   try:
     shape = jnp.broadcast_shapes(*(jnp.shape(v) for _, v in named))
   except ValueError as e:
-    raise ValueError("radius, elevation, azimuth and fovy must broadcast, got "
-                     f"shapes {[jnp.shape(v) for _, v in named]}") from e
+    raise ValueError(
+      "radius, elevation, azimuth and fovy must broadcast, got "
+      f"shapes {[jnp.shape(v) for _, v in named]}"
+    ) from e
   radius, elevation, azimuth, fovy = (
-      jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for _, v in named)
+    jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for _, v in named
+  )
 
-  return Cameras(c2w=_spherical_c2w(radius, elevation, azimuth), fovy=fovy,
-                 elevation=elevation, azimuth=azimuth, radius=radius)
+  return Cameras(
+    c2w=_spherical_c2w(radius, elevation, azimuth),
+    fovy=fovy,
+    elevation=elevation,
+    azimuth=azimuth,
+    radius=radius,
+  )
 
 
 def sample(key: jax.Array, ranges: CameraRanges, n: int) -> Cameras:
@@ -223,14 +230,15 @@ def sample(key: jax.Array, ranges: CameraRanges, n: int) -> Cameras:
   def uniform(k, bounds):
     return jax.random.uniform(k, (n,), jnp.float32, bounds[0], bounds[1])
 
-  return from_spherical(uniform(k_r, ranges.radius),
-                        uniform(k_e, ranges.elevation),
-                        uniform(k_a, ranges.azimuth),
-                        uniform(k_f, ranges.fovy))
+  return from_spherical(
+    uniform(k_r, ranges.radius),
+    uniform(k_e, ranges.elevation),
+    uniform(k_a, ranges.azimuth),
+    uniform(k_f, ranges.fovy),
+  )
 
 
-def orbit(n_views: int, radius: float, elevation: float,
-          fovy: float) -> Cameras:
+def orbit(n_views: int, radius: float, elevation: float, fovy: float) -> Cameras:
   """A 360-degree ring of cameras at fixed radius and elevation (for videos).
 
   View i has azimuth 360 * i / n_views degrees, wrapped to [-180, 180): the
@@ -292,8 +300,9 @@ def rays(c2w, fovy, height: int, width: int):
   try:
     jnp.broadcast_shapes(c2w.shape[:-2], fovy.shape)
   except ValueError as e:
-    raise ValueError(f"fovy shape {fovy.shape} does not broadcast with c2w's "
-                     f"leading shape {c2w.shape[:-2]}") from e
+    raise ValueError(
+      f"fovy shape {fovy.shape} does not broadcast with c2w's leading shape {c2w.shape[:-2]}"
+    ) from e
   checks.check_finite("c2w", c2w)
   checks.check_finite("fovy", fovy)
   checks.check_range("fovy", fovy, 0.0, 180.0, True, True)
@@ -306,8 +315,7 @@ def _view_label(elevation, azimuth):
   """view_label's maths on float32 inputs [...]."""
   # |azimuth| after wrapping to [-180, 180): [...] in [0, 180].
   wrapped = jnp.abs(jnp.mod(azimuth + 180.0, 360.0) - 180.0)
-  label = jnp.where(wrapped < _FRONT_AZIMUTH, 0,
-                    jnp.where(wrapped > _BACK_AZIMUTH, 2, 1))
+  label = jnp.where(wrapped < _FRONT_AZIMUTH, 0, jnp.where(wrapped > _BACK_AZIMUTH, 2, 1))
   label = jnp.where(elevation > _OVERHEAD_ELEVATION, 3, label)
   return label.astype(jnp.int32)
 
@@ -339,6 +347,5 @@ def view_prompt(prompt: str, label) -> str:
   if value.shape != () or not np.issubdtype(value.dtype, np.integer):
     raise ValueError(f"label must be an integer scalar, got {label!r}")
   if not 0 <= int(value) < len(VIEW_NAMES):
-    raise ValueError(
-        f"label must be in 0..{len(VIEW_NAMES) - 1}, got {label!r}")
+    raise ValueError(f"label must be in 0..{len(VIEW_NAMES) - 1}, got {label!r}")
   return f"{prompt}, {VIEW_NAMES[int(value)]} view"

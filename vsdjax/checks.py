@@ -12,6 +12,7 @@ their own checks, and a field the defaults do not have (a typo in an
 experiment file) is refused. Each message names the config field and what it
 accepts.
 """
+
 import difflib
 import math
 import re
@@ -38,8 +39,9 @@ def check_finite(name: str, x) -> None:
     raise ValueError(f"{name}: contains non-finite values")
 
 
-def check_range(name: str, x, low: float, high: float, low_open: bool = False,
-                high_open: bool = False) -> None:
+def check_range(
+  name: str, x, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
   """Raises ValueError naming `name` if a concrete `x` leaves [low, high] (or the open ends)."""
   v = concrete(x)
   if v is None:
@@ -116,8 +118,12 @@ def integer(lo=None, hi=None):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
       _fail(field, f"must be an integer, got {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-      _fail(field, f"must be an integer in [{lo if lo is not None else '-inf'}, "
-            f"{hi if hi is not None else 'inf'}], got {v!r}")
+      _fail(
+        field,
+        f"must be an integer in [{lo if lo is not None else '-inf'}, "
+        f"{hi if hi is not None else 'inf'}], got {v!r}",
+      )
+
   return check
 
 
@@ -130,8 +136,12 @@ def number(lo=None, hi=None, lo_open=False):
     low_bad = lo is not None and (v <= lo if lo_open else v < lo)
     if low_bad or (hi is not None and v > hi):
       left = "(" if lo_open else "["
-      _fail(field, f"must lie in {left}{lo if lo is not None else '-inf'}, "
-            f"{hi if hi is not None else 'inf'}], got {v!r}")
+      _fail(
+        field,
+        f"must lie in {left}{lo if lo is not None else '-inf'}, "
+        f"{hi if hi is not None else 'inf'}], got {v!r}",
+      )
+
   return check
 
 
@@ -139,6 +149,7 @@ def choice(*values):
   def check(field, v):
     if v not in values:
       _fail(field, f"must be one of {', '.join(repr(x) for x in values)}; got {v!r}")
+
   return check
 
 
@@ -168,83 +179,87 @@ _UNIT = number(0.0, 1.0)  # probabilities, and t as a fraction of the diffusion 
 # One rule per field of defaults.get_config(); a field without a rule is
 # unknown. `_by_dataclass` marks fields that a settings dataclass checks.
 RULES = {
-    "seed": integer(0, 2**32 - 1),
-    "steps": integer(0),
-    "n_particles": integer(1),
-    "mode": choice("train", "export"),
-    "representation": choice("nerf", "image"),
-    "prompt": string,
-    "guidance.mode": choice("vsd", "sds"),
-    "guidance.scale": _NONNEGATIVE,
-    "guidance.t_min": _UNIT,
-    "guidance.t_max": _UNIT,
-    "guidance.t_max_after": _UNIT,
-    "guidance.t_switch_step": integer(0),
-    "guidance.t_anneal_steps": integer(0),
-    "guidance.grad_clip": _NONNEGATIVE,
-    "guidance.view_prompts": boolean,
-    "prior.kind": choice("stable_diffusion", "analytic"),
-    "prior.name": nonempty_string,
-    "prior.dtype": choice("float32", "bfloat16"),
-    "prior.references": string,
-    "prior.sigma_ref": _NONNEGATIVE,
-    "prior.reference_size": integer(1),
-    "eps_phi.base": nonempty_string,
-    "eps_phi.mode": choice("lora", "full"),
-    "eps_phi.rank": integer(1),
-    "eps_phi.alpha": number(),
-    "eps_phi.lr": _POSITIVE,
-    "eps_phi.weight_decay": _NONNEGATIVE,
-    "eps_phi.camera_dropout": _UNIT,
-    "eps_phi.steps_per_step": integer(1),
-    "eps_phi.tiny_channels": _by_dataclass,
-    "scene.bound": _by_dataclass,
-    "scene.n_levels": _by_dataclass,
-    "scene.n_features": _by_dataclass,
-    "scene.log2_table_size": _by_dataclass,
-    "scene.base_resolution": _by_dataclass,
-    "scene.per_level_scale": _by_dataclass,
-    "scene.hidden": _by_dataclass,
-    "scene.density_activation": _by_dataclass,
-    "scene.blob_density": _by_dataclass,
-    "scene.blob_radius": _by_dataclass,
-    "scene.albedo_init_std": _by_dataclass,
-    "scene.shading": _by_dataclass,
-    "scene.background": _by_dataclass,
-    "scene.random_bg_prob": _UNIT,
-    "render.resolution": integer(1),
-    "render.resolution_after": integer(1),
-    "render.resolution_step": integer(0),
-    "render.n_samples": _by_dataclass,
-    "render.chunk": _by_dataclass,
-    "render.ray_batch": integer(0),
-    "camera.radius": _by_dataclass,
-    "camera.elevation": _by_dataclass,
-    "camera.azimuth": _by_dataclass,
-    "camera.fovy": _by_dataclass,
-    "optim.lr": _POSITIVE,
-    "optim.grid_lr": _POSITIVE,
-    "optim.b1": number(0.0, 1.0),
-    "optim.b2": number(0.0, 1.0),
-    "optim.eps": _NONNEGATIVE,
-    "loss.sparsity": _NONNEGATIVE,
-    "loss.opaque": _NONNEGATIVE,
-    "loss.entropy": _NONNEGATIVE,
-    "loss.orientation": _NONNEGATIVE,
-    "log_every": integer(1),
-    "checkpoint_every": integer(1),
-    "keep_checkpoints": integer(1),
-    "export.views": integer(0),
-    "export.video_frames": integer(0),
-    "export.resolution": integer(8),
-    "export.mesh_resolution": integer(2),
-    "export.mesh_threshold": number(),
-    "export.eval_views": integer(1),
+  "seed": integer(0, 2**32 - 1),
+  "steps": integer(0),
+  "n_particles": integer(1),
+  "mode": choice("train", "export"),
+  "representation": choice("nerf", "image"),
+  "prompt": string,
+  "guidance.mode": choice("vsd", "sds"),
+  "guidance.scale": _NONNEGATIVE,
+  "guidance.t_min": _UNIT,
+  "guidance.t_max": _UNIT,
+  "guidance.t_max_after": _UNIT,
+  "guidance.t_switch_step": integer(0),
+  "guidance.t_anneal_steps": integer(0),
+  "guidance.grad_clip": _NONNEGATIVE,
+  "guidance.view_prompts": boolean,
+  "prior.kind": choice("stable_diffusion", "analytic"),
+  "prior.name": nonempty_string,
+  "prior.dtype": choice("float32", "bfloat16"),
+  "prior.references": string,
+  "prior.sigma_ref": _NONNEGATIVE,
+  "prior.reference_size": integer(1),
+  "eps_phi.base": nonempty_string,
+  "eps_phi.mode": choice("lora", "full"),
+  "eps_phi.rank": integer(1),
+  "eps_phi.alpha": number(),
+  "eps_phi.lr": _POSITIVE,
+  "eps_phi.weight_decay": _NONNEGATIVE,
+  "eps_phi.camera_dropout": _UNIT,
+  "eps_phi.steps_per_step": integer(1),
+  "eps_phi.tiny_channels": _by_dataclass,
+  "scene.bound": _by_dataclass,
+  "scene.n_levels": _by_dataclass,
+  "scene.n_features": _by_dataclass,
+  "scene.log2_table_size": _by_dataclass,
+  "scene.base_resolution": _by_dataclass,
+  "scene.per_level_scale": _by_dataclass,
+  "scene.hidden": _by_dataclass,
+  "scene.density_activation": _by_dataclass,
+  "scene.blob_density": _by_dataclass,
+  "scene.blob_radius": _by_dataclass,
+  "scene.albedo_init_std": _by_dataclass,
+  "scene.shading": _by_dataclass,
+  "scene.background": _by_dataclass,
+  "scene.random_bg_prob": _UNIT,
+  "render.resolution": integer(1),
+  "render.resolution_after": integer(1),
+  "render.resolution_step": integer(0),
+  "render.n_samples": _by_dataclass,
+  "render.chunk": _by_dataclass,
+  "render.ray_batch": integer(0),
+  "camera.radius": _by_dataclass,
+  "camera.elevation": _by_dataclass,
+  "camera.azimuth": _by_dataclass,
+  "camera.fovy": _by_dataclass,
+  "optim.lr": _POSITIVE,
+  "optim.grid_lr": _POSITIVE,
+  "optim.b1": number(0.0, 1.0),
+  "optim.b2": number(0.0, 1.0),
+  "optim.eps": _NONNEGATIVE,
+  "loss.sparsity": _NONNEGATIVE,
+  "loss.opaque": _NONNEGATIVE,
+  "loss.entropy": _NONNEGATIVE,
+  "loss.orientation": _NONNEGATIVE,
+  "log_every": integer(1),
+  "checkpoint_every": integer(1),
+  "keep_checkpoints": integer(1),
+  "export.views": integer(0),
+  "export.video_frames": integer(0),
+  "export.resolution": integer(8),
+  "export.mesh_resolution": integer(2),
+  "export.mesh_threshold": number(),
+  "export.eval_views": integer(1),
 }
 
 # Settings dataclass names in their messages -> the config section they read.
-_SPEC_SECTIONS = {"GridSpec": "scene", "FieldSpec": "scene", "RenderSpec": "render",
-                  "CameraRanges": "camera"}
+_SPEC_SECTIONS = {
+  "GridSpec": "scene",
+  "FieldSpec": "scene",
+  "RenderSpec": "render",
+  "CameraRanges": "camera",
+}
 
 
 def flatten(config) -> dict:
@@ -264,8 +279,11 @@ def flatten(config) -> dict:
 
 def _spec_error(section: str, e: ValueError) -> ConfigError:
   """A settings dataclass's ValueError, with its field named as in the config."""
-  msg = re.sub(r"\b(GridSpec|FieldSpec|RenderSpec|CameraRanges)\.(\w+)",
-               lambda m: f"{_SPEC_SECTIONS[m.group(1)]}.{m.group(2)}", str(e))
+  msg = re.sub(
+    r"\b(GridSpec|FieldSpec|RenderSpec|CameraRanges)\.(\w+)",
+    lambda m: f"{_SPEC_SECTIONS[m.group(1)]}.{m.group(2)}",
+    str(e),
+  )
   return ConfigError(f"config section {section}: {msg}")
 
 
@@ -278,19 +296,22 @@ def validate_config(config) -> None:
   """
   # Deferred: these modules import jax-heavy code; checks.py stays importable alone.
   from vsdjax.guidance import eps_phi
-  from vsdjax.training import models
-  from vsdjax.representations.nerf import scene
   from vsdjax.prior.analytic import shapes
+  from vsdjax.representations.nerf import scene
+  from vsdjax.training import models
 
   flat = flatten(config)
   for field in sorted(set(flat) - set(RULES)):
     near = difflib.get_close_matches(field, RULES, n=1)
     hint = f" (did you mean {near[0]}?)" if near else ""
-    raise ConfigError(f"config field {field} is unknown{hint}; every field is listed "
-                      "and commented in vsdjax/defaults.py")
+    raise ConfigError(
+      f"config field {field} is unknown{hint}; every field is listed "
+      "and commented in vsdjax/defaults.py"
+    )
   for field in sorted(set(RULES) - set(flat)):
-    raise ConfigError(f"config field {field} is missing; derive the config from "
-                      "vsdjax.defaults.get_config()")
+    raise ConfigError(
+      f"config field {field} is missing; derive the config from vsdjax.defaults.get_config()"
+    )
   for field, rule in RULES.items():
     rule(field, flat[field])
 
@@ -300,15 +321,20 @@ def validate_config(config) -> None:
       _fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
   analytic = config.prior.kind == "analytic"
   if config.representation == "image" and not analytic:
-    _fail("representation", "'image' (particles are pixel images) needs prior.kind = "
-          "'analytic'")
+    _fail("representation", "'image' (particles are pixel images) needs prior.kind = 'analytic'")
   vsd = config.guidance.mode == "vsd"
   if vsd and analytic and config.eps_phi.base != "tiny":
-    _fail("eps_phi.base", "with prior.kind = 'analytic' it must be 'tiny' (a small "
-          f"pixel-space UNet), got {config.eps_phi.base!r}")
+    _fail(
+      "eps_phi.base",
+      "with prior.kind = 'analytic' it must be 'tiny' (a small "
+      f"pixel-space UNet), got {config.eps_phi.base!r}",
+    )
   if vsd and not analytic and config.eps_phi.base == "tiny":
-    _fail("eps_phi.base", "'tiny' is for the analytic prior; with Stable Diffusion "
-          "pass 'prior' or a model (hub id or local folder)")
+    _fail(
+      "eps_phi.base",
+      "'tiny' is for the analytic prior; with Stable Diffusion "
+      "pass 'prior' or a model (hub id or local folder)",
+    )
   if analytic:
     try:
       shapes.parse_references(config.prior.references)
@@ -321,15 +347,23 @@ def validate_config(config) -> None:
         factor = 2 ** (len(config.eps_phi.tiny_channels) - 1)
         for name in ("resolution", "resolution_after"):
           if config.render[name] % factor:
-            _fail(f"render.{name}", f"must be a multiple of {factor} (the tiny eps_phi "
-                  f"UNet halves it {factor.bit_length() - 1} times), got {config.render[name]}")
-      eps_phi.EpsPhiSpec(mode=config.eps_phi.mode, rank=config.eps_phi.rank,
-                         alpha=config.eps_phi.alpha,
-                         camera_dropout=config.eps_phi.camera_dropout)
+            _fail(
+              f"render.{name}",
+              f"must be a multiple of {factor} (the tiny eps_phi "
+              f"UNet halves it {factor.bit_length() - 1} times), got {config.render[name]}",
+            )
+      eps_phi.EpsPhiSpec(
+        mode=config.eps_phi.mode,
+        rank=config.eps_phi.rank,
+        alpha=config.eps_phi.alpha,
+        camera_dropout=config.eps_phi.camera_dropout,
+      )
     except (ValueError, TypeError) as e:
       raise ConfigError(f"config section eps_phi: {e}") from e
-  for section, build in (("scene / render", scene.spec_from_config),
-                         ("camera", scene.camera_ranges_from_config)):
+  for section, build in (
+    ("scene / render", scene.spec_from_config),
+    ("camera", scene.camera_ranges_from_config),
+  ):
     try:
       build(config)
     except (ValueError, TypeError) as e:

@@ -1,4 +1,5 @@
 """What a long run says while it works (loading, compiling, exporting)."""
+
 import sys
 
 import tqdm

@@ -5,49 +5,50 @@ they change; the command line overrides further (`--config.steps=100`).
 Defaults are the published ProlificDreamer stage-1 settings, so
 `experiments/vsd.py` changes little.
 """
+
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0                    # PRNG seed; same seed + config -> same result
-  c.steps = 25_000              # optimisation steps (stage 1, NeRF)
-  c.n_particles = 1             # VSD particles (n); SDS uses 1
-  c.mode = "train"              # "train" (train, then export) or "export" (export the latest checkpoint)
-  c.representation = "nerf"     # what a particle is: "nerf" (hash-grid NeRF) or "image" (the
-                                # paper's 2D experiment; vsdjax/representations/)
-  c.prompt = "a hamburger"      # text prompt (Stable Diffusion priors)
+  c.seed = 0  # PRNG seed; same seed + config -> same result
+  c.steps = 25_000  # optimisation steps (stage 1, NeRF)
+  c.n_particles = 1  # VSD particles (n); SDS uses 1
+  c.mode = "train"  # "train" (train, then export) or "export" (export the latest checkpoint)
+  c.representation = "nerf"  # what a particle is: "nerf" (hash-grid NeRF) or "image" (the
+  # paper's 2D experiment; vsdjax/representations/)
+  c.prompt = "a hamburger"  # text prompt (Stable Diffusion priors)
 
   # --- guidance: the particle update (SDS / VSD, vsdjax/guidance/distill.py) ---
   c.guidance = ml_collections.ConfigDict()
-  c.guidance.mode = "vsd"       # "vsd" (eps_phi) or "sds" (eps_phi replaced by the sampled noise)
-  c.guidance.scale = 7.5        # CFG of the pretrained branch (VSD 7.5; SDS ~100)
-  c.guidance.t_min = 0.02       # t ~ U[t_min, t_max] (fractions of the 1000 steps)
+  c.guidance.mode = "vsd"  # "vsd" (eps_phi) or "sds" (eps_phi replaced by the sampled noise)
+  c.guidance.scale = 7.5  # CFG of the pretrained branch (VSD 7.5; SDS ~100)
+  c.guidance.t_min = 0.02  # t ~ U[t_min, t_max] (fractions of the 1000 steps)
   c.guidance.t_max = 0.98
   c.guidance.t_max_after = 0.5  # t_max after `t_switch_step`
   c.guidance.t_switch_step = 5_000  # hard switch of t_max (ProlificDreamer, threestudio)
-  c.guidance.t_anneal_steps = 0     # >0: anneal t_max linearly over this many steps
-                                    # ending at t_switch_step instead of the hard switch
-  c.guidance.grad_clip = 0.0    # >0: clip each particle's VSD gradient (in x0 space) to this norm
+  c.guidance.t_anneal_steps = 0  # >0: anneal t_max linearly over this many steps
+  # ending at t_switch_step instead of the hard switch
+  c.guidance.grad_clip = 0.0  # >0: clip each particle's VSD gradient (in x0 space) to this norm
   c.guidance.view_prompts = True  # append ", front/side/back/overhead view" by camera
 
   # --- prior: the frozen pretrained score model ---
   c.prior = ml_collections.ConfigDict()
   c.prior.kind = "stable_diffusion"  # "stable_diffusion" or "analytic"
   c.prior.name = "stabilityai/stable-diffusion-2-1-base"  # hub id or local diffusers folder
-  c.prior.dtype = "float32"     # "float32" or "bfloat16" for the frozen UNet / VAE
+  c.prior.dtype = "float32"  # "float32" or "bfloat16" for the frozen UNet / VAE
   c.prior.references = "sphere:#d04040"  # analytic: "shape:#rrggbb,..." components (shapes.py)
-  c.prior.sigma_ref = 0.0       # analytic: std of each component around its reference (x0 units)
-  c.prior.reference_size = 32   # analytic: render size of the references (= render size)
+  c.prior.sigma_ref = 0.0  # analytic: std of each component around its reference (x0 units)
+  c.prior.reference_size = 32  # analytic: render size of the references (= render size)
 
   # --- eps_phi: the camera-conditioned LoRA noise predictor (VSD only) ---
   c.eps_phi = ml_collections.ConfigDict()
   c.eps_phi.base = "stabilityai/stable-diffusion-2-1"  # base model; "prior" shares the prior's UNet
-                                # (less memory); "tiny" = small UNet from scratch (analytic prior)
-  c.eps_phi.mode = "lora"       # "lora" (frozen base + LoRA) or "full" (all weights train)
-  c.eps_phi.rank = 4            # LoRA rank r
-  c.eps_phi.alpha = 4.0         # LoRA scale alpha / r
-  c.eps_phi.lr = 1e-4           # AdamW learning rate
+  # (less memory); "tiny" = small UNet from scratch (analytic prior)
+  c.eps_phi.mode = "lora"  # "lora" (frozen base + LoRA) or "full" (all weights train)
+  c.eps_phi.rank = 4  # LoRA rank r
+  c.eps_phi.alpha = 4.0  # LoRA scale alpha / r
+  c.eps_phi.lr = 1e-4  # AdamW learning rate
   c.eps_phi.weight_decay = 0.0  # AdamW weight decay
   c.eps_phi.camera_dropout = 0.1  # probability the camera is replaced by zeros
   c.eps_phi.steps_per_step = 1  # eps_phi updates per particle update
@@ -55,30 +56,30 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- scene: one NeRF per particle (field.py, hashgrid.py, background.py) ---
   c.scene = ml_collections.ConfigDict()
-  c.scene.bound = 1.0           # scene is the cube [-bound, bound]^3
-  c.scene.n_levels = 16         # hash grid levels L
-  c.scene.n_features = 2        # features per level F
+  c.scene.bound = 1.0  # scene is the cube [-bound, bound]^3
+  c.scene.n_levels = 16  # hash grid levels L
+  c.scene.n_features = 2  # features per level F
   c.scene.log2_table_size = 19  # table size T = 2^19
   c.scene.base_resolution = 16  # coarsest grid resolution
   c.scene.per_level_scale = 1.447269  # growth per level (threestudio)
-  c.scene.hidden = 64           # MLP width of the density / albedo heads
+  c.scene.hidden = 64  # MLP width of the density / albedo heads
   c.scene.density_activation = "trunc_exp"  # "trunc_exp" or "softplus"
-  c.scene.blob_density = 10.0   # density bias at the centre (ProlificDreamer "blob")
-  c.scene.blob_radius = 0.5     # radius where the blob bias reaches 0
+  c.scene.blob_density = 10.0  # density bias at the centre (ProlificDreamer "blob")
+  c.scene.blob_radius = 0.5  # radius where the blob bias reaches 0
   c.scene.albedo_init_std = 0.0  # >0: each particle starts in a random colour (std of raw albedo)
-  c.scene.shading = "albedo"    # "albedo", "diffuse" (random point light) or "textureless"
-  c.scene.background = "mlp"    # "mlp" (view-direction MLP) or "white"
+  c.scene.shading = "albedo"  # "albedo", "diffuse" (random point light) or "textureless"
+  c.scene.background = "mlp"  # "mlp" (view-direction MLP) or "white"
   c.scene.random_bg_prob = 0.5  # probability of a random solid background colour per render
 
   # --- render ---
   c.render = ml_collections.ConfigDict()
-  c.render.resolution = 64      # render size before `resolution_step`
+  c.render.resolution = 64  # render size before `resolution_step`
   c.render.resolution_after = 512  # render size from `resolution_step` on
   c.render.resolution_step = 5_000  # step of the resolution switch (one recompilation)
-  c.render.n_samples = 64       # samples per ray
-  c.render.chunk = 16           # samples per lax.scan step (rematerialised)
-  c.render.ray_batch = 32_768   # >0: render in batches of this many rays (lax.map);
-                                # bounds memory at 512x512 (benchmarks/README.md); 0: one batch
+  c.render.n_samples = 64  # samples per ray
+  c.render.chunk = 16  # samples per lax.scan step (rematerialised)
+  c.render.ray_batch = 32_768  # >0: render in batches of this many rays (lax.map);
+  # bounds memory at 512x512 (benchmarks/README.md); 0: one batch
 
   # --- cameras (degrees, world units; cameras.py) ---
   c.camera = ml_collections.ConfigDict()
@@ -89,28 +90,28 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- particle optimiser (Adam) ---
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3             # MLPs and background
-  c.optim.grid_lr = 1e-2        # hash grid tables
+  c.optim.lr = 1e-3  # MLPs and background
+  c.optim.grid_lr = 1e-2  # hash grid tables
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
   c.optim.eps = 1e-15
 
   # --- regularisers (weights; 0 disables) ---
   c.loss = ml_collections.ConfigDict()
-  c.loss.sparsity = 10.0        # mean opacity sparsity (threestudio)
-  c.loss.opaque = 0.0           # binary entropy of opacity
-  c.loss.entropy = 0.0          # entropy of the ray weights (ProlificDreamer official)
-  c.loss.orientation = 0.0      # DreamFusion orientation loss (needs normals)
+  c.loss.sparsity = 10.0  # mean opacity sparsity (threestudio)
+  c.loss.opaque = 0.0  # binary entropy of opacity
+  c.loss.entropy = 0.0  # entropy of the ray weights (ProlificDreamer official)
+  c.loss.orientation = 0.0  # DreamFusion orientation loss (needs normals)
 
   # --- logging, checkpoints, export ---
-  c.log_every = 50              # metrics.jsonl interval (steps)
-  c.checkpoint_every = 1_000    # orbax checkpoint interval (steps)
-  c.keep_checkpoints = 2        # checkpoints kept
+  c.log_every = 50  # metrics.jsonl interval (steps)
+  c.checkpoint_every = 1_000  # orbax checkpoint interval (steps)
+  c.keep_checkpoints = 2  # checkpoints kept
   c.export = ml_collections.ConfigDict()
-  c.export.views = 8            # PNG views per particle
-  c.export.video_frames = 60    # frames of the 360-degree orbit video
-  c.export.resolution = 256     # export render size
+  c.export.views = 8  # PNG views per particle
+  c.export.video_frames = 60  # frames of the 360-degree orbit video
+  c.export.resolution = 256  # export render size
   c.export.mesh_resolution = 128  # marching-cubes grid
   c.export.mesh_threshold = 10.0  # density iso-level
-  c.export.eval_views = 8       # analytic prior: held-out cameras for eval.json
+  c.export.eval_views = 8  # analytic prior: held-out cameras for eval.json
   return c

@@ -19,6 +19,7 @@ another (e.g. prior.name for a moved model folder).
 Export: --config.mode=export writes DIR/final/ again from the latest checkpoint.
 Errors print one line; --debug prints the traceback.
 """
+
 import sys
 import tempfile
 import traceback
@@ -28,24 +29,31 @@ from ml_collections import config_flags
 
 from vsdjax import checks, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "
-                                          "(experiments/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (config, metrics, "
-                               "checkpoints, exports); rerun to resume.")
-_ALLOW = flags.DEFINE_list("allow_change", [], "Config fields that may differ from the "
-                           "run in --workdir when resuming (not those that set the state's "
-                           "shapes).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (experiments/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Work directory (config, metrics, checkpoints, exports); rerun to resume."
+)
+_ALLOW = flags.DEFINE_list(
+  "allow_change",
+  [],
+  "Config fields that may differ from the "
+  "run in --workdir when resuming (not those that set the state's "
+  "shapes).",
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Print the traceback of errors.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(message: str, code: int = 2):
   """Prints one line (the traceback goes to a file) and exits with `code`."""
-  with tempfile.NamedTemporaryFile("w", prefix="vsdjax-error-", suffix=".log",
-                                   delete=False) as f:
+  with tempfile.NamedTemporaryFile("w", prefix="vsdjax-error-", suffix=".log", delete=False) as f:
     traceback.print_exc(file=f)
-  print(f"vsdjax: error: {' '.join(str(message).split())} (traceback: {f.name}; "
-        "--debug prints it)", file=sys.stderr)
+  print(
+    f"vsdjax: error: {' '.join(str(message).split())} (traceback: {f.name}; --debug prints it)",
+    file=sys.stderr,
+  )
   sys.exit(code)
 
 
@@ -64,8 +72,7 @@ def _parse_flags(argv):
     if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):
       e = e.__context__  # ml_collections' unknown field, with its "did you mean".
     detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    _fail(f"a --config.FIELD override: {detail}; every field is listed in "
-          "vsdjax/defaults.py")
+    _fail(f"a --config.FIELD override: {detail}; every field is listed in vsdjax/defaults.py")
 
 
 def main(argv):
@@ -78,8 +85,10 @@ def main(argv):
   except (OSError, SyntaxError, ValueError) as e:
     if _DEBUG.value:
       raise
-    _fail(f"--config {flags.FLAGS['config'].config_filename} cannot be loaded: "
-          f"{str(e).splitlines()[-1].strip()}")
+    _fail(
+      f"--config {flags.FLAGS['config'].config_filename} cannot be loaded: "
+      f"{str(e).splitlines()[-1].strip()}"
+    )
   try:
     train.train_and_evaluate(config, _WORKDIR.value, allow_changes=_ALLOW.value)
   except checks.UserError as e:

@@ -6,6 +6,7 @@ by orbax). Layers use He-uniform weights (suited to ReLU) and zero biases, so
 at initialisation the output is a zero-mean function of the input with no
 constant offset; the field relies on this to start from its density bias alone.
 """
+
 from typing import Callable, Sequence
 
 import jax
@@ -31,11 +32,11 @@ def init(key: jax.Array, sizes: Sequence[int]) -> dict:
   keys = jax.random.split(key, len(sizes) - 1)
   w_init = jax.nn.initializers.he_uniform()
   return {
-      f"layer_{i}": {
-          "w": w_init(k, (n_in, n_out), jnp.float32),
-          "b": jnp.zeros((n_out,), jnp.float32),
-      }
-      for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+    f"layer_{i}": {
+      "w": w_init(k, (n_in, n_out), jnp.float32),
+      "b": jnp.zeros((n_out,), jnp.float32),
+    }
+    for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
   }
 
 
@@ -43,15 +44,15 @@ def num_layers(params: dict) -> int:
   """Number of dense layers in `params` (checks the keys are contiguous)."""
   n = len(params)
   if n == 0 or set(params) != {f"layer_{i}" for i in range(n)}:
-    raise ValueError(
-        f"params must have keys layer_0..layer_{{n-1}}, got {sorted(params)}")
+    raise ValueError(f"params must have keys layer_0..layer_{{n-1}}, got {sorted(params)}")
   return n
 
 
-def apply(params: dict,
-          x: jnp.ndarray,
-          activation: Callable[[jnp.ndarray], jnp.ndarray] = jax.nn.relu,
-          ) -> jnp.ndarray:
+def apply(
+  params: dict,
+  x: jnp.ndarray,
+  activation: Callable[[jnp.ndarray], jnp.ndarray] = jax.nn.relu,
+) -> jnp.ndarray:
   """Applies the MLP.
 
   Args:

@@ -13,6 +13,7 @@ Work directory:
                        that restores (training/workdir.py)
   DIR/final/           exports (particle_<i>/...) and, for the analytic prior, eval.json
 """
+
 import contextlib
 import json
 import math
@@ -28,9 +29,7 @@ import tqdm
 
 from vsdjax import checks, console
 from vsdjax.prior.analytic import evaluate
-from vsdjax.training import models as models_lib
-from vsdjax.training import train_step
-from vsdjax.training import workdir as workdir_lib
+from vsdjax.training import models as models_lib, train_step, workdir as workdir_lib
 
 
 class NonFiniteLossError(checks.UserError, FloatingPointError):
@@ -71,12 +70,18 @@ def _healthy(metrics: dict) -> jax.Array:
 def _nonfinite_error(metrics: dict, step: int, last_checkpoint, workdir: str):
   parts = [f"{k}={v}" for k, v in sorted(metrics.items()) if not math.isfinite(v)]
   if metrics.get("guidance_nonfinite", 0):
-    parts.append(f"guidance_nonfinite={metrics['guidance_nonfinite']:g} (NaN or infinite "
-                 "entries of the noise predictions)")
-  where = (f"the last good checkpoint is step {last_checkpoint} in {workdir}/checkpoints"
-           if last_checkpoint is not None else "no checkpoint was written")
-  return NonFiniteLossError(f"step {step}: non-finite {'; '.join(parts)}; stopped, nothing "
-                            f"of this step saved; {where}")
+    parts.append(
+      f"guidance_nonfinite={metrics['guidance_nonfinite']:g} (NaN or infinite "
+      "entries of the noise predictions)"
+    )
+  where = (
+    f"the last good checkpoint is step {last_checkpoint} in {workdir}/checkpoints"
+    if last_checkpoint is not None
+    else "no checkpoint was written"
+  )
+  return NonFiniteLossError(
+    f"step {step}: non-finite {'; '.join(parts)}; stopped, nothing of this step saved; {where}"
+  )
 
 
 @contextlib.contextmanager
@@ -93,8 +98,10 @@ def _stop_on_signals():
     caught["signum"] = signum
     for s, h in previous.items():
       signal.signal(s, h)
-    console.say(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
-                "(send it again to stop at once)")
+    console.say(
+      f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+      "(send it again to stop at once)"
+    )
 
   for s in previous:
     signal.signal(s, handler)
@@ -149,8 +156,9 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
         compiling = res not in steps
         if compiling:  # A new bar after the compile, so its ETA leaves the compile out.
           bar = bar.close() if bar is not None else None
-          console.say(f"compiling the train step for {res}x{res} renders (minutes for "
-                      "Stable Diffusion) ...")
+          console.say(
+            f"compiling the train step for {res}x{res} renders (minutes for Stable Diffusion) ..."
+          )
           steps[res] = train_step.make_train_step(config, models, frozen, res)
           t_compile = time.time()
         state, metrics = steps[res](state, key)
@@ -160,27 +168,34 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
           raise _nonfinite_error(metrics, done, mngr.latest_step(), workdir)
         if compiling:
           console.say(f"step {done} (compile and run) took {time.time() - t_compile:.1f} s")
-          bar = tqdm.tqdm(total=config.steps, initial=done, desc="vsdjax", unit="step",
-                          dynamic_ncols=True)
+          bar = tqdm.tqdm(
+            total=config.steps, initial=done, desc="vsdjax", unit="step", dynamic_ncols=True
+          )
         else:
           bar.update(1)
         if done % config.log_every == 0 or done == config.steps:
           metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", res=res)
-          log.write(json.dumps({"step": done, **metrics, "resolution": res,
-                                "seconds": round(time.time() - t0, 3)}) + "\n")
+          log.write(
+            json.dumps(
+              {"step": done, **metrics, "resolution": res, "seconds": round(time.time() - t0, 3)}
+            )
+            + "\n"
+          )
           log.flush()
-        if (done % config.checkpoint_every == 0 or done == config.steps
-            or stop["signum"] is not None):
+        if (
+          done % config.checkpoint_every == 0 or done == config.steps or stop["signum"] is not None
+        ):
           mngr.save(done, args=ocp.args.StandardSave(state))
           mngr.wait_until_finished()
           saved = done
         if stop["signum"] is not None:
           name = signal.Signals(stop["signum"]).name
           raise TrainingInterrupted(
-              f"{name} at step {done}: saved checkpoint {saved} in "
-              f"{workdir_lib.checkpoint_dir(workdir)}; the same command resumes from it",
-              stop["signum"])
+            f"{name} at step {done}: saved checkpoint {saved} in "
+            f"{workdir_lib.checkpoint_dir(workdir)}; the same command resumes from it",
+            stop["signum"],
+          )
     finally:
       if bar is not None:
         bar.close()

@@ -9,6 +9,7 @@ with eps_target = eps_phi(x_t, t, c, y) for VSD and the sampled noise eps for SD
 0.5 * |x0 - stop_gradient(x0 - grad)|^2 whose gradient w.r.t. x0 is `grad`; the
 score networks are never differentiated.
 """
+
 import jax
 import jax.numpy as jnp
 

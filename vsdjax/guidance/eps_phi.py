@@ -28,6 +28,7 @@ Conventions:
     `init` eps_phi equals the base model exactly, for any camera.
   * Images are NCHW as in diffusers: x_t [B, C, h, w], encoder states [B, L, D_text].
 """
+
 from collections.abc import Mapping
 import dataclasses
 
@@ -59,6 +60,7 @@ class EpsPhiSpec:
     camera_hidden: hidden width of the camera MLP; None uses the UNet's
       time-embedding dim.
   """
+
   mode: str = "lora"
   rank: int = 4
   alpha: float = 4.0
@@ -72,8 +74,9 @@ class EpsPhiSpec:
     checks.check_int("EpsPhiSpec.rank", self.rank)
     checks.check_range("EpsPhiSpec.camera_dropout", self.camera_dropout, 0.0, 1.0)
     if self.camera_hidden is not None:
-      object.__setattr__(self, "camera_hidden",
-                         checks.check_int("EpsPhiSpec.camera_hidden", self.camera_hidden))
+      object.__setattr__(
+        self, "camera_hidden", checks.check_int("EpsPhiSpec.camera_hidden", self.camera_hidden)
+      )
 
   @property
   def lora_scale(self) -> float:
@@ -86,8 +89,7 @@ def time_embed_dim(unet_module: nn.Module) -> int:
   return 4 * unet_module.block_out_channels[0]
 
 
-def init(key: jax.Array, spec: EpsPhiSpec, unet_module: nn.Module,
-         base_params: Mapping) -> dict:
+def init(key: jax.Array, spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping) -> dict:
   """Initialises the trainable parameters of eps_phi.
 
   Args:
@@ -107,21 +109,25 @@ def init(key: jax.Array, spec: EpsPhiSpec, unet_module: nn.Module,
   if not isinstance(spec, EpsPhiSpec):
     raise ValueError(f"spec must be an EpsPhiSpec, got {type(spec).__name__}")
   if not isinstance(base_params, Mapping) or "time_embedding" not in base_params:
-    raise ValueError("base_params must be the UNet parameter tree (the inside of "
-                     "{'params': ...}, with a 'time_embedding' entry)")
+    raise ValueError(
+      "base_params must be the UNet parameter tree (the inside of "
+      "{'params': ...}, with a 'time_embedding' entry)"
+    )
   d = time_embed_dim(unet_module)
   d_params = base_params["time_embedding"]["linear_2"]["kernel"].shape[-1]
   if d_params != d:
-    raise ValueError(f"base_params: time embedding has width {d_params}, but "
-                     f"unet_module expects {d}")
+    raise ValueError(
+      f"base_params: time embedding has width {d_params}, but unet_module expects {d}"
+    )
   hidden = d if spec.camera_hidden is None else spec.camera_hidden
   k_lora, k_cam = jax.random.split(key)
   camera = mlp.init(k_cam, (CAMERA_DIM, hidden, d))
   camera["layer_1"] = jax.tree.map(jnp.zeros_like, camera["layer_1"])
   if spec.mode == "lora":
     return {"lora": lora_lib.init(k_lora, base_params, spec.rank), "camera": camera}
-  unet = jax.tree.map(lambda w: jnp.array(w, jnp.float32, copy=True),
-                      flax.core.unfreeze(base_params))
+  unet = jax.tree.map(
+    lambda w: jnp.array(w, jnp.float32, copy=True), flax.core.unfreeze(base_params)
+  )
   return {"unet": unet, "camera": camera}
 
 
@@ -135,33 +141,41 @@ def _unet_params(spec: EpsPhiSpec, base_params: Mapping, trainable: Mapping) -> 
   expected = {"lora": {"lora", "camera"}, "full": {"unet", "camera"}}[spec.mode]
   if not isinstance(trainable, Mapping) or set(trainable) != expected:
     got = sorted(trainable) if isinstance(trainable, Mapping) else type(trainable).__name__
-    raise ValueError(f"trainable must have keys {sorted(expected)} in mode "
-                     f"{spec.mode!r}, got {got}")
+    raise ValueError(
+      f"trainable must have keys {sorted(expected)} in mode {spec.mode!r}, got {got}"
+    )
   if spec.mode == "full":
     return trainable["unet"]
-  return lora_lib.merge(jax.lax.stop_gradient(base_params), trainable["lora"],
-                        spec.lora_scale)
+  return lora_lib.merge(jax.lax.stop_gradient(base_params), trainable["lora"], spec.lora_scale)
 
 
 def _check_inputs(unet_module: nn.Module, x_t, t, emb, camera) -> None:
   """Raises ValueError on inputs whose shapes eps_phi cannot take."""
   if x_t.ndim != 4 or x_t.shape[1] != unet_module.in_channels:
     raise ValueError(f"x_t must be [B, {unet_module.in_channels}, h, w], got {x_t.shape}")
-  batch, factor = x_t.shape[0], 2**(len(unet_module.block_out_channels) - 1)
+  batch, factor = x_t.shape[0], 2 ** (len(unet_module.block_out_channels) - 1)
   if x_t.shape[2] % factor or x_t.shape[3] % factor:
     raise ValueError(f"x_t: h and w must be multiples of {factor}, got {x_t.shape[2:]}")
   if t.shape != (batch,):
     raise ValueError(f"t must have shape [{batch}], got {t.shape}")
   if emb.ndim != 3 or emb.shape[0] != batch or emb.shape[2] != unet_module.cross_attention_dim:
-    raise ValueError(f"emb must be [{batch}, L, {unet_module.cross_attention_dim}], "
-                     f"got {emb.shape}")
+    raise ValueError(
+      f"emb must be [{batch}, L, {unet_module.cross_attention_dim}], got {emb.shape}"
+    )
   if camera.shape != (batch, CAMERA_DIM):
     raise ValueError(f"camera must have shape [{batch}, {CAMERA_DIM}], got {camera.shape}")
 
 
-def apply(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
-          trainable: Mapping, x_t: jax.Array, t: jax.Array, emb: jax.Array,
-          camera: jax.Array) -> jax.Array:
+def apply(
+  spec: EpsPhiSpec,
+  unet_module: nn.Module,
+  base_params: Mapping,
+  trainable: Mapping,
+  x_t: jax.Array,
+  t: jax.Array,
+  emb: jax.Array,
+  camera: jax.Array,
+) -> jax.Array:
   """Runs eps_phi.
 
   Args:
@@ -187,8 +201,11 @@ def apply(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
 
   def add_camera(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if (context.method_name == "__call__" and context.module.name == "time_embedding"
-        and isinstance(context.module.parent, unet_type)):
+    if (
+      context.method_name == "__call__"
+      and context.module.name == "time_embedding"
+      and isinstance(context.module.parent, unet_type)
+    ):
       calls.append(context.module.path)
       out = out + cam_emb.astype(out.dtype)  # [B, D]
     return out
@@ -196,15 +213,25 @@ def apply(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
   with nn.intercept_methods(add_camera):
     out = unet_module.apply({"params": params}, x_t, t, emb, return_dict=False)[0]
   if len(calls) != 1:  # Guards against a diffusers change of the module tree.
-    raise ValueError(f"unet_module: expected one call of its time_embedding, saw "
-                     f"{len(calls)}; the camera embedding was not added once")
+    raise ValueError(
+      f"unet_module: expected one call of its time_embedding, saw "
+      f"{len(calls)}; the camera embedding was not added once"
+    )
   return out  # [B, C, h, w]
 
 
-def predict_eps(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
-                trainable: Mapping, x_t: jax.Array, t: jax.Array, emb: jax.Array,
-                camera: jax.Array, alphas_cumprod: jax.Array,
-                prediction_type: str) -> jax.Array:
+def predict_eps(
+  spec: EpsPhiSpec,
+  unet_module: nn.Module,
+  base_params: Mapping,
+  trainable: Mapping,
+  x_t: jax.Array,
+  t: jax.Array,
+  emb: jax.Array,
+  camera: jax.Array,
+  alphas_cumprod: jax.Array,
+  prediction_type: str,
+) -> jax.Array:
   """eps_phi's noise prediction (a v output is converted to eps).
 
   Args:
@@ -218,14 +245,23 @@ def predict_eps(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
   """
   out = apply(spec, unet_module, base_params, trainable, x_t, t, emb, camera)
   a_t, s_t = schedule.coefficients(alphas_cumprod, t)  # [B], [B]
-  return schedule.eps_from_output(out.astype(jnp.float32), jnp.asarray(x_t, jnp.float32),
-                                  a_t, s_t, prediction_type)
+  return schedule.eps_from_output(
+    out.astype(jnp.float32), jnp.asarray(x_t, jnp.float32), a_t, s_t, prediction_type
+  )
 
 
-def loss(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
-         trainable: Mapping, x0: jax.Array, emb: jax.Array, camera: jax.Array,
-         alphas_cumprod: jax.Array, prediction_type: str,
-         key: jax.Array) -> tuple[jax.Array, dict]:
+def loss(
+  spec: EpsPhiSpec,
+  unet_module: nn.Module,
+  base_params: Mapping,
+  trainable: Mapping,
+  x0: jax.Array,
+  emb: jax.Array,
+  camera: jax.Array,
+  alphas_cumprod: jax.Array,
+  prediction_type: str,
+  key: jax.Array,
+) -> tuple[jax.Array, dict]:
   """The diffusion loss that fits eps_phi to the current renders.
 
   For each sample: t' ~ U{0..T-1}, eps' ~ N(0, I), x_t' = a_t' x0 + s_t' eps';
@@ -247,13 +283,15 @@ def loss(spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping,
      'camera_dropped': [B] bool}.
   """
   if prediction_type not in _PREDICTION_TYPES:
-    raise ValueError(f"prediction_type={prediction_type!r} is unknown; expected "
-                     f"one of {_PREDICTION_TYPES}")
+    raise ValueError(
+      f"prediction_type={prediction_type!r} is unknown; expected one of {_PREDICTION_TYPES}"
+    )
   x0 = jax.lax.stop_gradient(jnp.asarray(x0, jnp.float32))  # [B, C, h, w]
   camera = jnp.asarray(camera)
   if x0.ndim != 4 or camera.shape != (x0.shape[0], CAMERA_DIM):
-    raise ValueError(f"x0 must be [B, C, h, w] and camera [B, {CAMERA_DIM}], got "
-                     f"{x0.shape} and {camera.shape}")
+    raise ValueError(
+      f"x0 must be [B, C, h, w] and camera [B, {CAMERA_DIM}], got {x0.shape} and {camera.shape}"
+    )
   alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
   if alphas_cumprod.ndim != 1:
     raise ValueError(f"alphas_cumprod must be [T], got shape {alphas_cumprod.shape}")
@@ -287,6 +325,7 @@ class EpsPhi:
     alphas_cumprod: [T] abar_t of the base model's schedule.
     prediction_type: "epsilon" or "v_prediction", what the base model predicts.
   """
+
   unet: nn.Module
   spec: EpsPhiSpec
   alphas_cumprod: np.ndarray
@@ -298,10 +337,30 @@ class EpsPhi:
 
   def predict_eps(self, base_params, trainable, x_t, t, emb, camera) -> jax.Array:
     """eps [B, C, h, w] (see `predict_eps`)."""
-    return predict_eps(self.spec, self.unet, base_params, trainable, x_t, t, emb, camera,
-                       self.alphas_cumprod, self.prediction_type)
+    return predict_eps(
+      self.spec,
+      self.unet,
+      base_params,
+      trainable,
+      x_t,
+      t,
+      emb,
+      camera,
+      self.alphas_cumprod,
+      self.prediction_type,
+    )
 
   def loss(self, base_params, trainable, x0, emb, camera, key) -> tuple[jax.Array, dict]:
     """The diffusion loss on clean samples x0 [B, C, h, w] (see `loss`)."""
-    return loss(self.spec, self.unet, base_params, trainable, x0, emb, camera,
-                self.alphas_cumprod, self.prediction_type, key)
+    return loss(
+      self.spec,
+      self.unet,
+      base_params,
+      trainable,
+      x0,
+      emb,
+      camera,
+      self.alphas_cumprod,
+      self.prediction_type,
+      key,
+    )

@@ -18,6 +18,7 @@ Targets are named by diffusers' FlaxAttention attribute names ("query", "key",
 their PyTorch-compatible names ("to_q", "to_k", "to_v", "to_out_0"), which are
 accepted too. Only kernels are adapted; the bias of "to_out_0" stays frozen.
 """
+
 from collections.abc import Mapping, Sequence
 import functools
 import math
@@ -27,10 +28,10 @@ import jax.numpy as jnp
 
 # FlaxAttention attribute name -> name of its Dense in the parameter tree.
 PARAM_NAMES = {
-    "query": "to_q",
-    "key": "to_k",
-    "value": "to_v",
-    "proj_attn": "to_out_0",
+  "query": "to_q",
+  "key": "to_k",
+  "value": "to_v",
+  "proj_attn": "to_out_0",
 }
 DEFAULT_TARGETS = ("query", "key", "value", "proj_attn")
 
@@ -88,8 +89,9 @@ def paths(lora: Mapping) -> list[tuple[str, ...]]:
   return [path for path, _ in _adapters(lora)]
 
 
-def init(key: jax.Array, unet_params: Mapping, rank: int,
-         targets: Sequence[str] = DEFAULT_TARGETS) -> dict:
+def init(
+  key: jax.Array, unet_params: Mapping, rank: int, targets: Sequence[str] = DEFAULT_TARGETS
+) -> dict:
   """Initialises LoRA factors for every targeted Dense kernel of a UNet.
 
   A ~ N(0, (1 / rank)^2) as diffusers' LoRALinearLayer (used by the official
@@ -131,7 +133,7 @@ def _draw_factors(key: jax.Array, shapes: tuple, rank: int) -> list[tuple[jax.Ar
   flat = jax.random.normal(key, (sum(sizes),), jnp.float32) / rank  # One draw for all A.
   factors, start = [], 0
   for size, (d_in, d_out) in zip(sizes, shapes):
-    a = flat[start:start + size].reshape(d_in, rank)  # [in, r]
+    a = flat[start : start + size].reshape(d_in, rank)  # [in, r]
     factors.append((a, jnp.zeros((rank, d_out), jnp.float32)))  # [r, out]
     start += size
   return factors
@@ -163,8 +165,9 @@ def merge(base_params: Mapping, lora: Mapping, scale) -> dict:
     node, copy = base_params, merged
     for depth, k in enumerate(path):
       if not isinstance(node, Mapping) or k not in node:
-        raise ValueError(f"lora: path {'/'.join(path)} is not in base_params "
-                         f"(missing {k!r} at depth {depth})")
+        raise ValueError(
+          f"lora: path {'/'.join(path)} is not in base_params (missing {k!r} at depth {depth})"
+        )
       node = node[k]
       if copy[k] is node:  # First adapter under this dict: copy it once.
         copy[k] = dict(node)
@@ -172,10 +175,18 @@ def merge(base_params: Mapping, lora: Mapping, scale) -> dict:
     if "kernel" not in node:
       raise ValueError(f"base_params: {'/'.join(path)} has no 'kernel'")
     w, a, b = node["kernel"], adapter["a"], adapter["b"]
-    if (w.ndim != 2 or a.ndim != 2 or b.ndim != 2 or a.shape[0] != w.shape[0]
-        or b.shape[1] != w.shape[1] or a.shape[1] != b.shape[0]):
-      raise ValueError(f"lora: shapes at {'/'.join(path)} do not fit: kernel {w.shape}, "
-                       f"a {a.shape}, b {b.shape}; expected a [in, r], b [r, out]")
+    if (
+      w.ndim != 2
+      or a.ndim != 2
+      or b.ndim != 2
+      or a.shape[0] != w.shape[0]
+      or b.shape[1] != w.shape[1]
+      or a.shape[1] != b.shape[0]
+    ):
+      raise ValueError(
+        f"lora: shapes at {'/'.join(path)} do not fit: kernel {w.shape}, "
+        f"a {a.shape}, b {b.shape}; expected a [in, r], b [r, out]"
+      )
     delta = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))  # [in, out]
     copy["kernel"] = w + delta.astype(w.dtype)
   return merged

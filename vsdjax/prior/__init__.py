@@ -12,6 +12,7 @@ embeddings are component masks [B, K], its "params" are the component means
 [B, K, 3, H, W] (they depend on the camera), and its latents are the pixels
 (2 rgb - 1, channel first).
 """
+
 import jax.numpy as jnp
 
 from vsdjax.prior import schedule, stable_diffusion
@@ -25,8 +26,9 @@ def _module(model):
     return stable_diffusion
   if isinstance(model, AnalyticPrior):
     return mixture
-  raise ValueError(f"model must be a StableDiffusion or an AnalyticPrior, got "
-                   f"{type(model).__name__}")
+  raise ValueError(
+    f"model must be a StableDiffusion or an AnalyticPrior, got {type(model).__name__}"
+  )
 
 
 def encode_prompts(model, prompts):
@@ -55,12 +57,18 @@ def predict_eps_cfg(model, params, x_t, t, emb_cond, emb_uncond, scale):
   x_t, t = jnp.asarray(x_t, jnp.float32), jnp.asarray(t)
   emb_cond, emb_uncond = jnp.asarray(emb_cond), jnp.asarray(emb_uncond)
   if emb_cond.shape != emb_uncond.shape:
-    raise ValueError(f"emb_cond {emb_cond.shape} and emb_uncond "
-                     f"{emb_uncond.shape} must have the same shape")
+    raise ValueError(
+      f"emb_cond {emb_cond.shape} and emb_uncond {emb_uncond.shape} must have the same shape"
+    )
   if isinstance(model, AnalyticPrior):
     params = jnp.concatenate([params, params])
-  eps = predict_eps(model, params, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                    jnp.concatenate([emb_uncond, emb_cond]))  # [2B, C, h, w]
+  eps = predict_eps(
+    model,
+    params,
+    jnp.concatenate([x_t, x_t]),
+    jnp.concatenate([t, t]),
+    jnp.concatenate([emb_uncond, emb_cond]),
+  )  # [2B, C, h, w]
   eps_uncond, eps_cond = jnp.split(eps, 2)
   return schedule.cfg(eps_uncond, eps_cond, scale)
 

@@ -13,6 +13,7 @@ and `eps_cfg` (classifier-free guided noise prediction).
 
 A new prior: a module here with a Prior subclass, built in models.build.
 """
+
 import abc
 from typing import Any
 
@@ -35,13 +36,13 @@ class Prior(abc.ABC):
     """rgb [1, H, W, 3] in [0, 1] -> x0 [1, C, h, w], differentiable (key: a sampled encoder)."""
 
   @abc.abstractmethod
-  def condition(self, frozen: Any, camera: cameras.Cameras, label: jax.Array,
-                size: int) -> Any:
+  def condition(self, frozen: Any, camera: cameras.Cameras, label: jax.Array, size: int) -> Any:
     """The conditioning of eps_cfg at one camera ([] view label; x0 is size x size)."""
 
   @abc.abstractmethod
-  def eps_cfg(self, frozen: Any, x_t: jax.Array, t: jax.Array, cond: Any,
-              scale: float) -> jax.Array:
+  def eps_cfg(
+    self, frozen: Any, x_t: jax.Array, t: jax.Array, cond: Any, scale: float
+  ) -> jax.Array:
     """Classifier-free guided eps [1, C, h, w] of x_t [1, C, h, w] at t [1]."""
 
   def evaluate(self, representation, particles, config) -> dict | None:

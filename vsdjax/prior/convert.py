@@ -19,6 +19,7 @@ module's init), so every weight lands exactly once on a key that exists:
 Anything that does not fit (a target key nobody filled, a weight with no
 target, a shape that disagrees) raises one ValueError listing all of them.
 """
+
 from collections.abc import Mapping
 import re
 from typing import Any
@@ -28,8 +29,14 @@ import numpy as np
 
 # Flax name <-> PyTorch name of the VAE attention projections.
 _ATTENTION_ALIASES = {
-    "to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn",
-    "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0",
+  "to_q": "query",
+  "to_k": "key",
+  "to_v": "value",
+  "to_out_0": "proj_attn",
+  "query": "to_q",
+  "key": "to_k",
+  "value": "to_v",
+  "proj_attn": "to_out_0",
 }
 # Buffers some checkpoints store next to the weights (CLIP's position ids).
 _IGNORED_SUFFIXES = ("position_ids",)
@@ -72,8 +79,9 @@ def _listing(title: str, items: list[str]) -> str:
   return f"\n  {len(items)} {title}:\n    {shown}{more}"
 
 
-def _raise_mismatch(what: str, missing: list[str], unexpected: list[str],
-                    wrong_shape: list[str]) -> None:
+def _raise_mismatch(
+  what: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]
+) -> None:
   """Raises one ValueError listing every mismatch, if there is any."""
   if not (missing or unexpected or wrong_shape):
     return
@@ -81,15 +89,15 @@ def _raise_mismatch(what: str, missing: list[str], unexpected: list[str],
   if missing:
     message += _listing("missing (model parameters with no weight)", missing)
   if unexpected:
-    message += _listing("unexpected (weights with no model parameter)",
-                        unexpected)
+    message += _listing("unexpected (weights with no model parameter)", unexpected)
   if wrong_shape:
     message += _listing("with the wrong shape", wrong_shape)
   raise ValueError(message)
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], target: Any, *,
-                       join_indices: bool, what: str) -> dict:
+def convert_state_dict(
+  state_dict: Mapping[str, np.ndarray], target: Any, *, join_indices: bool, what: str
+) -> dict:
   """Converts a PyTorch state dict to the Flax param tree shaped like `target`.
 
   Args:
@@ -116,8 +124,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], target: Any, *,
     if module not in modules and module and module[-1] in _ATTENTION_ALIASES:
       module = module[:-1] + (_ATTENTION_ALIASES[module[-1]],)
     if leaf == "weight":
-      leaf = next((n for n in ("kernel", "scale", "embedding")
-                   if module + (n,) in target_flat), leaf)
+      leaf = next(
+        (n for n in ("kernel", "scale", "embedding") if module + (n,) in target_flat), leaf
+      )
     key = module + (leaf,)
     if key not in target_flat or key in out:
       unexpected.append(name)
@@ -127,8 +136,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], target: Any, *,
     if leaf == "kernel":
       array = _to_kernel(array, len(expected))
     if array.shape != expected:
-      wrong_shape.append(
-          f"{name} -> {'/'.join(key)}: {array.shape}, expected {expected}")
+      wrong_shape.append(f"{name} -> {'/'.join(key)}: {array.shape}, expected {expected}")
     out[key] = array
   missing = ["/".join(k) for k in target_flat if k not in out]
   _raise_mismatch(what, missing, unexpected, wrong_shape)
@@ -147,16 +155,14 @@ def check_tree(params: Any, target: Any, *, what: str) -> None:
     ValueError: listing missing, unexpected and wrong-shape keys.
   """
   if not isinstance(params, Mapping):
-    raise ValueError(f"{what}: expected a nested dict of parameters, got "
-                     f"{type(params).__name__}")
+    raise ValueError(f"{what}: expected a nested dict of parameters, got {type(params).__name__}")
   flat = flatten_dict(dict(params))
   target_flat = flatten_dict(dict(target))
   missing = ["/".join(k) for k in target_flat if k not in flat]
   unexpected = ["/".join(k) for k in flat if k not in target_flat]
   wrong_shape = [
-      f"{'/'.join(k)}: {tuple(np.shape(v))}, expected "
-      f"{tuple(target_flat[k].shape)}"
-      for k, v in flat.items()
-      if k in target_flat and tuple(np.shape(v)) != tuple(target_flat[k].shape)
+    f"{'/'.join(k)}: {tuple(np.shape(v))}, expected {tuple(target_flat[k].shape)}"
+    for k, v in flat.items()
+    if k in target_flat and tuple(np.shape(v)) != tuple(target_flat[k].shape)
   ]
   _raise_mismatch(what, missing, unexpected, wrong_shape)

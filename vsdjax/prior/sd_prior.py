@@ -1,4 +1,5 @@
 """Stable Diffusion as a Prior: VAE latents at the model's own image size, CFG on text."""
+
 import dataclasses
 
 import numpy as np
@@ -16,6 +17,7 @@ class SDPrior(Prior):
   Attributes:
     model: the StableDiffusion without weights (modules, schedule, dtype).
   """
+
   model: sd_lib.StableDiffusion
 
   @property
@@ -35,5 +37,6 @@ class SDPrior(Prior):
 
   def eps_cfg(self, frozen, x_t, t, cond, scale):
     sd = frozen["sd"]
-    return prior_lib.predict_eps_cfg(sd, sd.unet_params, x_t, t, cond["cond"],
-                                     cond["uncond"], scale)
+    return prior_lib.predict_eps_cfg(
+      sd, sd.unet_params, x_t, t, cond["cond"], cond["uncond"], scale
+    )

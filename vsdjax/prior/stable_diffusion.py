@@ -26,6 +26,7 @@ outputs match PyTorch to float32 precision. The Flax attention does not honour
 `upcast_attention` (SD 2.1 768): irrelevant in float32; in bfloat16 the
 softmax runs in bfloat16 (no overflow, bfloat16 has float32's range).
 """
+
 from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
@@ -41,8 +42,9 @@ import diffusers.utils.logging
 # module trace, at the handler of diffusers' root logger (every module's records
 # reach it); pyproject.toml pins diffusers<0.40, which still has them.
 for _handler in diffusers.utils.logging.get_logger("diffusers").handlers:
-  _handler.addFilter(lambda record: not record.getMessage().startswith(
-      "Flax classes are deprecated"))
+  _handler.addFilter(
+    lambda record: not record.getMessage().startswith("Flax classes are deprecated")
+  )
 
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_flax import FlaxGEGLU
@@ -56,8 +58,7 @@ from safetensors.numpy import load_file
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 from transformers.modeling_flax_utils import ACT2FN
 
-from vsdjax.prior import convert
-from vsdjax.prior import schedule
+from vsdjax.prior import convert, schedule
 
 # The real SD 2.1 (768, v) and SD 2.1-base (512, epsilon) configs, no weights.
 CONFIGS_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -67,50 +68,74 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = (jnp.float32, jnp.bfloat16)
 # What to download for a hub id: configs, tokenizer, full-precision safetensors.
 _HUB_PATTERNS = (
-    "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+  "model_index.json",
+  "*/config.json",
+  "scheduler/*.json",
+  "tokenizer/*",
+  "unet/diffusion_pytorch_model.safetensors",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/model.safetensors",
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Weight file stems: (PyTorch safetensors stem, Flax msgpack file).
 _WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model", "diffusion_flax_model.msgpack"),
-    "vae": ("diffusion_pytorch_model", "diffusion_flax_model.msgpack"),
-    "text_encoder": ("model", "flax_model.msgpack"),
+  "unet": ("diffusion_pytorch_model", "diffusion_flax_model.msgpack"),
+  "vae": ("diffusion_pytorch_model", "diffusion_flax_model.msgpack"),
+  "text_encoder": ("model", "flax_model.msgpack"),
 }
 
 # UNet / VAE config fields the Flax classes do not read (or read but
 # predict_raw / encode_images do not feed): accepted only with the value the
 # Flax architecture implements (the diffusers PyTorch default).
 _UNET_FIXED = {
-    "act_fn": "silu", "addition_embed_type": None, "attention_type": "default",
-    "center_input_sample": False, "class_embed_type": None,
-    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "cross_attention_norm": None, "downsample_padding": 1,
-    "dual_cross_attention": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 32,
-    "num_attention_heads": None, "num_class_embeds": None,
-    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "reverse_transformer_layers_per_block": None, "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None, "time_embedding_dim": None,
-    "time_embedding_type": "positional", "timestep_post_act": None,
+  "act_fn": "silu",
+  "addition_embed_type": None,
+  "attention_type": "default",
+  "center_input_sample": False,
+  "class_embed_type": None,
+  "class_embeddings_concat": False,
+  "conv_in_kernel": 3,
+  "conv_out_kernel": 3,
+  "cross_attention_norm": None,
+  "downsample_padding": 1,
+  "dual_cross_attention": False,
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "mid_block_only_cross_attention": None,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-5,
+  "norm_num_groups": 32,
+  "num_attention_heads": None,
+  "num_class_embeds": None,
+  "resnet_out_scale_factor": 1.0,
+  "resnet_skip_time_act": False,
+  "resnet_time_scale_shift": "default",
+  "reverse_transformer_layers_per_block": None,
+  "time_cond_proj_dim": None,
+  "time_embedding_act_fn": None,
+  "time_embedding_dim": None,
+  "time_embedding_type": "positional",
+  "timestep_post_act": None,
 }
 # Read by the PyTorch class only, with no effect on float32 outputs.
 _UNET_IGNORED = ("upcast_attention",)
 _UNET_BLOCKS = {
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+  "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+  "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
 }
 _VAE_FIXED = {
-    "act_fn": "silu", "shift_factor": None, "latents_mean": None,
-    "latents_std": None, "use_quant_conv": True, "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
+  "act_fn": "silu",
+  "shift_factor": None,
+  "latents_mean": None,
+  "latents_std": None,
+  "use_quant_conv": True,
+  "use_post_quant_conv": True,
+  "mid_block_add_attention": True,
 }
 _VAE_IGNORED = ("force_upcast",)
 _VAE_BLOCKS = {
-    "down_block_types": ("DownEncoderBlock2D",),
-    "up_block_types": ("UpDecoderBlock2D",),
+  "down_block_types": ("DownEncoderBlock2D",),
+  "up_block_types": ("UpDecoderBlock2D",),
 }
 
 
@@ -126,6 +151,7 @@ class Modules:
     text_encoder: transformers' FlaxCLIPTextModule.
     tokenizer: transformers' CLIPTokenizer.
   """
+
   unet: FlaxUNet2DConditionModel | None
   vae: FlaxAutoencoderKL | None
   text_encoder: nn.Module | None
@@ -133,10 +159,10 @@ class Modules:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=("unet_params", "vae_params", "text_params", "alphas_cumprod"),
-    meta_fields=("modules", "prediction_type", "scaling_factor", "dtype",
-                 "name"))
+  jax.tree_util.register_dataclass,
+  data_fields=("unet_params", "vae_params", "text_params", "alphas_cumprod"),
+  meta_fields=("modules", "prediction_type", "scaling_factor", "dtype", "name"),
+)
 @dataclasses.dataclass(frozen=True, eq=False)
 class StableDiffusion:
   """A loaded Stable Diffusion: Flax modules, their params and the schedule.
@@ -161,6 +187,7 @@ class StableDiffusion:
     dtype: compute and param dtype, jnp.float32 or jnp.bfloat16.
     name: the folder or hub id it was loaded from.
   """
+
   modules: Modules
   unet_params: Any
   vae_params: Any
@@ -192,8 +219,14 @@ class StableDiffusion:
 # Building modules from configs.
 
 
-def _check_config(config: Mapping, module_class: type, fixed: Mapping,
-                  ignored: Sequence[str], blocks: Mapping, what: str) -> None:
+def _check_config(
+  config: Mapping,
+  module_class: type,
+  fixed: Mapping,
+  ignored: Sequence[str],
+  blocks: Mapping,
+  what: str,
+) -> None:
   """Raises ValueError naming each config field the Flax class cannot build.
 
   Fields of `module_class` are free unless `fixed` pins them; other fields
@@ -213,16 +246,14 @@ def _check_config(config: Mapping, module_class: type, fixed: Mapping,
     if bad:
       problems.append(f"{key} has {bad} (supported: {list(allowed)})")
   if problems:
-    raise ValueError(f"{what}: config this code cannot build: "
-                     + "; ".join(problems))
+    raise ValueError(f"{what}: config this code cannot build: " + "; ".join(problems))
 
 
 def _module_kwargs(config: Mapping, module_class: type) -> dict:
   """The config fields the Flax class takes, lists made hashable tuples."""
   fields = {f.name for f in dataclasses.fields(module_class)}
   fields -= {"parent", "name", "dtype"}
-  return {k: tuple(v) if isinstance(v, list) else v
-          for k, v in config.items() if k in fields}
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
 
 
 def _check_dtype(dtype: Any) -> Any:
@@ -235,8 +266,9 @@ def _check_dtype(dtype: Any) -> Any:
   return dtype.type
 
 
-def unet_from_config(config: Mapping, dtype: Any = jnp.float32,
-                     what: str = "unet config") -> FlaxUNet2DConditionModel:
+def unet_from_config(
+  config: Mapping, dtype: Any = jnp.float32, what: str = "unet config"
+) -> FlaxUNet2DConditionModel:
   """Builds diffusers' Flax UNet from a UNet2DConditionModel config dict.
 
   Args:
@@ -251,36 +283,36 @@ def unet_from_config(config: Mapping, dtype: Any = jnp.float32,
     ValueError: for a field or block type the Flax class does not implement.
   """
   dtype = _check_dtype(dtype)
-  _check_config(config, FlaxUNet2DConditionModel, _UNET_FIXED, _UNET_IGNORED,
-                _UNET_BLOCKS, what)
+  _check_config(config, FlaxUNet2DConditionModel, _UNET_FIXED, _UNET_IGNORED, _UNET_BLOCKS, what)
   if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-    raise ValueError(f"{what}: config this code cannot build: mid_block_type="
-                     f"{config['mid_block_type']!r}")
-  return FlaxUNet2DConditionModel(
-      **_module_kwargs(config, FlaxUNet2DConditionModel), dtype=dtype)
+    raise ValueError(
+      f"{what}: config this code cannot build: mid_block_type={config['mid_block_type']!r}"
+    )
+  return FlaxUNet2DConditionModel(**_module_kwargs(config, FlaxUNet2DConditionModel), dtype=dtype)
 
 
-def vae_from_config(config: Mapping, dtype: Any = jnp.float32,
-                    what: str = "vae config") -> FlaxAutoencoderKL:
+def vae_from_config(
+  config: Mapping, dtype: Any = jnp.float32, what: str = "vae config"
+) -> FlaxAutoencoderKL:
   """Builds diffusers' Flax AutoencoderKL from its config dict (see unet_from_config)."""
   dtype = _check_dtype(dtype)
-  _check_config(config, FlaxAutoencoderKL, _VAE_FIXED, _VAE_IGNORED,
-                _VAE_BLOCKS, what)
-  return FlaxAutoencoderKL(**_module_kwargs(config, FlaxAutoencoderKL),
-                           dtype=dtype)
+  _check_config(config, FlaxAutoencoderKL, _VAE_FIXED, _VAE_IGNORED, _VAE_BLOCKS, what)
+  return FlaxAutoencoderKL(**_module_kwargs(config, FlaxAutoencoderKL), dtype=dtype)
 
 
-def text_encoder_from_config(config: Mapping, dtype: Any = jnp.float32,
-                             what: str = "text_encoder config") -> nn.Module:
+def text_encoder_from_config(
+  config: Mapping, dtype: Any = jnp.float32, what: str = "text_encoder config"
+) -> nn.Module:
   """Builds transformers' Flax CLIP text module from a CLIPTextModel config dict."""
   dtype = _check_dtype(dtype)
   model_type = config.get("model_type", "clip_text_model")
   if model_type != "clip_text_model":
-    raise ValueError(f"{what}: config this code cannot build: model_type="
-                     f"{model_type!r} (expected 'clip_text_model')")
+    raise ValueError(
+      f"{what}: config this code cannot build: model_type="
+      f"{model_type!r} (expected 'clip_text_model')"
+    )
   if config.get("hidden_act", "quick_gelu") not in ACT2FN:
-    raise ValueError(f"{what}: config this code cannot build: hidden_act="
-                     f"{config['hidden_act']!r}")
+    raise ValueError(f"{what}: config this code cannot build: hidden_act={config['hidden_act']!r}")
   text_config = CLIPTextConfig.from_dict(dict(config))
   return FlaxCLIPTextModel.module_class(config=text_config, dtype=dtype)
 
@@ -296,17 +328,16 @@ def abstract_params(module: nn.Module) -> Any:
     return jax.eval_shape(module.init_weights, key)
   if isinstance(module, FlaxCLIPTextModel.module_class):
     ids = jnp.zeros((1, 1), jnp.int32)  # [B, L]
-    return jax.eval_shape(
-        lambda: module.init(key, ids, jnp.ones_like(ids), ids)["params"])
-  raise ValueError(f"module must be a Flax UNet, VAE or CLIP text module, got "
-                   f"{type(module).__name__}")
+    return jax.eval_shape(lambda: module.init(key, ids, jnp.ones_like(ids), ids)["params"])
+  raise ValueError(
+    f"module must be a Flax UNet, VAE or CLIP text module, got {type(module).__name__}"
+  )
 
 
 def config_dir(name: str) -> str:
   """Folder of a shipped config set ("stable-diffusion-2-1-base" or "...-2-1")."""
   if name not in BUILTIN_CONFIGS:
-    raise ValueError(f"name={name!r} is unknown; expected one of "
-                     f"{BUILTIN_CONFIGS}")
+    raise ValueError(f"name={name!r} is unknown; expected one of {BUILTIN_CONFIGS}")
   return os.path.join(CONFIGS_DIR, name)
 
 
@@ -326,13 +357,16 @@ def abstract_model(name: str, dtype: Any = jnp.float32) -> StableDiffusion:
   scheduler = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
   cast = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), tree)
   return StableDiffusion(
-      modules=Modules(unet, vae, None, None),
-      unet_params=cast(abstract_params(unet)), vae_params=cast(abstract_params(vae)),
-      text_params={},
-      alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler), jnp.float32),
-      prediction_type=scheduler.get("prediction_type", "epsilon"),
-      scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
-      dtype=dtype, name=name)
+    modules=Modules(unet, vae, None, None),
+    unet_params=cast(abstract_params(unet)),
+    vae_params=cast(abstract_params(vae)),
+    text_params={},
+    alphas_cumprod=jnp.asarray(schedule.alphas_cumprod(scheduler), jnp.float32),
+    prediction_type=scheduler.get("prediction_type", "epsilon"),
+    scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+    dtype=dtype,
+    name=name,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -341,8 +375,10 @@ def abstract_model(name: str, dtype: Any = jnp.float32) -> StableDiffusion:
 
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing (a Stable Diffusion folder in "
-                            f"diffusers layout has {', '.join(SUBFOLDERS)})")
+    raise FileNotFoundError(
+      f"{path} is missing (a Stable Diffusion folder in "
+      f"diffusers layout has {', '.join(SUBFOLDERS)})"
+    )
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -354,32 +390,37 @@ def _resolve_folder(name_or_path: str) -> str:
   """A local folder, downloading a hub id's configs and safetensors if needed."""
   if os.path.isdir(name_or_path):
     return name_or_path
-  layout = ("a local folder in diffusers layout (" + "/, ".join(SUBFOLDERS)
-            + "/)")
+  layout = "a local folder in diffusers layout (" + "/, ".join(SUBFOLDERS) + "/)"
   if os.path.exists(name_or_path):
     raise FileNotFoundError(f"{name_or_path} is a file; pass {layout}")
   if not _HUB_ID.fullmatch(name_or_path):
-    raise FileNotFoundError(f"Stable Diffusion folder {name_or_path} does not "
-                            f"exist; pass {layout} or a hub id")
+    raise FileNotFoundError(
+      f"Stable Diffusion folder {name_or_path} does not exist; pass {layout} or a hub id"
+    )
   try:
     return huggingface_hub.snapshot_download(name_or_path, allow_patterns=list(_HUB_PATTERNS))
   except Exception as e:  # Offline, unknown repo, gated repo, ...
     raise FileNotFoundError(
-        f"{name_or_path} is not a local folder and could not be downloaded "
-        f"from the Hugging Face hub ({type(e).__name__}: {e}). Without "
-        f"internet, pass {layout}.") from e
+      f"{name_or_path} is not a local folder and could not be downloaded "
+      f"from the Hugging Face hub ({type(e).__name__}: {e}). Without "
+      f"internet, pass {layout}."
+    ) from e
 
 
 def _weight_files(folder: str, component: str) -> tuple[str, list[str]]:
   """("safetensors" | "msgpack", files) of a component, preferring float32."""
   sub = os.path.join(folder, component)
   if not os.path.isdir(sub):
-    raise FileNotFoundError(f"{sub} is missing (a Stable Diffusion folder in "
-                            f"diffusers layout has {', '.join(SUBFOLDERS)})")
+    raise FileNotFoundError(
+      f"{sub} is missing (a Stable Diffusion folder in "
+      f"diffusers layout has {', '.join(SUBFOLDERS)})"
+    )
   stem, msgpack = _WEIGHT_FILES[component]
-  candidates = [("safetensors", f"{stem}.safetensors"),
-                ("msgpack", msgpack),
-                ("safetensors", f"{stem}.fp16.safetensors")]
+  candidates = [
+    ("safetensors", f"{stem}.safetensors"),
+    ("msgpack", msgpack),
+    ("safetensors", f"{stem}.fp16.safetensors"),
+  ]
   for kind, name in candidates:
     path = os.path.join(sub, name)
     if os.path.isfile(path):
@@ -390,13 +431,14 @@ def _weight_files(folder: str, component: str) -> tuple[str, list[str]]:
       return kind, [os.path.join(sub, s) for s in shards]
   if glob.glob(os.path.join(sub, "*.bin")):
     raise ValueError(
-        f"{sub} holds only PyTorch pickle weights (*.bin), which vsdjax does "
-        f"not load (unpickling runs arbitrary code). Convert them once to "
-        f"safetensors, e.g. with diffusers: from_pretrained(...)."
-        f"save_pretrained(..., safe_serialization=True).")
+      f"{sub} holds only PyTorch pickle weights (*.bin), which vsdjax does "
+      f"not load (unpickling runs arbitrary code). Convert them once to "
+      f"safetensors, e.g. with diffusers: from_pretrained(...)."
+      f"save_pretrained(..., safe_serialization=True)."
+    )
   raise FileNotFoundError(
-      f"{sub} has no weights: expected {stem}.safetensors, {msgpack} or "
-      f"{stem}.fp16.safetensors")
+    f"{sub} has no weights: expected {stem}.safetensors, {msgpack} or {stem}.fp16.safetensors"
+  )
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -409,8 +451,7 @@ def _cast(tree: Any, dtype: Any) -> Any:
   return jax.tree.map(cast, tree)
 
 
-def _load_params(folder: str, component: str, module: nn.Module,
-                 dtype: Any) -> Any:
+def _load_params(folder: str, component: str, module: nn.Module, dtype: Any) -> Any:
   """Reads, converts, checks and casts one component's weights."""
   kind, files = _weight_files(folder, component)
   target = abstract_params(module)
@@ -424,13 +465,14 @@ def _load_params(folder: str, component: str, module: nn.Module,
     for path in files:
       state_dict.update(load_file(path))
     tree = convert.convert_state_dict(
-        state_dict, target, join_indices=component != "text_encoder",
-        what=what)
+      state_dict, target, join_indices=component != "text_encoder", what=what
+    )
   return _cast(tree, dtype)
 
 
-def load_stable_diffusion(name_or_path: str | os.PathLike,
-                          dtype: Any = jnp.float32) -> StableDiffusion:
+def load_stable_diffusion(
+  name_or_path: str | os.PathLike, dtype: Any = jnp.float32
+) -> StableDiffusion:
   """Loads Stable Diffusion from a diffusers folder (or a hub id when online).
 
   Args:
@@ -459,8 +501,10 @@ def load_stable_diffusion(name_or_path: str | os.PathLike,
   scheduler_config = _read_json(scheduler_path)
   prediction_type = scheduler_config.get("prediction_type", "epsilon")
   if prediction_type not in PREDICTION_TYPES:
-    raise ValueError(f"{scheduler_path}: prediction_type={prediction_type!r} is "
-                     f"not supported; expected one of {PREDICTION_TYPES}")
+    raise ValueError(
+      f"{scheduler_path}: prediction_type={prediction_type!r} is "
+      f"not supported; expected one of {PREDICTION_TYPES}"
+    )
   try:
     alphas_cumprod = schedule.alphas_cumprod(scheduler_config)
   except ValueError as e:
@@ -468,13 +512,13 @@ def load_stable_diffusion(name_or_path: str | os.PathLike,
 
   for filename in ("vocab.json", "merges.txt"):
     if not os.path.isfile(sub("tokenizer", filename)):
-      raise FileNotFoundError(f"{sub('tokenizer', filename)} is missing (the "
-                              f"CLIP tokenizer files)")
+      raise FileNotFoundError(f"{sub('tokenizer', filename)} is missing (the CLIP tokenizer files)")
   try:
     tokenizer = CLIPTokenizer.from_pretrained(sub("tokenizer"))
   except (OSError, ValueError, TypeError) as e:  # Broken tokenizer files.
-    raise ValueError(f"{sub('tokenizer')}: the CLIP tokenizer cannot be read "
-                     f"({type(e).__name__}: {e})") from e
+    raise ValueError(
+      f"{sub('tokenizer')}: the CLIP tokenizer cannot be read ({type(e).__name__}: {e})"
+    ) from e
 
   unet_path = sub("unet", "config.json")
   unet = unet_from_config(_read_json(unet_path), dtype, what=unet_path)
@@ -482,18 +526,18 @@ def load_stable_diffusion(name_or_path: str | os.PathLike,
   vae_config = _read_json(vae_path)
   vae = vae_from_config(vae_config, dtype, what=vae_path)
   text_path = sub("text_encoder", "config.json")
-  text_encoder = text_encoder_from_config(_read_json(text_path), dtype,
-                                          what=text_path)
+  text_encoder = text_encoder_from_config(_read_json(text_path), dtype, what=text_path)
   return StableDiffusion(
-      modules=Modules(unet, vae, text_encoder, tokenizer),
-      unet_params=_load_params(folder, "unet", unet, dtype),
-      vae_params=_load_params(folder, "vae", vae, dtype),
-      text_params=_load_params(folder, "text_encoder", text_encoder, dtype),
-      alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
-      prediction_type=prediction_type,
-      scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
-      dtype=dtype,
-      name=name)
+    modules=Modules(unet, vae, text_encoder, tokenizer),
+    unet_params=_load_params(folder, "unet", unet, dtype),
+    vae_params=_load_params(folder, "vae", vae, dtype),
+    text_params=_load_params(folder, "text_encoder", text_encoder, dtype),
+    alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
+    prediction_type=prediction_type,
+    scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),
+    dtype=dtype,
+    name=name,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -524,11 +568,14 @@ def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str]) -> jax.Arr
     prompts = [prompts]
   prompts = list(prompts)
   if not prompts or not all(isinstance(p, str) for p in prompts):
-    raise ValueError(f"prompts must be a non-empty list of strings, got "
-                     f"{prompts!r}")
-  tokens = sd.tokenizer(prompts, padding="max_length",
-                        max_length=sd.tokenizer.model_max_length,
-                        truncation=True, return_tensors="np")
+    raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+  tokens = sd.tokenizer(
+    prompts,
+    padding="max_length",
+    max_length=sd.tokenizer.model_max_length,
+    truncation=True,
+    return_tensors="np",
+  )
   ids = jnp.asarray(tokens.input_ids, jnp.int32)  # [B, 77]
   # Like diffusers: the padding mask is used only if the config asks for it.
   if getattr(sd.text_encoder.config, "use_attention_mask", False):
@@ -539,35 +586,33 @@ def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str]) -> jax.Arr
 
 
 @jax.jit
-def _encode_tokens(sd: StableDiffusion, ids: jax.Array,
-                   mask: jax.Array) -> jax.Array:
+def _encode_tokens(sd: StableDiffusion, ids: jax.Array, mask: jax.Array) -> jax.Array:
   """[B, L] token ids and attention mask -> [B, L, D] float32 hidden states."""
   positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)  # [B, L]
   out = sd.text_encoder.apply({"params": sd.text_params}, ids, mask, positions)
   return out.last_hidden_state.astype(jnp.float32)
 
 
-def _check_unet_inputs(sd: StableDiffusion, x_t: jax.Array, t: jax.Array,
-                       emb: jax.Array) -> None:
+def _check_unet_inputs(sd: StableDiffusion, x_t: jax.Array, t: jax.Array, emb: jax.Array) -> None:
   """Shape checks of predict_* (static, so free under jit)."""
   channels = sd.unet.in_channels
   if x_t.ndim != 4 or x_t.shape[1] != channels:
     raise ValueError(f"x_t must be [B, {channels}, h, w], got {x_t.shape}")
   if t.shape != x_t.shape[:1] or not jnp.issubdtype(t.dtype, jnp.integer):
-    raise ValueError(f"t must be [B] = [{x_t.shape[0]}] integers, got shape "
-                     f"{t.shape} dtype {t.dtype}")
+    raise ValueError(
+      f"t must be [B] = [{x_t.shape[0]}] integers, got shape {t.shape} dtype {t.dtype}"
+    )
   width = sd.unet.cross_attention_dim
   if emb.ndim != 3 or emb.shape[0] != x_t.shape[0] or emb.shape[2] != width:
-    raise ValueError(f"emb must be [B, L, {width}] with B = {x_t.shape[0]}, "
-                     f"got {emb.shape}")
+    raise ValueError(f"emb must be [B, L, {width}] with B = {x_t.shape[0]}, got {emb.shape}")
   factor = 2 ** (len(sd.unet.block_out_channels) - 1)
   if x_t.shape[2] % factor or x_t.shape[3] % factor:
-    raise ValueError(f"x_t's height and width must be multiples of {factor}, "
-                     f"got {x_t.shape}")
+    raise ValueError(f"x_t's height and width must be multiples of {factor}, got {x_t.shape}")
 
 
-def predict_raw(sd: StableDiffusion, unet_params: Any, x_t: jax.Array,
-                t: jax.Array, emb: jax.Array) -> jax.Array:
+def predict_raw(
+  sd: StableDiffusion, unet_params: Any, x_t: jax.Array, t: jax.Array, emb: jax.Array
+) -> jax.Array:
   """The UNet's output (eps or v, per `sd.prediction_type`).
 
   Args:
@@ -583,13 +628,13 @@ def predict_raw(sd: StableDiffusion, unet_params: Any, x_t: jax.Array,
   x_t, t, emb = jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(emb)
   _check_unet_inputs(sd, x_t, t, emb)
   with nn.intercept_methods(_exact_geglu):
-    out = sd.unet.apply({"params": unet_params}, x_t.astype(sd.dtype), t,
-                        emb.astype(sd.dtype))
+    out = sd.unet.apply({"params": unet_params}, x_t.astype(sd.dtype), t, emb.astype(sd.dtype))
   return out.sample.astype(jnp.float32)
 
 
-def predict_eps(sd: StableDiffusion, unet_params: Any, x_t: jax.Array,
-                t: jax.Array, emb: jax.Array) -> jax.Array:
+def predict_eps(
+  sd: StableDiffusion, unet_params: Any, x_t: jax.Array, t: jax.Array, emb: jax.Array
+) -> jax.Array:
   """The UNet's eps prediction, v converted by eps = s_t x_t + a_t v.
 
   Shapes as predict_raw: x_t [B, 4, h, w], t [B], emb [B, L, D] ->
@@ -619,12 +664,12 @@ def resize_images(rgb: jax.Array, size: int) -> jax.Array:
   """
   if rgb.shape[1:3] == (size, size):
     return rgb
-  return jax.image.resize(rgb, (rgb.shape[0], size, size, rgb.shape[3]), "bilinear",
-                          antialias=False)
+  return jax.image.resize(
+    rgb, (rgb.shape[0], size, size, rgb.shape[3]), "bilinear", antialias=False
+  )
 
 
-def encode_images(sd: StableDiffusion, rgb: jax.Array,
-                  key: jax.Array | None = None) -> jax.Array:
+def encode_images(sd: StableDiffusion, rgb: jax.Array, key: jax.Array | None = None) -> jax.Array:
   """Scaled VAE latents of images; differentiable w.r.t. rgb.
 
   Args:
@@ -637,13 +682,20 @@ def encode_images(sd: StableDiffusion, rgb: jax.Array,
   """
   rgb = jnp.asarray(rgb)
   factor = _vae_factor(sd)
-  if (rgb.ndim != 4 or rgb.shape[-1] != sd.vae.in_channels
-      or rgb.shape[1] % factor or rgb.shape[2] % factor):
-    raise ValueError(f"rgb must be [B, H, W, {sd.vae.in_channels}] with H, W "
-                     f"multiples of {factor}, got {rgb.shape}")
+  if (
+    rgb.ndim != 4
+    or rgb.shape[-1] != sd.vae.in_channels
+    or rgb.shape[1] % factor
+    or rgb.shape[2] % factor
+  ):
+    raise ValueError(
+      f"rgb must be [B, H, W, {sd.vae.in_channels}] with H, W "
+      f"multiples of {factor}, got {rgb.shape}"
+    )
   x = (2.0 * rgb - 1.0).astype(sd.dtype)  # [B, H, W, 3] in [-1, 1]
-  moments = sd.vae.apply({"params": sd.vae_params}, x,
-                         method=lambda m, x: m.quant_conv(m.encoder(x)))
+  moments = sd.vae.apply(
+    {"params": sd.vae_params}, x, method=lambda m, x: m.quant_conv(m.encoder(x))
+  )
   mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)  # [B, h, w, 4]
   latents = mean
   if key is not None:
@@ -664,9 +716,11 @@ def decode_latents(sd: StableDiffusion, latents: jax.Array) -> jax.Array:
   """
   latents = jnp.asarray(latents)
   if latents.ndim != 4 or latents.shape[1] != sd.vae.latent_channels:
-    raise ValueError(f"latents must be [B, {sd.vae.latent_channels}, h, w], "
-                     f"got {latents.shape}")
+    raise ValueError(f"latents must be [B, {sd.vae.latent_channels}, h, w], got {latents.shape}")
   z = jnp.transpose(latents / sd.scaling_factor, (0, 2, 3, 1))  # [B, h, w, 4]
-  x = sd.vae.apply({"params": sd.vae_params}, z.astype(sd.dtype),
-                   method=lambda m, z: m.decoder(m.post_quant_conv(z)))
+  x = sd.vae.apply(
+    {"params": sd.vae_params},
+    z.astype(sd.dtype),
+    method=lambda m, z: m.decoder(m.post_quant_conv(z)),
+  )
   return jnp.clip(x.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)

@@ -14,6 +14,7 @@ A new representation: a module here with a Representation subclass (with a
 `from_config(config)` constructor), one entry in `make`, and its name in the
 closed set of checks.RULES["representation"].
 """
+
 import abc
 from typing import Any
 
@@ -34,8 +35,9 @@ class Representation(abc.ABC):
     """The camera of one particle at one step (one camera, fields of shape [])."""
 
   @abc.abstractmethod
-  def render(self, params: Any, camera: cameras.Cameras, resolution: int,
-             key: jax.Array | None) -> dict:
+  def render(
+    self, params: Any, camera: cameras.Cameras, resolution: int, key: jax.Array | None
+  ) -> dict:
     """{'rgb': [H, W, 3] in [0, 1], ...what else it renders}; key None: deterministic."""
 
   def regularisers(self, out: dict) -> dict:
@@ -57,8 +59,9 @@ class Representation(abc.ABC):
     """Writes folder/particle_<i>/... for the stacked particles (host arrays)."""
 
   @abc.abstractmethod
-  def evaluate(self, particles: Any, references, sigma_ref: float, export_config,
-               size: int) -> dict:
+  def evaluate(
+    self, particles: Any, references, sigma_ref: float, export_config, size: int
+  ) -> dict:
     """eval.json against the analytic prior's references (shapes.Reference)."""
 
 

@@ -4,6 +4,7 @@ The parameters are the image in x0 units (x0 = 2 rgb - 1, channel first, the
 analytic prior's pixel space), seen from one fixed camera: the render is the
 image itself, so the prior's encoding gives back x0.
 """
+
 import dataclasses
 import os
 
@@ -12,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsdjax import cameras
-from vsdjax.prior.analytic import evaluate
-from vsdjax.representations.nerf import export
-from vsdjax.prior.analytic import shapes
+from vsdjax.prior.analytic import evaluate, shapes
 from vsdjax.representations import Representation
+from vsdjax.representations.nerf import export
 
 # The fixed camera: the analytic references are rendered from it and eps_phi is
 # conditioned on it.
@@ -25,6 +25,7 @@ CAMERA = dict(radius=1.3, elevation=15.0, azimuth=30.0, fovy=50.0)
 @dataclasses.dataclass(frozen=True)
 class Image(Representation):
   """One particle = {'image': [3, size, size]} in x0 units, initialised N(0, 0.5^2)."""
+
   size: int
 
   @classmethod
@@ -56,5 +57,4 @@ class Image(Representation):
     cam = self.sample_camera(None)
     rgb = shapes.render_views(references, cam.c2w, cam.fovy, self.size, self.size)["rgb"]
     means = np.moveaxis(2.0 * np.asarray(rgb) - 1.0, -1, 1)  # [K, 3, h, w]
-    return evaluate.evaluate_2d(particles["image"], means, [r.shape for r in references],
-                                sigma_ref)
+    return evaluate.evaluate_2d(particles["image"], means, [r.shape for r in references], sigma_ref)

@@ -8,6 +8,7 @@
       'phi_base': eps_phi's base UNet params ({} for SDS)
       'phi_emb':  [4, L, D] eps_phi's text conditioning per view label
 """
+
 import dataclasses
 import os
 
@@ -15,12 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras, checks, console, representations
-from vsdjax.prior.analytic import shapes
+from vsdjax import cameras, checks, console, prior as prior_lib, representations
 from vsdjax.guidance import eps_phi as eps_phi_lib
-from vsdjax import prior as prior_lib
-from vsdjax.prior import analytic
-from vsdjax.prior import sd_prior, stable_diffusion
+from vsdjax.prior import analytic, sd_prior, stable_diffusion
+from vsdjax.prior.analytic import shapes
 from vsdjax.prior.base import Prior
 
 # Text conditioning of the tiny eps_phi UNet used with the analytic prior (a
@@ -37,6 +36,7 @@ class Models:
     prior: the frozen prior (prior.base.Prior); its arrays are frozen['prior'].
     eps_phi: eps_phi_lib.EpsPhi, None for SDS.
   """
+
   representation: representations.Representation
   prior: Prior
   eps_phi: eps_phi_lib.EpsPhi | None = None
@@ -52,20 +52,22 @@ def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
   """
   channels = tuple(int(c) for c in channels)
   if not channels or any(c < 64 or c % 32 for c in channels):
-    raise ValueError("eps_phi.tiny_channels must be widths >= 64 that are multiples "
-                     f"of 32 (GroupNorm has 32 groups), got {channels}")
+    raise ValueError(
+      "eps_phi.tiny_channels must be widths >= 64 that are multiples "
+      f"of 32 (GroupNorm has 32 groups), got {channels}"
+    )
   n = len(channels)
   return {
-      "sample_size": size,
-      "in_channels": in_channels,
-      "out_channels": in_channels,
-      "down_block_types": ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D"],
-      "up_block_types": ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (n - 1),
-      "block_out_channels": list(channels),
-      "layers_per_block": 1,
-      "attention_head_dim": 8,
-      "cross_attention_dim": _TINY_CROSS_DIM,
-      "use_linear_projection": True,
+    "sample_size": size,
+    "in_channels": in_channels,
+    "out_channels": in_channels,
+    "down_block_types": ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (n - 1),
+    "block_out_channels": list(channels),
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": _TINY_CROSS_DIM,
+    "use_linear_projection": True,
   }
 
 
@@ -75,22 +77,27 @@ def _load(field: str, name: str, dtype) -> stable_diffusion.StableDiffusion:
   try:
     return prior_lib.load_stable_diffusion(name, dtype=dtype)
   except (OSError, ValueError) as e:
-    raise checks.ModelLoadError(f"config field {field}={name!r}: {e} (set it with "
-                                f"--config.{field}=/path/to/folder)") from e
+    raise checks.ModelLoadError(
+      f"config field {field}={name!r}: {e} (set it with --config.{field}=/path/to/folder)"
+    ) from e
 
 
 def _view_prompts(config) -> list:
-  return [cameras.view_prompt(config.prompt, i) if config.guidance.view_prompts
-          else config.prompt for i in range(len(cameras.VIEW_NAMES))]
+  return [
+    cameras.view_prompt(config.prompt, i) if config.guidance.view_prompts else config.prompt
+    for i in range(len(cameras.VIEW_NAMES))
+  ]
 
 
 def _phi(config, unet, alphas_cumprod, prediction_type: str) -> eps_phi_lib.EpsPhi:
   """eps_phi on `unet` (LoRA + camera MLP, or all weights) with its base's schedule."""
   e = config.eps_phi
-  spec = eps_phi_lib.EpsPhiSpec(mode=e.mode, rank=e.rank, alpha=e.alpha,
-                            camera_dropout=e.camera_dropout)
-  return eps_phi_lib.EpsPhi(unet=unet, spec=spec, alphas_cumprod=np.asarray(alphas_cumprod),
-                        prediction_type=prediction_type)
+  spec = eps_phi_lib.EpsPhiSpec(
+    mode=e.mode, rank=e.rank, alpha=e.alpha, camera_dropout=e.camera_dropout
+  )
+  return eps_phi_lib.EpsPhi(
+    unet=unet, spec=spec, alphas_cumprod=np.asarray(alphas_cumprod), prediction_type=prediction_type
+  )
 
 
 def build(config, key: jax.Array):
@@ -108,8 +115,7 @@ def build(config, key: jax.Array):
     sd = _load("prior.name", config.prior.name, jnp.dtype(config.prior.dtype))
     emb = prior_lib.encode_prompts(sd, _view_prompts(config) + [""])  # [5, 77, D]
     sd = dataclasses.replace(sd, text_params={})
-    frozen.update(prior={"sd": sd, "emb_cond": emb[:-1], "emb_uncond": emb[-1]},
-                  phi_emb=emb[:-1])
+    frozen.update(prior={"sd": sd, "emb_cond": emb[:-1], "emb_uncond": emb[-1]}, phi_emb=emb[:-1])
     # The static copy keeps the modules and the schedule, not the weights.
     prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
     if vsd:
@@ -121,13 +127,18 @@ def build(config, key: jax.Array):
     refs = shapes.parse_references(config.prior.references)
     mixture = prior_lib.make_prior([r.shape for r in refs], config.prior.sigma_ref)
     cond = prior_lib.encode_prompts(mixture, [config.prompt])[0]  # [K]
-    frozen.update(prior={"emb_cond": jnp.tile(cond[None], (len(cameras.VIEW_NAMES), 1)),
-                         "emb_uncond": prior_lib.encode_prompts(mixture, [""])[0]},
-                  phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)))
+    frozen.update(
+      prior={
+        "emb_cond": jnp.tile(cond[None], (len(cameras.VIEW_NAMES), 1)),
+        "emb_uncond": prior_lib.encode_prompts(mixture, [""])[0],
+      },
+      phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)),
+    )
     prior = analytic.Analytic(mixture, refs)
     if vsd:
       unet = stable_diffusion.unet_from_config(
-          tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution))
+        tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution)
+      )
       frozen["phi_base"] = unet.init_weights(key)
       phi = _phi(config, unet, mixture.alphas_cumprod, "epsilon")
   return Models(representation, prior, phi), frozen
@@ -136,8 +147,10 @@ def build(config, key: jax.Array):
 def _builtin(field: str, name: str) -> str:
   builtin = os.path.basename(os.path.normpath(name))
   if builtin not in stable_diffusion.BUILTIN_CONFIGS:
-    raise checks.ConfigError(f"config field {field}={name!r}: build_abstract knows only the "
-                             f"shipped architectures {stable_diffusion.BUILTIN_CONFIGS}")
+    raise checks.ConfigError(
+      f"config field {field}={name!r}: build_abstract knows only the "
+      f"shipped architectures {stable_diffusion.BUILTIN_CONFIGS}"
+    )
   return builtin
 
 
@@ -152,22 +165,30 @@ def build_abstract(config):
   """
   checks.validate_config(config)
   if config.prior.kind != "stable_diffusion":
-    raise checks.ConfigError("config field prior.kind: build_abstract is for "
-                             "'stable_diffusion'")
-  sd = stable_diffusion.abstract_model(_builtin("prior.name", config.prior.name),
-                                       jnp.dtype(config.prior.dtype))
+    raise checks.ConfigError("config field prior.kind: build_abstract is for 'stable_diffusion'")
+  sd = stable_diffusion.abstract_model(
+    _builtin("prior.name", config.prior.name), jnp.dtype(config.prior.dtype)
+  )
   n_views, n_tokens, width = len(cameras.VIEW_NAMES), 77, sd.unet.cross_attention_dim
   emb = jax.ShapeDtypeStruct((n_views, n_tokens, width), jnp.float32)
-  frozen = {"prior": {"sd": sd, "emb_cond": emb,
-                      "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32)},
-            "phi_base": {}, "phi_emb": emb}
+  frozen = {
+    "prior": {
+      "sd": sd,
+      "emb_cond": emb,
+      "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32),
+    },
+    "phi_base": {},
+    "phi_emb": emb,
+  }
   phi = None
   if config.guidance.mode == "vsd":
     base = config.eps_phi.base
-    phi_sd = sd if base == "prior" else stable_diffusion.abstract_model(
-        _builtin("eps_phi.base", base), jnp.float32)
+    phi_sd = (
+      sd
+      if base == "prior"
+      else stable_diffusion.abstract_model(_builtin("eps_phi.base", base), jnp.float32)
+    )
     frozen["phi_base"] = phi_sd.unet_params
     phi = _phi(config, phi_sd.unet, phi_sd.alphas_cumprod, phi_sd.prediction_type)
   prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
   return Models(representations.make(config), prior, phi), frozen
-

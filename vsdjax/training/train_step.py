@@ -20,6 +20,7 @@ One step, for key k = fold_in(key, step):
   eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all particles at a
     fresh t', camera dropout; AdamW step of phi.
 """
+
 import functools
 from typing import Callable
 
@@ -39,8 +40,9 @@ def particle_optimizer(config, representation) -> optax.GradientTransformation:
   def adam(lr):
     return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
 
-  return optax.multi_transform({"grid": adam(o.grid_lr), "rest": adam(o.lr)},
-                               representation.param_labels)
+  return optax.multi_transform(
+    {"grid": adam(o.grid_lr), "rest": adam(o.lr)}, representation.param_labels
+  )
 
 
 def phi_optimizer(config) -> optax.GradientTransformation:
@@ -56,12 +58,11 @@ def init_state(config, models, frozen, key: jax.Array) -> dict:
   if models.eps_phi is not None:
     phi = models.eps_phi.init(k_phi, frozen["phi_base"])
   return {
-      "step": jnp.zeros((), jnp.int32),
-      "particles": particles,
-      "particle_opt": jax.vmap(particle_optimizer(config, models.representation).init)(
-          particles),
-      "phi": phi,
-      "phi_opt": phi_optimizer(config).init(phi),
+    "step": jnp.zeros((), jnp.int32),
+    "particles": particles,
+    "particle_opt": jax.vmap(particle_optimizer(config, models.representation).init)(particles),
+    "phi": phi,
+    "phi_opt": phi_optimizer(config).init(phi),
   }
 
 
@@ -83,8 +84,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
     out = rep.render(params, cam, resolution, k_render)
-    x0 = prior.encode(frozen["prior"], out["rgb"][None],
-                      jax.random.fold_in(key, 1))  # [1, C, h, w]
+    x0 = prior.encode(frozen["prior"], out["rgb"][None], jax.random.fold_in(key, 1))  # [1, C, h, w]
     label = cameras.view_label(cam.elevation, cam.azimuth)
     cond = prior.condition(frozen["prior"], cam, label, x0.shape[-1])
     t = distill.sample_t(k_t, t_lo, t_hi, num_t, (1,))  # [1]
@@ -94,18 +94,28 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     eps_hat = prior.eps_cfg(frozen["prior"], x_t, t, cond, g.scale)
     camera = cam.c2w.reshape(1, 16)
     if phi_model is not None:  # VSD: eps_phi's estimate of the particles' own score
-      target = phi_model.predict_eps(frozen["phi_base"], phi, x_t, t,
-                                     frozen["phi_emb"][label][None], camera)
+      target = phi_model.predict_eps(
+        frozen["phi_base"], phi, x_t, t, frozen["phi_emb"][label][None], camera
+      )
     else:  # SDS: the sampled noise
       target = eps
-    grad, n_nonfinite = distill.guidance_grad(jax.lax.stop_gradient(eps_hat),
-                                              jax.lax.stop_gradient(target),
-                                              distill.weight(a_t**2), g.grad_clip)
+    grad, n_nonfinite = distill.guidance_grad(
+      jax.lax.stop_gradient(eps_hat),
+      jax.lax.stop_gradient(target),
+      distill.weight(a_t**2),
+      g.grad_clip,
+    )
     terms = {"guidance": distill.surrogate_loss(x0, grad), **rep.regularisers(out)}
     loss = sum(terms.values())
-    aux = {"x0": jax.lax.stop_gradient(x0[0]), "camera": camera[0], "label": label,
-           "terms": terms, "t": t[0], "grad_norm": jnp.sqrt(jnp.sum(grad**2)),
-           "nonfinite": n_nonfinite}
+    aux = {
+      "x0": jax.lax.stop_gradient(x0[0]),
+      "camera": camera[0],
+      "label": label,
+      "terms": terms,
+      "t": t[0],
+      "grad_norm": jnp.sqrt(jnp.sum(grad**2)),
+      "nonfinite": n_nonfinite,
+    }
     return loss, aux
 
   def step_fn(state, key, frozen):
@@ -113,22 +123,32 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     key = jax.random.fold_in(key, step)
     k_particles, k_phi = jax.random.split(key)
     t_lo, t_hi = distill.t_bounds(
-        step, t_min=g.t_min, t_max=g.t_max, t_max_after=g.t_max_after,
-        t_switch_step=g.t_switch_step, t_anneal_steps=g.t_anneal_steps)
+      step,
+      t_min=g.t_min,
+      t_max=g.t_max,
+      t_max_after=g.t_max_after,
+      t_switch_step=g.t_switch_step,
+      t_anneal_steps=g.t_anneal_steps,
+    )
     keys = jax.random.split(k_particles, config.n_particles)
     grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
     (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, None, None, None, None))(
-        state["particles"], keys, state["phi"], frozen, t_lo, t_hi)
-    updates, particle_opt = jax.vmap(p_opt.update)(grads, state["particle_opt"],
-                                                   state["particles"])
+      state["particles"], keys, state["phi"], frozen, t_lo, t_hi
+    )
+    updates, particle_opt = jax.vmap(p_opt.update)(grads, state["particle_opt"], state["particles"])
     particles = jax.vmap(optax.apply_updates)(state["particles"], updates)
-    metrics = {"loss": jnp.mean(loss), "t": jnp.mean(aux["t"]), "t_max": t_hi,
-               "guidance_grad_norm": jnp.mean(aux["grad_norm"]),
-               "guidance_nonfinite": jnp.sum(aux["nonfinite"])}
+    metrics = {
+      "loss": jnp.mean(loss),
+      "t": jnp.mean(aux["t"]),
+      "t_max": t_hi,
+      "guidance_grad_norm": jnp.mean(aux["grad_norm"]),
+      "guidance_nonfinite": jnp.sum(aux["nonfinite"]),
+    }
     for name, tree in (("particle_grad_norm", grads), ("particle_update_norm", updates)):
       norms = jax.vmap(optax.tree.norm)(tree)  # [n]
-      metrics.update({name: jnp.mean(norms), f"{name}_min": jnp.min(norms),
-                      f"{name}_max": jnp.max(norms)})
+      metrics.update(
+        {name: jnp.mean(norms), f"{name}_min": jnp.min(norms), f"{name}_max": jnp.max(norms)}
+      )
     metrics.update({f"loss_{k}": jnp.mean(v) for k, v in aux["terms"].items()})
     metrics.update(rep.step_metrics(particles))
     phi, phi_state = state["phi"], state["phi_opt"]
@@ -137,12 +157,18 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       phi_loss_fn = functools.partial(phi_model.loss, frozen["phi_base"])
       for i in range(config.eps_phi.steps_per_step):
         (phi_loss, _), phi_grads = jax.value_and_grad(phi_loss_fn, has_aux=True)(
-            phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i))
+          phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i)
+        )
         phi_updates, phi_state = phi_opt.update(phi_grads, phi_state, phi)
         phi = optax.apply_updates(phi, phi_updates)
       metrics.update(phi_loss=phi_loss, phi_grad_norm=optax.tree.norm(phi_grads))
-    new_state = {"step": step + 1, "particles": particles, "particle_opt": particle_opt,
-                 "phi": phi, "phi_opt": phi_state}
+    new_state = {
+      "step": step + 1,
+      "particles": particles,
+      "particle_opt": particle_opt,
+      "phi": phi,
+      "phi_opt": phi_state,
+    }
     return new_state, metrics
 
   jitted = jax.jit(step_fn, donate_argnums=0)

@@ -11,6 +11,7 @@ the caller allows by name, except the ones in NEVER_CHANGE, which set the
 state's shapes) may differ from config.json. Nothing is written before that
 check has passed.
 """
+
 import contextlib
 import datetime
 import gc
@@ -27,12 +28,21 @@ import orbax.checkpoint as ocp
 from vsdjax import checks, console
 
 # Fields that may differ on resume: how long, how often to log and save, exports.
-MAY_CHANGE = ("steps", "mode", "log_every", "checkpoint_every", "keep_checkpoints",
-              "export.")
+MAY_CHANGE = ("steps", "mode", "log_every", "checkpoint_every", "keep_checkpoints", "export.")
 # Fields that set the shapes of the saved state: a run cannot continue with others.
-NEVER_CHANGE = ("seed", "n_particles", "representation", "guidance.mode", "prior.kind",
-                "prior.references", "eps_phi.mode", "eps_phi.rank", "eps_phi.tiny_channels",
-                "scene.", "render.resolution")
+NEVER_CHANGE = (
+  "seed",
+  "n_particles",
+  "representation",
+  "guidance.mode",
+  "prior.kind",
+  "prior.references",
+  "eps_phi.mode",
+  "eps_phi.rank",
+  "eps_phi.tiny_channels",
+  "scene.",
+  "render.resolution",
+)
 
 
 def _matches(field: str, patterns) -> bool:
@@ -54,8 +64,11 @@ def saved_steps(workdir: str) -> list:
 def config_differences(saved: dict, new: dict) -> list:
   """[(field, saved value, new value)] of two flattened configs, sorted by field."""
   missing = "<absent>"
-  return [(k, saved.get(k, missing), new.get(k, missing))
-          for k in sorted(set(saved) | set(new)) if saved.get(k, missing) != new.get(k, missing)]
+  return [
+    (k, saved.get(k, missing), new.get(k, missing))
+    for k in sorted(set(saved) | set(new))
+    if saved.get(k, missing) != new.get(k, missing)
+  ]
 
 
 def check_resume(config, workdir: str, allow_changes=()) -> bool:
@@ -67,8 +80,10 @@ def check_resume(config, workdir: str, allow_changes=()) -> bool:
   """
   for field in allow_changes:
     if _matches(field, NEVER_CHANGE):
-      raise checks.ConfigError(f"--allow_change={field}: this field sets the shapes or the "
-                               "identity of the saved state and cannot change on resume")
+      raise checks.ConfigError(
+        f"--allow_change={field}: this field sets the shapes or the "
+        "identity of the saved state and cannot change on resume"
+      )
   if not saved_steps(workdir):
     return False
   path = os.path.join(workdir, "config.json")
@@ -77,18 +92,23 @@ def check_resume(config, workdir: str, allow_changes=()) -> bool:
       saved = checks.flatten(json.load(f))
   except (OSError, json.JSONDecodeError) as e:
     raise checks.ConfigError(
-        f"{path} cannot be read ({e}), so the run in {workdir} cannot be checked "
-        "against the new config; restore the file or use a new --workdir") from e
+      f"{path} cannot be read ({e}), so the run in {workdir} cannot be checked "
+      "against the new config; restore the file or use a new --workdir"
+    ) from e
   new = checks.flatten(json.loads(config.to_json_best_effort()))
-  refused = [(k, a, b) for k, a, b in config_differences(saved, new)
-             if not (_matches(k, MAY_CHANGE) or k in allow_changes)]
+  refused = [
+    (k, a, b)
+    for k, a, b in config_differences(saved, new)
+    if not (_matches(k, MAY_CHANGE) or k in allow_changes)
+  ]
   if refused:
     listing = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in refused)
     raise checks.ConfigError(
-        f"{workdir} holds a run with another config ({listing}). Use a new --workdir, or "
-        f"change only {', '.join(p + '*' if p.endswith('.') else p for p in MAY_CHANGE)} "
-        "on resume (--allow_change=FIELD accepts a field that does not set the state's "
-        "shapes, e.g. a moved model folder)")
+      f"{workdir} holds a run with another config ({listing}). Use a new --workdir, or "
+      f"change only {', '.join(p + '*' if p.endswith('.') else p for p in MAY_CHANGE)} "
+      "on resume (--allow_change=FIELD accepts a field that does not set the state's "
+      "shapes, e.g. a moved model folder)"
+    )
   return True
 
 
@@ -144,6 +164,7 @@ def _drop_leftovers_of_failed_reads(log_path: str) -> None:
   (pages of TensorStore specs) whenever they are garbage collected, later in
   the run; this process-wide hook and filter keep them in the log file.
   """
+
   def from_orbax(text: str) -> bool:
     return "orbax" in text and ("_read_array_index" in text or "deserialize" in text)
 
@@ -175,8 +196,8 @@ def _drop_leftovers_of_failed_reads(log_path: str) -> None:
 
 def checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True,
-      enable_async_checkpointing=False)  # The step donates the state it saves.
+    max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=False
+  )  # The step donates the state it saves.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -190,8 +211,9 @@ def restore(config, workdir: str, abstract_state):
   mngr = checkpoint_manager(config, workdir)
   failures = []
   for step in sorted(mngr.all_steps(), reverse=True):
-    log = tempfile.NamedTemporaryFile(prefix=f"vsdjax-restore-{step}-", suffix=".log",
-                                      delete=False)  # Outside DIR: nothing written there yet.
+    log = tempfile.NamedTemporaryFile(
+      prefix=f"vsdjax-restore-{step}-", suffix=".log", delete=False
+    )  # Outside DIR: nothing written there yet.
     try:
       with _stderr_to(log):  # tensorstore's reader tasks print pages on a bad file
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
@@ -200,8 +222,10 @@ def restore(config, workdir: str, abstract_state):
       first = str(e).splitlines()[0].split(". See full")[0] if str(e) else ""
       reason = f"{type(e).__name__}: {first}"[:300]
       failures.append((step, reason, log.name))
-      console.say(f"checkpoint {step} in {checkpoint_dir(workdir)} cannot be restored "
-                  f"({reason}); trying an older one")
+      console.say(
+        f"checkpoint {step} in {checkpoint_dir(workdir)} cannot be restored "
+        f"({reason}); trying an older one"
+      )
       continue
     finally:
       log.close()
@@ -214,14 +238,17 @@ def restore(config, workdir: str, abstract_state):
         if os.path.exists(target):
           target += "-" + datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
         shutil.move(os.path.join(checkpoint_dir(workdir), str(bad)), target)
-        console.say(f"moved the damaged checkpoint {bad} to {target} (its restore errors "
-                    f"are in {details}); resuming from step {step}")
+        console.say(
+          f"moved the damaged checkpoint {bad} to {target} (its restore errors "
+          f"are in {details}); resuming from step {step}"
+        )
       mngr = checkpoint_manager(config, workdir)  # Forget the moved steps.
     return state, mngr
   if failures:
     raise checks.UserError(
-        f"no checkpoint in {checkpoint_dir(workdir)} restores: "
-        + "; ".join(f"step {s}: {r} (details: {d})" for s, r, d in failures)
-        + ". Nothing was moved; use a new --workdir, or check that the code and config "
-        "match the run's")
+      f"no checkpoint in {checkpoint_dir(workdir)} restores: "
+      + "; ".join(f"step {s}: {r} (details: {d})" for s, r, d in failures)
+      + ". Nothing was moved; use a new --workdir, or check that the code and config "
+      "match the run's"
+    )
   return None, mngr

@@ -3,14 +3,13 @@
 mixture.py holds the Gaussian-mixture maths, shapes.py the procedural
 reference scenes, evaluate.py eval.json; this module is its Prior.
 """
+
 import dataclasses
 
 import numpy as np
 
-from vsdjax import console
-from vsdjax import prior as prior_lib
-from vsdjax.prior.analytic import mixture as mixture_lib
-from vsdjax.prior.analytic import shapes
+from vsdjax import console, prior as prior_lib
+from vsdjax.prior.analytic import mixture as mixture_lib, shapes
 from vsdjax.prior.base import Prior
 
 
@@ -22,6 +21,7 @@ class Analytic(Prior):
     mixture: mixture_lib.AnalyticPrior (component names, sigmas, schedule).
     references: the K shapes.Reference whose renders are the component means.
   """
+
   mixture: mixture_lib.AnalyticPrior
   references: tuple
 
@@ -39,15 +39,20 @@ class Analytic(Prior):
     return mixture_lib.encode_images(self.mixture, rgb)[None]  # rgb [K, H, W, 3]
 
   def condition(self, frozen, camera, label, size):
-    return {"means": self.reference_means(camera, size),
-            "cond": frozen["emb_cond"][label][None], "uncond": frozen["emb_uncond"][None]}
+    return {
+      "means": self.reference_means(camera, size),
+      "cond": frozen["emb_cond"][label][None],
+      "uncond": frozen["emb_uncond"][None],
+    }
 
   def eps_cfg(self, frozen, x_t, t, cond, scale):
     del frozen
-    return prior_lib.predict_eps_cfg(self.mixture, cond["means"], x_t, t, cond["cond"],
-                                     cond["uncond"], scale)
+    return prior_lib.predict_eps_cfg(
+      self.mixture, cond["means"], x_t, t, cond["cond"], cond["uncond"], scale
+    )
 
   def evaluate(self, representation, particles, config):
     console.say("evaluating the particles against the references (eval.json) ...")
-    return representation.evaluate(particles, self.references, config.prior.sigma_ref,
-                                   config.export, config.render.resolution)
+    return representation.evaluate(
+      particles, self.references, config.prior.sigma_ref, config.export, config.render.resolution
+    )

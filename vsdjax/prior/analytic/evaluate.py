@@ -27,6 +27,7 @@ Conventions:
        "covered": sorted names nearest to at least one particle}
     plus "n_views" and "size" (3D) or "spread" and "sigma_ref" (2D).
 """
+
 import json
 import math
 import os
@@ -37,9 +38,8 @@ import jax
 import numpy as np
 
 from vsdjax import cameras, checks
-from vsdjax.representations.nerf import export
-from vsdjax.representations.nerf import scene
 from vsdjax.prior.analytic import shapes
+from vsdjax.representations.nerf import export, scene
 
 # Floor of the MSE in PSNR: 1e-10 -> at most 100 dB.
 MSE_FLOOR = 1e-10
@@ -78,8 +78,9 @@ def heldout_cameras(n: int, seed: int = 12345) -> cameras.Cameras:
   offset = (0.25 + 0.5 * rng.uniform()) * spacing
   azimuth = offset + spacing * np.arange(n)  # [n]
   azimuth = np.mod(azimuth + 180.0, 360.0) - 180.0
-  return cameras.from_spherical(HELDOUT_RADIUS, elevation.astype(np.float32),
-                                azimuth.astype(np.float32), HELDOUT_FOVY)
+  return cameras.from_spherical(
+    HELDOUT_RADIUS, elevation.astype(np.float32), azimuth.astype(np.float32), HELDOUT_FOVY
+  )
 
 
 def unique_names(names: Sequence[str]) -> list:
@@ -101,13 +102,19 @@ def _summary(mse: np.ndarray, names: list) -> dict:
   """The "references", "particles" and "covered" entries from MSEs [n, K]."""
   values = psnr(mse)  # [n, K]
   nearest = np.argmax(values, axis=1)  # [n], ties to the first.
-  particles = [{
+  particles = [
+    {
       "nearest": names[k],
       "psnr": float(row[k]),
       "psnr_to": {name: float(v) for name, v in zip(names, row)},
-  } for row, k in zip(values, nearest)]
-  return {"references": list(names), "particles": particles,
-          "covered": sorted({names[k] for k in nearest})}
+    }
+    for row, k in zip(values, nearest)
+  ]
+  return {
+    "references": list(names),
+    "particles": particles,
+    "covered": sorted({names[k] for k in nearest}),
+  }
 
 
 def _check_references(refs) -> tuple:
@@ -118,13 +125,18 @@ def _check_references(refs) -> tuple:
     return (refs,)
   refs = tuple(refs)
   if not refs or not all(isinstance(r, shapes.Reference) for r in refs):
-    raise ValueError("refs must be a non-empty sequence of shapes.Reference, "
-                     f"got {refs!r}")
+    raise ValueError(f"refs must be a non-empty sequence of shapes.Reference, got {refs!r}")
   return refs
 
 
-def evaluate_3d(particles: dict, spec: scene.SceneSpec, refs, n_views: int = 8,
-                size: int = 64, ray_batch: int = 4096) -> dict:
+def evaluate_3d(
+  particles: dict,
+  spec: scene.SceneSpec,
+  refs,
+  n_views: int = 8,
+  size: int = 64,
+  ray_batch: int = 4096,
+) -> dict:
   """Held-out-view PSNR of each 3D particle to each reference.
 
   Args:
@@ -146,21 +158,26 @@ def evaluate_3d(particles: dict, spec: scene.SceneSpec, refs, n_views: int = 8,
   try:
     tables = np.shape(particles["field"]["grid"]["tables"])
   except (KeyError, TypeError) as e:
-    raise ValueError("particles must be stacked 3D particles {'field': ..., "
-                     "'background': ...}") from e
+    raise ValueError(
+      "particles must be stacked 3D particles {'field': ..., 'background': ...}"
+    ) from e
   if len(tables) != 4:
-    raise ValueError("particles must carry a leading particle axis: "
-                     "particles['field']['grid']['tables'] must be "
-                     f"[n, L, T, F], got {tables}")
+    raise ValueError(
+      "particles must carry a leading particle axis: "
+      "particles['field']['grid']['tables'] must be "
+      f"[n, L, T, F], got {tables}"
+    )
   cams = heldout_cameras(n_views)
-  ref_rgb = np.asarray(shapes.render_views(
-      refs, cams.c2w, cams.fovy, size, size)["rgb"], np.float64)
+  ref_rgb = np.asarray(
+    shapes.render_views(refs, cams.c2w, cams.fovy, size, size)["rgb"], np.float64
+  )
   # ref_rgb: [V, K, H, W, 3].
   mse = []
   for i in range(tables[0]):
     particle = jax.tree.map(lambda v, i=i: v[i], particles)
-    rgb = export.render_views(particle, cams, spec, size,
-                              ray_batch).astype(np.float64)  # [V, H, W, 3]
+    rgb = export.render_views(particle, cams, spec, size, ray_batch).astype(
+      np.float64
+    )  # [V, H, W, 3]
     err = np.square(rgb[:, None] - ref_rgb)  # [V, K, H, W, 3]
     mse.append(np.mean(np.mean(err, axis=(2, 3, 4)), axis=0))  # [K]
   out = _summary(np.stack(mse), unique_names([r.shape for r in refs]))
@@ -193,15 +210,18 @@ def evaluate_2d(images, means, names: Sequence[str], sigma_ref: float) -> dict:
   if images.ndim != 4 or images.shape[1] != 3:
     raise ValueError(f"images must be [n, 3, h, w], got {images.shape}")
   if means.ndim != 4 or means.shape[1:] != images.shape[1:]:
-    raise ValueError(f"means must be [K, 3, h, w] = [K, *{images.shape[1:]}], "
-                     f"got {means.shape}")
+    raise ValueError(f"means must be [K, 3, h, w] = [K, *{images.shape[1:]}], got {means.shape}")
   for name, x in (("images", images), ("means", means)):
     if not np.all(np.isfinite(x)):
       raise ValueError(f"{name} must be finite")
-  if isinstance(names, str) or len(names) != means.shape[0] or not all(
-      isinstance(s, str) and s for s in names):
-    raise ValueError(f"names must be {means.shape[0]} non-empty strings (one "
-                     f"per mean), got {names!r}")
+  if (
+    isinstance(names, str)
+    or len(names) != means.shape[0]
+    or not all(isinstance(s, str) and s for s in names)
+  ):
+    raise ValueError(
+      f"names must be {means.shape[0]} non-empty strings (one per mean), got {names!r}"
+    )
   try:
     sigma_ref = float(sigma_ref)
   except (TypeError, ValueError) as e:
@@ -214,8 +234,7 @@ def evaluate_2d(images, means, names: Sequence[str], sigma_ref: float) -> dict:
 
   err = np.square(rgb(images)[:, None] - rgb(means)[None])  # [n, K, 3, h, w]
   out = _summary(np.mean(err, axis=(2, 3, 4)), unique_names(list(names)))
-  out.update(spread=float(np.mean(np.std(images, axis=0))),
-             sigma_ref=sigma_ref)
+  out.update(spread=float(np.mean(np.std(images, axis=0))), sigma_ref=sigma_ref)
   return out
 
 
@@ -245,8 +264,7 @@ def write_json(d: dict, path) -> str:
   path = os.fspath(path)
   folder = os.path.dirname(path) or "."
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_",
-                             suffix=os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text + "\n")

@@ -24,6 +24,7 @@ prediction E[eps | x_t] is
 with D = C * h * w. The responsibilities w are computed in log space, so they
 stay finite for D = 3 * 64 * 64 and the smallest s_t of the schedule.
 """
+
 from collections.abc import Mapping, Sequence
 import dataclasses
 import math
@@ -53,10 +54,12 @@ class AnalyticPrior:
       prior gives eps exactly).
   Equality and hash are by value, so equal priors share `jit` caches.
   """
+
   names: tuple[str, ...]
   sigma: tuple[float, ...]
   alphas_cumprod: np.ndarray = dataclasses.field(
-      default_factory=lambda: schedule.alphas_cumprod(schedule.SD_SCHEDULER))
+    default_factory=lambda: schedule.alphas_cumprod(schedule.SD_SCHEDULER)
+  )
   prediction_type: str = "epsilon"
 
   def __post_init__(self):
@@ -64,14 +67,14 @@ class AnalyticPrior:
     sigma = _check_sigma(self.sigma, len(names), "sigma")
     abar = np.array(self.alphas_cumprod, dtype=np.float32)  # [T], a copy.
     if abar.ndim != 1 or abar.size < 1:
-      raise ValueError("alphas_cumprod must be a non-empty 1-D array, got "
-                       f"shape {abar.shape}")
+      raise ValueError(f"alphas_cumprod must be a non-empty 1-D array, got shape {abar.shape}")
     if not np.all((abar > 0.0) & (abar < 1.0)):
       raise ValueError("alphas_cumprod must lie in the open interval (0, 1)")
     abar.setflags(write=False)
     if self.prediction_type != "epsilon":
-      raise ValueError(f"prediction_type={self.prediction_type!r}: the "
-                       "analytic prior only predicts 'epsilon'")
+      raise ValueError(
+        f"prediction_type={self.prediction_type!r}: the analytic prior only predicts 'epsilon'"
+      )
     object.__setattr__(self, "names", names)
     object.__setattr__(self, "sigma", sigma)
     object.__setattr__(self, "alphas_cumprod", abar)
@@ -82,8 +85,7 @@ class AnalyticPrior:
     return len(self.names)
 
   def _key(self):
-    return (self.names, self.sigma, self.prediction_type,
-            self.alphas_cumprod.tobytes())
+    return (self.names, self.sigma, self.prediction_type, self.alphas_cumprod.tobytes())
 
   def __eq__(self, other):
     if not isinstance(other, AnalyticPrior):
@@ -103,8 +105,9 @@ def _check_names(names, param: str) -> tuple[str, ...]:
     raise ValueError(f"{param} must name at least one component")
   for name in names:
     if not isinstance(name, str) or not name.strip() or name != name.strip():
-      raise ValueError(f"{param} entries must be non-blank strings without "
-                       f"surrounding spaces, got {name!r}")
+      raise ValueError(
+        f"{param} entries must be non-blank strings without surrounding spaces, got {name!r}"
+      )
   return names
 
 
@@ -120,17 +123,19 @@ def _check_sigma(sigma, num_components: int, param: str) -> tuple[float, ...]:
   """Validates K finite standard deviations >= 0 (a scalar is not allowed)."""
   values = _as_floats(sigma, param)
   if values.shape != (num_components,):
-    raise ValueError(f"{param} must have one entry per component "
-                     f"({num_components}), got shape {values.shape}")
+    raise ValueError(
+      f"{param} must have one entry per component ({num_components}), got shape {values.shape}"
+    )
   if not np.all(np.isfinite(values)) or np.any(values < 0.0):
     raise ValueError(f"{param} must be finite and >= 0, got {tuple(values)}")
   return tuple(float(v) for v in values)
 
 
-def make_prior(names: Sequence[str],
-               sigma_ref: float | Sequence[float],
-               scheduler_config: Mapping = schedule.SD_SCHEDULER
-              ) -> AnalyticPrior:
+def make_prior(
+  names: Sequence[str],
+  sigma_ref: float | Sequence[float],
+  scheduler_config: Mapping = schedule.SD_SCHEDULER,
+) -> AnalyticPrior:
   """Builds an analytic prior.
 
   Args:
@@ -149,9 +154,8 @@ def make_prior(names: Sequence[str],
     sigma = np.full((len(names),), sigma)
   sigma = _check_sigma(sigma, len(names), "sigma_ref")
   return AnalyticPrior(
-      names=names,
-      sigma=sigma,
-      alphas_cumprod=schedule.alphas_cumprod(scheduler_config))
+    names=names, sigma=sigma, alphas_cumprod=schedule.alphas_cumprod(scheduler_config)
+  )
 
 
 def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
@@ -177,10 +181,7 @@ def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
     raise ValueError(f"prompts must be a sequence of strings, got {prompts!r}")
   if not prompts:
     raise ValueError("prompts must hold at least one prompt")
-  patterns = [
-      re.compile(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)")
-      for name in prior.names
-  ]
+  patterns = [re.compile(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)") for name in prior.names]
   masks = []
   for prompt in prompts:
     if not isinstance(prompt, str):
@@ -191,8 +192,10 @@ def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
       continue
     mask = [1.0 if p.search(text) else 0.0 for p in patterns]
     if not any(mask):
-      raise ValueError(f"prompts entry {prompt!r} names no component of the "
-                       f"analytic prior; known names: {prior.names}")
+      raise ValueError(
+        f"prompts entry {prompt!r} names no component of the "
+        f"analytic prior; known names: {prior.names}"
+      )
     masks.append(mask)
   return jnp.asarray(masks, dtype=jnp.float32)  # [B, K]
 
@@ -204,8 +207,9 @@ def _check_predict_args(prior, means, x_t, t, emb):
     raise ValueError(f"x_t must be [B, C, h, w], got shape {x_t.shape}")
   batch = x_t.shape[0]
   if means.shape != (batch, num_k) + x_t.shape[1:]:
-    raise ValueError(f"means must be [B, K, C, h, w] = "
-                     f"{(batch, num_k) + x_t.shape[1:]}, got {means.shape}")
+    raise ValueError(
+      f"means must be [B, K, C, h, w] = {(batch, num_k) + x_t.shape[1:]}, got {means.shape}"
+    )
   if jnp.shape(t) != (batch,):
     raise ValueError(f"t must be [B] = ({batch},), got shape {jnp.shape(t)}")
   if emb.shape != (batch, num_k):
@@ -246,8 +250,7 @@ def _posterior(prior, means, x_t, t, emb):
   var = jnp.square(a_t[:, None] * sigma) + jnp.square(s_t)[:, None]  # [B, K]
   a_5d = a_t[:, None, None, None, None]  # [B, 1, 1, 1, 1]
   pi = emb / jnp.sum(emb, axis=-1, keepdims=True)  # [B, K]
-  centre = jnp.sum(pi[:, :, None, None, None] * means, axis=1,
-                   keepdims=True)  # [B, 1, C, h, w]
+  centre = jnp.sum(pi[:, :, None, None, None] * means, axis=1, keepdims=True)  # [B, 1, C, h, w]
   dev = means - centre  # [B, K, C, h, w]
   resid = x_t[:, None] - a_5d * centre  # [B, 1, C, h, w]
   cross = jnp.sum(resid * dev, axis=(2, 3, 4))  # [B, K]
@@ -256,16 +259,16 @@ def _posterior(prior, means, x_t, t, emb):
   dim = math.prod(x_t.shape[1:])
   common = -0.5 * resid_sq[:, None] / var - 0.5 * dim * jnp.log(var)  # [B, K]
   common = common - jnp.max(common, axis=-1, keepdims=True)
-  specific = (a_t[:, None] * cross - 0.5 * jnp.square(a_t)[:, None] * dev_sq
-             ) / var  # [B, K]
+  specific = (a_t[:, None] * cross - 0.5 * jnp.square(a_t)[:, None] * dev_sq) / var  # [B, K]
   logits = _log_mixture_weights(emb) + common + specific  # [B, K]
   w = jax.nn.softmax(logits, axis=-1)  # [B, K]
   diff = resid - a_5d * dev  # [B, K, C, h, w]
   return w, diff, var, s_t
 
 
-def posterior_weights(prior: AnalyticPrior, means: jax.Array, x_t: jax.Array,
-                      t: jax.Array, emb: jax.Array) -> jax.Array:
+def posterior_weights(
+  prior: AnalyticPrior, means: jax.Array, x_t: jax.Array, t: jax.Array, emb: jax.Array
+) -> jax.Array:
   """Posterior responsibilities P(k | x_t) of the selected components.
 
   Args:
@@ -282,8 +285,9 @@ def posterior_weights(prior: AnalyticPrior, means: jax.Array, x_t: jax.Array,
   return _posterior(prior, means, x_t, t, emb)[0]
 
 
-def predict_eps(prior: AnalyticPrior, means: jax.Array, x_t: jax.Array,
-                t: jax.Array, emb: jax.Array) -> jax.Array:
+def predict_eps(
+  prior: AnalyticPrior, means: jax.Array, x_t: jax.Array, t: jax.Array, emb: jax.Array
+) -> jax.Array:
   """Exact noise prediction E[eps | x_t] of the mixture.
 
   Args:
@@ -338,8 +342,7 @@ def decode_latents(prior: AnalyticPrior, x: jax.Array) -> jax.Array:
   return jnp.clip(0.5 * (jnp.moveaxis(x, -3, -1) + 1.0), 0.0, 1.0)
 
 
-def sample(prior: AnalyticPrior, key: jax.Array, means: jax.Array,
-           emb: jax.Array) -> jax.Array:
+def sample(prior: AnalyticPrior, key: jax.Array, means: jax.Array, emb: jax.Array) -> jax.Array:
   """One clean sample x0 from the mixture (`vmap` over keys for more).
 
   Args:

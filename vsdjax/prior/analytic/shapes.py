@@ -18,6 +18,7 @@ Conventions:
   - One `Reference` renders to arrays without a reference axis; a sequence of
     K references renders to arrays with a leading axis of size K.
 """
+
 import dataclasses
 import functools
 import re
@@ -33,11 +34,11 @@ SHAPES = ("sphere", "cube", "torus", "cylinder", "cone")
 
 # Default albedo of each shape when a reference string gives none.
 DEFAULT_COLORS = {
-    "sphere": "#d04040",
-    "cube": "#3060c0",
-    "torus": "#40a040",
-    "cylinder": "#d0a020",
-    "cone": "#9040b0",
+  "sphere": "#d04040",
+  "cube": "#3060c0",
+  "torus": "#40a040",
+  "cylinder": "#d0a020",
+  "cone": "#9040b0",
 }
 
 # Direction towards the light, in world space (unit length).
@@ -50,6 +51,7 @@ BOUND_RADIUS = 0.5
 @dataclasses.dataclass(frozen=True)
 class _Dims:
   """Sizes of the shapes, in world units."""
+
   sphere_radius: float = 0.45
   cube_half: float = 0.28  # Half the edge; corners at 0.485.
   torus_major: float = 0.32  # Ring radius (in the xy plane).
@@ -68,13 +70,14 @@ _HEX = re.compile(r"#[0-9a-fA-F]{6}")
 
 class Reference(NamedTuple):
   """One reference scene: a shape name from SHAPES and its albedo in [0, 1]."""
+
   shape: str
   color: tuple
 
 
 def _hex_to_rgb(text: str) -> tuple:
   """'#rrggbb' -> (r, g, b) floats in [0, 1]."""
-  return tuple(int(text[i:i + 2], 16) / 255.0 for i in (1, 3, 5))
+  return tuple(int(text[i : i + 2], 16) / 255.0 for i in (1, 3, 5))
 
 
 def parse_references(text: str) -> tuple:
@@ -97,8 +100,7 @@ def parse_references(text: str) -> tuple:
   if not isinstance(text, str):
     raise ValueError(f"references: expected a string, got {type(text).__name__}")
   if not text.strip():
-    raise ValueError(
-        "references: empty; expected e.g. 'sphere:#d04040,cube:#3060c0'")
+    raise ValueError("references: empty; expected e.g. 'sphere:#d04040,cube:#3060c0'")
   refs = []
   for item in text.split(","):
     item = item.strip()
@@ -106,13 +108,15 @@ def parse_references(text: str) -> tuple:
       raise ValueError(f"references {text!r}: empty item between commas")
     name, sep, colour = (s.strip() for s in item.partition(":"))
     if name not in SHAPES:
-      raise ValueError(f"references: unknown shape {name!r} in item {item!r};"
-                       f" known shapes: {', '.join(SHAPES)}")
+      raise ValueError(
+        f"references: unknown shape {name!r} in item {item!r}; known shapes: {', '.join(SHAPES)}"
+      )
     if not sep:
       colour = DEFAULT_COLORS[name]
     elif not _HEX.fullmatch(colour):
-      raise ValueError(f"references: bad colour {colour!r} in item {item!r};"
-                       " expected '#rrggbb' (hex)")
+      raise ValueError(
+        f"references: bad colour {colour!r} in item {item!r}; expected '#rrggbb' (hex)"
+      )
     refs.append(Reference(name, _hex_to_rgb(colour)))
   return tuple(refs)
 
@@ -141,8 +145,9 @@ def _sdf_torus(p):
 
 def _sdf_cylinder(p):
   rho = _safe_norm(p[..., :2])
-  d = jnp.stack([rho - DIMS.cylinder_radius,
-                 jnp.abs(p[..., 2]) - DIMS.cylinder_half_height], axis=-1)
+  d = jnp.stack(
+    [rho - DIMS.cylinder_radius, jnp.abs(p[..., 2]) - DIMS.cylinder_half_height], axis=-1
+  )
   inside = jnp.minimum(jnp.max(d, axis=-1), 0.0)
   return inside + _safe_norm(jnp.maximum(d, 0.0))
 
@@ -152,13 +157,10 @@ def _sdf_cone(p):
   h = 2.0 * DIMS.cone_half_height
   q = jnp.array([DIMS.cone_radius, -h])  # Base rim relative to the apex.
   # Point in the meridian half-plane (radial, axial), apex at the origin.
-  w = jnp.stack([_safe_norm(p[..., :2]), p[..., 2] - DIMS.cone_half_height],
-                axis=-1)  # [..., 2]
+  w = jnp.stack([_safe_norm(p[..., :2]), p[..., 2] - DIMS.cone_half_height], axis=-1)  # [..., 2]
   # Nearest points on the slanted side and on the base disc.
-  a = w - q * jnp.clip(jnp.sum(w * q, axis=-1, keepdims=True) / (q @ q),
-                       0.0, 1.0)
-  b = w - q * jnp.stack([jnp.clip(w[..., 0] / q[0], 0.0, 1.0),
-                         jnp.ones_like(w[..., 0])], axis=-1)
+  a = w - q * jnp.clip(jnp.sum(w * q, axis=-1, keepdims=True) / (q @ q), 0.0, 1.0)
+  b = w - q * jnp.stack([jnp.clip(w[..., 0] / q[0], 0.0, 1.0), jnp.ones_like(w[..., 0])], axis=-1)
   dist2 = jnp.minimum(jnp.sum(a**2, axis=-1), jnp.sum(b**2, axis=-1))
   # Positive outside: beyond the slanted side or below the base (q.y < 0).
   s = jnp.maximum(-(w[..., 0] * q[1] - w[..., 1] * q[0]), -(w[..., 1] - q[1]))
@@ -166,18 +168,17 @@ def _sdf_cone(p):
 
 
 _SDFS = {
-    "sphere": _sdf_sphere,
-    "cube": _sdf_cube,
-    "torus": _sdf_torus,
-    "cylinder": _sdf_cylinder,
-    "cone": _sdf_cone,
+  "sphere": _sdf_sphere,
+  "cube": _sdf_cube,
+  "torus": _sdf_torus,
+  "cylinder": _sdf_cylinder,
+  "cone": _sdf_cone,
 }
 
 
 def _check_shape(shape):
   if shape not in _SDFS:
-    raise ValueError(
-        f"shape: unknown {shape!r}; known shapes: {', '.join(SHAPES)}")
+    raise ValueError(f"shape: unknown {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
 def sdf(shape: str, p: jax.Array) -> jax.Array:
@@ -220,7 +221,7 @@ def _trace(shape, origins, directions, n_steps, t_max, hit_eps):
   f = _SDFS[shape]
   # Entry to and exit from the bounding ball (|o + t d| = BOUND_RADIUS).
   b = jnp.sum(origins * directions, axis=-1)  # [N]
-  c = jnp.sum(origins**2, axis=-1) - (BOUND_RADIUS + hit_eps)**2  # [N]
+  c = jnp.sum(origins**2, axis=-1) - (BOUND_RADIUS + hit_eps) ** 2  # [N]
   disc = b**2 - c  # [N]
   half = jnp.sqrt(jnp.maximum(disc, 0.0))
   t_near = jnp.maximum(-b - half, 0.0)  # [N]
@@ -258,21 +259,23 @@ def _check_refs(refs):
     color = np.asarray(ref.color, np.float64)
     if color.shape != (3,) or not np.all((color >= 0) & (color <= 1)):
       raise ValueError(
-          f"refs: colour of {ref.shape!r} must be 3 values in [0, 1], got"
-          f" {ref.color!r}")
+        f"refs: colour of {ref.shape!r} must be 3 values in [0, 1], got {ref.color!r}"
+      )
     checked.append(Reference(ref.shape, tuple(float(c) for c in color)))
   return tuple(checked), not single
 
 
-def render(refs: Union[Sequence[Reference], Reference],
-           origins: jax.Array,
-           directions: jax.Array,
-           background=(1.0, 1.0, 1.0),
-           light_dir=DEFAULT_LIGHT,
-           ambient: float = 0.3,
-           n_steps: int = 64,
-           t_max: float = 4.0,
-           hit_eps: float = 1e-3) -> dict:
+def render(
+  refs: Union[Sequence[Reference], Reference],
+  origins: jax.Array,
+  directions: jax.Array,
+  background=(1.0, 1.0, 1.0),
+  light_dir=DEFAULT_LIGHT,
+  ambient: float = 0.3,
+  n_steps: int = 64,
+  t_max: float = 4.0,
+  hit_eps: float = 1e-3,
+) -> dict:
   """Renders reference shapes along rays by sphere tracing.
 
   Shading is Lambertian under a fixed world-space light:
@@ -315,14 +318,14 @@ def render(refs: Union[Sequence[Reference], Reference],
   try:
     shape = jnp.broadcast_shapes(origins.shape, directions.shape)
   except ValueError as e:
-    raise ValueError(f"origins {origins.shape} and directions "
-                     f"{directions.shape} do not broadcast") from e
+    raise ValueError(
+      f"origins {origins.shape} and directions {directions.shape} do not broadcast"
+    ) from e
   background = jnp.asarray(background, jnp.float32)
   try:
     background = jnp.broadcast_to(background, shape)  # [..., 3]
   except ValueError as e:
-    raise ValueError(f"background: shape {background.shape} does not "
-                     f"broadcast to {shape}") from e
+    raise ValueError(f"background: shape {background.shape} does not broadcast to {shape}") from e
   checks.check_finite("background", background)
   light = np.asarray(light_dir, np.float64)
   if light.shape != (3,) or not np.all(np.isfinite(light)):
@@ -336,16 +339,15 @@ def render(refs: Union[Sequence[Reference], Reference],
 
   o = jnp.broadcast_to(origins, shape).reshape(-1, 3)  # [N, 3]
   d = jnp.broadcast_to(directions, shape).reshape(-1, 3)  # [N, 3]
-  out = _render_rays(refs, o, d, background.reshape(-1, 3), light, ambient,
-                     n_steps, t_max, hit_eps)  # [K, N, ...]
-  out = {k: v.reshape(v.shape[:1] + shape[:-1] + v.shape[2:])
-         for k, v in out.items()}
+  out = _render_rays(
+    refs, o, d, background.reshape(-1, 3), light, ambient, n_steps, t_max, hit_eps
+  )  # [K, N, ...]
+  out = {k: v.reshape(v.shape[:1] + shape[:-1] + v.shape[2:]) for k, v in out.items()}
   return out if batched else {k: v[0] for k, v in out.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _render_rays(refs, o, d, background, light, ambient, n_steps, t_max,
-                 hit_eps):
+def _render_rays(refs, o, d, background, light, ambient, n_steps, t_max, hit_eps):
   """Renders K references along flat rays o, d [N, 3]; see `render`.
 
   Returns:
@@ -365,13 +367,15 @@ def _render_rays(refs, o, d, background, light, ambient, n_steps, t_max,
   return {k: jnp.stack(v) for k, v in out.items()}
 
 
-def render_views(refs: Union[Sequence[Reference], Reference],
-                 c2w: jax.Array,
-                 fovy: jax.Array,
-                 height: int,
-                 width: int,
-                 supersample: int = 1,
-                 **kwargs) -> dict:
+def render_views(
+  refs: Union[Sequence[Reference], Reference],
+  c2w: jax.Array,
+  fovy: jax.Array,
+  height: int,
+  width: int,
+  supersample: int = 1,
+  **kwargs,
+) -> dict:
   """Renders references from a batch of pinhole cameras.
 
   Rays come from `cameras.rays` (OpenGL camera: +x right, +y up, looking
@@ -398,8 +402,7 @@ def render_views(refs: Union[Sequence[Reference], Reference],
     A dict with 'rgb' [..., K?, H, W, 3], 'mask' and 'depth' [..., K?, H, W],
     where K? is present only when refs is a sequence.
   """
-  for name, value in (("height", height), ("width", width),
-                      ("supersample", supersample)):
+  for name, value in (("height", height), ("width", width), ("supersample", supersample)):
     if not (isinstance(value, int) and value >= 1):
       raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
   c2w = jnp.asarray(c2w, jnp.float32)
@@ -410,8 +413,9 @@ def render_views(refs: Union[Sequence[Reference], Reference],
   try:
     fovy = jnp.broadcast_to(fovy, batch)
   except ValueError as e:
-    raise ValueError(f"fovy: shape {fovy.shape} does not broadcast to the "
-                     f"camera batch shape {batch}") from e
+    raise ValueError(
+      f"fovy: shape {fovy.shape} does not broadcast to the camera batch shape {batch}"
+    ) from e
   s = supersample
   _check_refs(refs)
 
@@ -426,8 +430,8 @@ def render_views(refs: Union[Sequence[Reference], Reference],
     depth = out["depth"].reshape(mask.shape)
     hits = jnp.sum(mask, axis=(-3, -1))  # [B, K?, H, W]
     out = {
-        "rgb": jnp.mean(rgb, axis=(-4, -2)),
-        "mask": hits / (s * s),
-        "depth": jnp.sum(depth, axis=(-3, -1)) / jnp.maximum(hits, 1.0),
+      "rgb": jnp.mean(rgb, axis=(-4, -2)),
+      "mask": hits / (s * s),
+      "depth": jnp.sum(depth, axis=(-3, -1)) / jnp.maximum(hits, 1.0),
     }
   return {k: v.reshape(batch + v.shape[1:]) for k, v in out.items()}

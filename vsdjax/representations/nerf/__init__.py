@@ -1,4 +1,5 @@
 """The NeRF representation: hash grid + field + background, volume rendered."""
+
 import dataclasses
 import os
 
@@ -10,8 +11,12 @@ from vsdjax.representations import Representation
 from vsdjax.representations.nerf import export, render, scene
 
 # Regularisers of config.loss, by name: render.py functions of a flattened render.
-_REGULARISERS = {"sparsity": render.opacity_sparsity, "opaque": render.opaque,
-                 "entropy": render.entropy, "orientation": render.orientation}
+_REGULARISERS = {
+  "sparsity": render.opacity_sparsity,
+  "opaque": render.opaque,
+  "entropy": render.entropy,
+  "orientation": render.orientation,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +29,7 @@ class NeRF(Representation):
     loss_weights: (name, weight) of the regularisers with weight > 0.
     ray_batch: rays per lax.map batch at training renders (0: one batch).
   """
+
   spec: scene.SceneSpec
   camera_ranges: cameras.CameraRanges
   loss_weights: tuple = ()
@@ -31,10 +37,12 @@ class NeRF(Representation):
 
   @classmethod
   def from_config(cls, config) -> "NeRF":
-    return cls(spec=scene.spec_from_config(config),
-               camera_ranges=scene.camera_ranges_from_config(config),
-               loss_weights=tuple((k, float(v)) for k, v in config.loss.items() if v > 0),
-               ray_batch=config.render.ray_batch)
+    return cls(
+      spec=scene.spec_from_config(config),
+      camera_ranges=scene.camera_ranges_from_config(config),
+      loss_weights=tuple((k, float(v)) for k, v in config.loss.items() if v > 0),
+      ray_batch=config.render.ray_batch,
+    )
 
   def init(self, key):
     return scene.init(key, self.spec)
@@ -46,8 +54,9 @@ class NeRF(Representation):
     # Ray batches only when the image has more rays than one batch (lax.map of a
     # single batch costs memory for nothing).
     batch = self.ray_batch if 0 < self.ray_batch < resolution * resolution else None
-    return scene.render_camera(params, camera.c2w, camera.fovy, resolution, resolution,
-                               self.spec, key, batch)
+    return scene.render_camera(
+      params, camera.c2w, camera.fovy, resolution, resolution, self.spec, key, batch
+    )
 
   def regularisers(self, out):
     flat = jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), out)  # [H W, ...]
@@ -64,12 +73,18 @@ class NeRF(Representation):
     for i in range(n):
       console.say(f"exporting particle {i + 1}/{n} (orbit video, views, mesh) to {folder} ...")
       export.export_particle(
-          jax.tree.map(lambda v, i=i: v[i], particles), self.spec,
-          os.path.join(folder, f"particle_{i}"), views=e.views,
-          video_frames=e.video_frames, resolution=e.resolution,
-          mesh_resolution=e.mesh_resolution, mesh_threshold=e.mesh_threshold)
+        jax.tree.map(lambda v, i=i: v[i], particles),
+        self.spec,
+        os.path.join(folder, f"particle_{i}"),
+        views=e.views,
+        video_frames=e.video_frames,
+        resolution=e.resolution,
+        mesh_resolution=e.mesh_resolution,
+        mesh_threshold=e.mesh_threshold,
+      )
 
   def evaluate(self, particles, references, sigma_ref, export_config, size):
     del sigma_ref
-    return evaluate.evaluate_3d(particles, self.spec, references,
-                                n_views=export_config.eval_views, size=size)
+    return evaluate.evaluate_3d(
+      particles, self.spec, references, n_views=export_config.eval_views, size=size
+    )

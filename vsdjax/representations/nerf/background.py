@@ -11,6 +11,7 @@ replaced by one random solid colour, uniform in [0, 1]^3 (threestudio's
 `random_aug`, ProlificDreamer: 50%), which keeps the scene from hiding content
 in the background.
 """
+
 import math
 
 import jax
@@ -33,13 +34,14 @@ def init(key: jax.Array, hidden: int = 32, degree: int = 3) -> dict:
   Returns:
     {'mlp': MLP degree**2 -> hidden -> hidden -> 3} (see mlp.py).
   """
-  if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) \
-      or hidden < 1:
+  if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 1:
     raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
-  if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) \
-      or not 1 <= degree <= MAX_DEGREE:
-    raise ValueError(f"degree must be an integer in [1, {MAX_DEGREE}], got "
-                     f"{degree!r}")
+  if (
+    isinstance(degree, bool)
+    or not isinstance(degree, (int, np.integer))
+    or not 1 <= degree <= MAX_DEGREE
+  ):
+    raise ValueError(f"degree must be an integer in [1, {MAX_DEGREE}], got {degree!r}")
   return {"mlp": mlp.init(key, [degree**2, hidden, hidden, 3])}
 
 
@@ -57,31 +59,32 @@ def spherical_harmonics(d: jnp.ndarray, degree: int) -> jnp.ndarray:
     [..., degree**2] values, band by band.
   """
   if not 1 <= degree <= MAX_DEGREE:
-    raise ValueError(
-        f"degree must lie in [1, {MAX_DEGREE}], got {degree!r}")
+    raise ValueError(f"degree must lie in [1, {MAX_DEGREE}], got {degree!r}")
   if d.ndim < 1 or d.shape[-1] != 3:
     raise ValueError(f"d must have shape [..., 3], got {d.shape}")
   x, y, z = d[..., 0], d[..., 1], d[..., 2]  # [...]
   xx, yy, zz = x * x, y * y, z * z
   out = [jnp.full_like(x, 0.28209479177387814)]
   if degree > 1:
-    out += [-0.48860251190291987 * y,
-            0.48860251190291987 * z,
-            -0.48860251190291987 * x]
+    out += [-0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x]
   if degree > 2:
-    out += [1.0925484305920792 * x * y,
-            -1.0925484305920792 * y * z,
-            0.94617469575755997 * zz - 0.31539156525251999,
-            -1.0925484305920792 * x * z,
-            0.54627421529603959 * (xx - yy)]
+    out += [
+      1.0925484305920792 * x * y,
+      -1.0925484305920792 * y * z,
+      0.94617469575755997 * zz - 0.31539156525251999,
+      -1.0925484305920792 * x * z,
+      0.54627421529603959 * (xx - yy),
+    ]
   if degree > 3:
-    out += [0.59004358992664352 * y * (yy - 3.0 * xx),
-            2.8906114426405538 * x * y * z,
-            0.45704579946446572 * y * (1.0 - 5.0 * zz),
-            0.3731763325901154 * z * (5.0 * zz - 3.0),
-            0.45704579946446572 * x * (1.0 - 5.0 * zz),
-            1.4453057213202769 * z * (xx - yy),
-            0.59004358992664352 * x * (3.0 * yy - xx)]
+    out += [
+      0.59004358992664352 * y * (yy - 3.0 * xx),
+      2.8906114426405538 * x * y * z,
+      0.45704579946446572 * y * (1.0 - 5.0 * zz),
+      0.3731763325901154 * z * (5.0 * zz - 3.0),
+      0.45704579946446572 * x * (1.0 - 5.0 * zz),
+      1.4453057213202769 * z * (xx - yy),
+      0.59004358992664352 * x * (3.0 * yy - xx),
+    ]
   return jnp.stack(out, axis=-1)
 
 
@@ -97,16 +100,15 @@ def color(params: dict, directions: jnp.ndarray) -> jnp.ndarray:
   """
   directions = jnp.asarray(directions)
   if directions.ndim < 1 or directions.shape[-1] != 3:
-    raise ValueError(
-        f"directions must have shape [..., 3], got {directions.shape}")
-  if (not isinstance(directions, jax.core.Tracer)
-      and not np.all(np.isfinite(directions))):
+    raise ValueError(f"directions must have shape [..., 3], got {directions.shape}")
+  if not isinstance(directions, jax.core.Tracer) and not np.all(np.isfinite(directions)):
     raise ValueError("directions must be finite")
   n_in = params["mlp"]["layer_0"]["w"].shape[0]
   degree = math.isqrt(n_in)
   if degree * degree != n_in or not 1 <= degree <= MAX_DEGREE:
-    raise ValueError(f"params['mlp'] must take degree**2 inputs for degree in "
-                     f"[1, {MAX_DEGREE}], got {n_in}")
+    raise ValueError(
+      f"params['mlp'] must take degree**2 inputs for degree in [1, {MAX_DEGREE}], got {n_in}"
+    )
   sq = jnp.sum(directions * directions, axis=-1, keepdims=True)  # [..., 1]
   unit = directions * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))  # [..., 3]
   feats = spherical_harmonics(unit, degree)  # [..., degree**2]

@@ -32,6 +32,7 @@ Conventions:
     'mesh_note'.
   - PNGs are 8-bit RGB, rgb in [0, 1] clipped and rounded to 0..255.
 """
+
 import functools
 import math
 import os
@@ -45,8 +46,7 @@ import numpy as np
 import trimesh
 
 from vsdjax import cameras, checks
-from vsdjax.representations.nerf import field as field_lib
-from vsdjax.representations.nerf import scene
+from vsdjax.representations.nerf import field as field_lib, scene
 
 # Frames per second of the orbit video.
 VIDEO_FPS = 30
@@ -56,8 +56,7 @@ def _check_particle(params, spec) -> None:
   """Checks `params` is one finite 3D particle (no leading particle axis)."""
   if not isinstance(spec, scene.SceneSpec):
     raise ValueError(f"spec must be a scene.SceneSpec, got {type(spec)}")
-  message = ("params must be one particle {'field': ..., 'background': ...} "
-             "from scene.init")
+  message = "params must be one particle {'field': ..., 'background': ...} from scene.init"
   if not isinstance(params, dict) or not {"field", "background"} <= set(params):
     raise ValueError(message)
   try:
@@ -66,8 +65,9 @@ def _check_particle(params, spec) -> None:
     raise ValueError(message) from e
   if len(tables) != 3:
     raise ValueError(
-        "params must be one particle without a leading particle axis: "
-        f"params['field']['grid']['tables'] must be [L, T, F], got {tables}")
+      "params must be one particle without a leading particle axis: "
+      f"params['field']['grid']['tables'] must be [L, T, F], got {tables}"
+    )
   for leaf in jax.tree.leaves(params):
     if not np.all(np.isfinite(np.asarray(leaf))):
       raise ValueError("params hold non-finite values")
@@ -118,27 +118,29 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("spec", "size", "ray_batch"))
 def _render_rgb(params, c2w, fovy, spec, size, ray_batch):
   """[size, size, 3] deterministic render of one particle from one camera."""
-  return scene.render_camera(params, c2w, fovy, size, size, spec, key=None,
-                             ray_batch=ray_batch)["rgb"]
+  return scene.render_camera(params, c2w, fovy, size, size, spec, key=None, ray_batch=ray_batch)[
+    "rgb"
+  ]
 
 
-def _renders(params: dict, cams: cameras.Cameras, spec: scene.SceneSpec,
-             size: int, ray_batch: int):
+def _renders(params: dict, cams: cameras.Cameras, spec: scene.SceneSpec, size: int, ray_batch: int):
   """Yields the [size, size, 3] float32 render of each camera of cams [V]."""
   size = checks.check_int("size", size)
   ray_batch = min(checks.check_int("ray_batch", ray_batch), size * size)
   c2w = np.asarray(cams.c2w, np.float32)
   fovy = np.asarray(cams.fovy, np.float32)
   if c2w.ndim != 3 or c2w.shape[1:] != (4, 4) or fovy.shape != c2w.shape[:1]:
-    raise ValueError("cams must have leading shape [V] (c2w [V, 4, 4], "
-                     f"fovy [V]), got c2w {c2w.shape}, fovy {fovy.shape}")
+    raise ValueError(
+      "cams must have leading shape [V] (c2w [V, 4, 4], "
+      f"fovy [V]), got c2w {c2w.shape}, fovy {fovy.shape}"
+    )
   for v in range(c2w.shape[0]):
-    yield np.asarray(_render_rgb(params, c2w[v], fovy[v], spec, size,
-                                 ray_batch))
+    yield np.asarray(_render_rgb(params, c2w[v], fovy[v], spec, size, ray_batch))
 
 
-def render_views(params: dict, cams: cameras.Cameras, spec: scene.SceneSpec,
-                 size: int, ray_batch: int = 4096) -> np.ndarray:
+def render_views(
+  params: dict, cams: cameras.Cameras, spec: scene.SceneSpec, size: int, ray_batch: int = 4096
+) -> np.ndarray:
   """Deterministic renders of one particle from a batch of cameras.
 
   The one-camera render is compiled once per (spec, size, ray_batch) and
@@ -163,8 +165,7 @@ def _density_and_albedo(field_params, x, spec):
   return field_lib.density_and_albedo(field_params, x, spec)
 
 
-def _field_at(field_params, x: np.ndarray, spec: field_lib.FieldSpec,
-              batch: int):
+def _field_at(field_params, x: np.ndarray, spec: field_lib.FieldSpec, batch: int):
   """Density [N] and albedo [N, 3] at points x [N, 3], `batch` at a time.
 
   Every call of the jitted field sees [batch, 3] points (the last batch is
@@ -175,14 +176,19 @@ def _field_at(field_params, x: np.ndarray, spec: field_lib.FieldSpec,
   x = np.pad(x, ((0, n_batches * batch - n), (0, 0)))  # [n_batches * B, 3]
   dens, albedo = [], []
   for i in range(n_batches):
-    d, a = _density_and_albedo(field_params, x[i * batch:(i + 1) * batch], spec)
+    d, a = _density_and_albedo(field_params, x[i * batch : (i + 1) * batch], spec)
     dens.append(np.asarray(d))
     albedo.append(np.asarray(a))
   return np.concatenate(dens)[:n], np.concatenate(albedo)[:n]
 
 
-def extract_mesh(field_params: dict, spec: field_lib.FieldSpec, resolution: int,
-                 threshold: float, batch: int = 2**18) -> dict:
+def extract_mesh(
+  field_params: dict,
+  spec: field_lib.FieldSpec,
+  resolution: int,
+  threshold: float,
+  batch: int = 2**18,
+) -> dict:
   """Marching cubes of a field's density, with albedo vertex colours.
 
   See the module docstring for the grid and the conventions.
@@ -204,15 +210,16 @@ def extract_mesh(field_params: dict, spec: field_lib.FieldSpec, resolution: int,
   batch = min(checks.check_int("batch", batch), resolution**3)
   bound = spec.bound
   axis = np.linspace(-bound, bound, resolution, dtype=np.float32)  # [R]
-  grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"),
-                  axis=-1).reshape(-1, 3)  # [R^3, 3]
+  grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)  # [R^3, 3]
   dens, _ = _field_at(field_params, grid, spec, batch)
   dens = dens.reshape(resolution, resolution, resolution)  # [R, R, R]
   density_max = float(dens.max())
-  empty = {"vertices": np.zeros((0, 3), np.float32),
-           "faces": np.zeros((0, 3), np.int64),
-           "colors": np.zeros((0, 3), np.float32),
-           "density_max": density_max}
+  empty = {
+    "vertices": np.zeros((0, 3), np.float32),
+    "faces": np.zeros((0, 3), np.int64),
+    "colors": np.zeros((0, 3), np.float32),
+    "density_max": density_max,
+  }
   if not density_max > threshold:
     return empty
   # Zero density outside the grid closes the surface at the cube's faces.
@@ -221,11 +228,16 @@ def extract_mesh(field_params: dict, spec: field_lib.FieldSpec, resolution: int,
   if vertices.shape[0] == 0:
     return empty
   spacing = 2.0 * bound / (resolution - 1)
-  vertices = np.clip(-bound + (vertices - 1.0) * spacing, -bound,
-                     bound).astype(np.float32)  # [V, 3] world units
+  vertices = np.clip(-bound + (vertices - 1.0) * spacing, -bound, bound).astype(
+    np.float32
+  )  # [V, 3] world units
   _, colors = _field_at(field_params, vertices, spec, batch)
-  return {"vertices": vertices, "faces": faces.astype(np.int64),
-          "colors": colors, "density_max": density_max}
+  return {
+    "vertices": vertices,
+    "faces": faces.astype(np.int64),
+    "colors": colors,
+    "density_max": density_max,
+  }
 
 
 def _write_video(frames, path: str, fps: int) -> None:
@@ -237,34 +249,41 @@ def _write_video(frames, path: str, fps: int) -> None:
   with warnings.catch_warnings():
     # JAX warns on any fork; these are subprocess starting ffmpeg, which
     # execs at once.
-    warnings.filterwarnings("ignore", message="os.fork",
-                            category=RuntimeWarning)
-    writer = imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps,
-                                codec="libx264", quality=8, macro_block_size=1,
-                                ffmpeg_log_level="error")
+    warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+    writer = imageio.get_writer(
+      path,
+      format="FFMPEG",
+      mode="I",
+      fps=fps,
+      codec="libx264",
+      quality=8,
+      macro_block_size=1,
+      ffmpeg_log_level="error",
+    )
     try:
       for frame in frames:
         pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
-        writer.append_data(np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)),
-                                  mode="edge"))
+        writer.append_data(np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge"))
     finally:
       writer.close()
 
 
-def export_particle(params: dict,
-                    spec: scene.SceneSpec,
-                    out_dir,
-                    *,
-                    views: int = 8,
-                    video_frames: int = 60,
-                    resolution: int = 256,
-                    mesh_resolution: int = 128,
-                    mesh_threshold: float = 10.0,
-                    radius: float = 1.5,
-                    elevation: float = 15.0,
-                    fovy: float = 45.0,
-                    ray_batch: int = 4096,
-                    fps: int = VIDEO_FPS) -> dict:
+def export_particle(
+  params: dict,
+  spec: scene.SceneSpec,
+  out_dir,
+  *,
+  views: int = 8,
+  video_frames: int = 60,
+  resolution: int = 256,
+  mesh_resolution: int = 128,
+  mesh_threshold: float = 10.0,
+  radius: float = 1.5,
+  elevation: float = 15.0,
+  fovy: float = 45.0,
+  ray_batch: int = 4096,
+  fps: int = VIDEO_FPS,
+) -> dict:
   """Writes the views, the orbit video and the mesh of one 3D particle.
 
   Args:
@@ -291,8 +310,7 @@ def export_particle(params: dict,
   video_frames = checks.check_int("video_frames", video_frames)
   resolution = checks.check_int("resolution", resolution)
   mesh_resolution = checks.check_int("mesh_resolution", mesh_resolution, 2)
-  mesh_threshold = checks.check_number("mesh_threshold", mesh_threshold, 0.0,
-                                math.inf)
+  mesh_threshold = checks.check_number("mesh_threshold", mesh_threshold, 0.0, math.inf)
   radius = checks.check_number("radius", radius, 0.0, math.inf)
   elevation = checks.check_number("elevation", elevation, -90.0, 90.0, closed=True)
   fovy = checks.check_number("fovy", fovy, 0.0, 180.0)
@@ -302,37 +320,51 @@ def export_particle(params: dict,
   os.makedirs(os.path.join(out_dir, "views"), exist_ok=True)
 
   # Views.
-  rgb = render_views(params, cameras.orbit(views, radius, elevation, fovy),
-                     spec, resolution, ray_batch)  # [V, H, W, 3]
+  rgb = render_views(
+    params, cameras.orbit(views, radius, elevation, fovy), spec, resolution, ray_batch
+  )  # [V, H, W, 3]
   view_paths = [
-      save_png(image, os.path.join(out_dir, "views", f"view_{i:02d}.png"))
-      for i, image in enumerate(rgb)
+    save_png(image, os.path.join(out_dir, "views", f"view_{i:02d}.png"))
+    for i, image in enumerate(rgb)
   ]
 
   # Video: one frame rendered (same compiled render) and written at a time.
   orbit = cameras.orbit(video_frames, radius, elevation, fovy)
-  frames = (_to_uint8(frame) for frame in
-            _renders(params, orbit, spec, resolution, ray_batch))
+  frames = (_to_uint8(frame) for frame in _renders(params, orbit, spec, resolution, ray_batch))
   video_path = os.path.join(out_dir, "video.mp4")
   _write_video(frames, video_path, fps)
 
   # Mesh.
-  mesh = extract_mesh(params["field"], spec.field, mesh_resolution,
-                      mesh_threshold, batch=ray_batch * spec.render.n_samples)
+  mesh = extract_mesh(
+    params["field"],
+    spec.field,
+    mesh_resolution,
+    mesh_threshold,
+    batch=ray_batch * spec.render.n_samples,
+  )
   n_vertices, n_faces = len(mesh["vertices"]), len(mesh["faces"])
   mesh_path, note = os.path.join(out_dir, "mesh.obj"), None
   if n_vertices == 0:
     if os.path.exists(mesh_path):  # A stale mesh of an earlier export.
       os.remove(mesh_path)
     mesh_path = None
-    note = (f"no mesh: the density never exceeds mesh_threshold="
-            f"{mesh_threshold} on the grid (max {mesh['density_max']:.4g})")
+    note = (
+      f"no mesh: the density never exceeds mesh_threshold="
+      f"{mesh_threshold} on the grid (max {mesh['density_max']:.4g})"
+    )
   else:
     colors = np.concatenate(
-        [_to_uint8(mesh["colors"]),
-         np.full((n_vertices, 1), 255, np.uint8)], axis=-1)  # [V, 4] RGBA
-    trimesh.Trimesh(vertices=mesh["vertices"], faces=mesh["faces"],
-                    vertex_colors=colors, process=False).export(mesh_path)
-  return {"views": view_paths, "video": video_path, "mesh": mesh_path,
-          "n_vertices": n_vertices, "n_faces": n_faces,
-          "density_max": mesh["density_max"], "mesh_note": note}
+      [_to_uint8(mesh["colors"]), np.full((n_vertices, 1), 255, np.uint8)], axis=-1
+    )  # [V, 4] RGBA
+    trimesh.Trimesh(
+      vertices=mesh["vertices"], faces=mesh["faces"], vertex_colors=colors, process=False
+    ).export(mesh_path)
+  return {
+    "views": view_paths,
+    "video": video_path,
+    "mesh": mesh_path,
+    "n_vertices": n_vertices,
+    "n_faces": n_faces,
+    "density_max": mesh["density_max"],
+    "mesh_note": note,
+  }

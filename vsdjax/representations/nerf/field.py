@@ -32,6 +32,7 @@ it (stage 1):
   independent of the light distance.
 - World frame: z is up (see cameras.py).
 """
+
 import dataclasses
 import math
 from typing import Callable, Optional, Tuple
@@ -40,9 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsdjax import checks, mlp
 from vsdjax.representations.nerf import hashgrid
-from vsdjax import mlp
-from vsdjax import checks
 
 DENSITY_ACTIVATIONS = ("trunc_exp", "softplus")
 DENSITY_BIASES = ("blob", "gaussian", "none")
@@ -102,6 +102,7 @@ class FieldSpec:
       sigmoid(N(0, std^2)) per channel, instead of all grey (0). Gives n
       particles different starting basins (toy.py with two references).
   """
+
   grid: hashgrid.GridSpec = hashgrid.GridSpec()
   bound: float = 1.0
   hidden: int = 64
@@ -114,31 +115,31 @@ class FieldSpec:
 
   def __post_init__(self):
     if not isinstance(self.grid, hashgrid.GridSpec):
-      raise ValueError(
-          f"FieldSpec.grid must be a hashgrid.GridSpec, got {self.grid!r}")
+      raise ValueError(f"FieldSpec.grid must be a hashgrid.GridSpec, got {self.grid!r}")
     checks.coerce_fields(
-        self, ints=("hidden", "n_hidden_layers"),
-        floats=("bound", "blob_density", "blob_radius", "albedo_init_std"))
+      self,
+      ints=("hidden", "n_hidden_layers"),
+      floats=("bound", "blob_density", "blob_radius", "albedo_init_std"),
+    )
     if self.bound <= 0.0:
       raise ValueError(f"FieldSpec.bound must be > 0, got {self.bound}")
     if self.hidden < 1:
       raise ValueError(f"FieldSpec.hidden must be >= 1, got {self.hidden}")
     if self.n_hidden_layers < 0:
-      raise ValueError("FieldSpec.n_hidden_layers must be >= 0, got "
-                       f"{self.n_hidden_layers}")
+      raise ValueError(f"FieldSpec.n_hidden_layers must be >= 0, got {self.n_hidden_layers}")
     if self.albedo_init_std < 0.0:
-      raise ValueError("FieldSpec.albedo_init_std must be >= 0, got "
-                       f"{self.albedo_init_std}")
+      raise ValueError(f"FieldSpec.albedo_init_std must be >= 0, got {self.albedo_init_std}")
     if self.blob_radius <= 0.0:
-      raise ValueError(
-          f"FieldSpec.blob_radius must be > 0, got {self.blob_radius}")
+      raise ValueError(f"FieldSpec.blob_radius must be > 0, got {self.blob_radius}")
     if self.density_activation not in DENSITY_ACTIVATIONS:
       raise ValueError(
-          f"FieldSpec.density_activation must be one of {DENSITY_ACTIVATIONS}"
-          f", got {self.density_activation!r}")
+        f"FieldSpec.density_activation must be one of {DENSITY_ACTIVATIONS}"
+        f", got {self.density_activation!r}"
+      )
     if self.density_bias not in DENSITY_BIASES:
-      raise ValueError(f"FieldSpec.density_bias must be one of "
-                       f"{DENSITY_BIASES}, got {self.density_bias!r}")
+      raise ValueError(
+        f"FieldSpec.density_bias must be one of {DENSITY_BIASES}, got {self.density_bias!r}"
+      )
 
 
 def init(key: jax.Array, spec: FieldSpec) -> dict:
@@ -161,9 +162,9 @@ def init(key: jax.Array, spec: FieldSpec) -> dict:
     bias = spec.albedo_init_std * jax.random.normal(jax.random.fold_in(key, 3), (3,))
     albedo_mlp[last] = dict(albedo_mlp[last], b=bias)
   return {
-      "grid": hashgrid.init(k_grid, spec.grid),
-      "density_mlp": mlp.init(k_density, trunk + [1]),
-      "albedo_mlp": albedo_mlp,
+    "grid": hashgrid.init(k_grid, spec.grid),
+    "density_mlp": mlp.init(k_density, trunk + [1]),
+    "albedo_mlp": albedo_mlp,
   }
 
 
@@ -212,8 +213,7 @@ def _encode(params: dict, x: jnp.ndarray, spec: FieldSpec) -> jnp.ndarray:
   return hashgrid.encode(params["grid"], unit, spec.grid)
 
 
-def _density_from(params: dict, feats: jnp.ndarray, x: jnp.ndarray,
-                  spec: FieldSpec) -> jnp.ndarray:
+def _density_from(params: dict, feats: jnp.ndarray, x: jnp.ndarray, spec: FieldSpec) -> jnp.ndarray:
   raw = mlp.apply(params["density_mlp"], feats)[..., 0]  # [...]
   return _activate(raw + density_bias(x, spec), spec)
 
@@ -233,8 +233,9 @@ def density(params: dict, x: jnp.ndarray, spec: FieldSpec) -> jnp.ndarray:
   return _density_from(params, _encode(params, x, spec), x, spec)
 
 
-def density_and_albedo(params: dict, x: jnp.ndarray, spec: FieldSpec
-                       ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def density_and_albedo(
+  params: dict, x: jnp.ndarray, spec: FieldSpec
+) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Density and albedo at world points (one grid lookup for both).
 
   Args:
@@ -278,11 +279,13 @@ def normals(params: dict, x: jnp.ndarray, spec: FieldSpec) -> jnp.ndarray:
   return _with_normal(fn, x)[2]
 
 
-def shade(albedo: jnp.ndarray,
-          normal: Optional[jnp.ndarray],
-          light_dir: Optional[jnp.ndarray],
-          mode: str,
-          ambient: float = 0.1) -> jnp.ndarray:
+def shade(
+  albedo: jnp.ndarray,
+  normal: Optional[jnp.ndarray],
+  light_dir: Optional[jnp.ndarray],
+  mode: str,
+  ambient: float = 0.1,
+) -> jnp.ndarray:
   """Colours points for one of the SHADINGS (module docstring).
 
   Args:
@@ -310,21 +313,19 @@ def shade(albedo: jnp.ndarray,
   normal = jnp.asarray(normal)
   light_dir = _check_points("light_dir", light_dir)
   if normal.shape != albedo.shape:
-    raise ValueError(f"normal must have the shape of albedo {albedo.shape}, "
-                     f"got {normal.shape}")
+    raise ValueError(f"normal must have the shape of albedo {albedo.shape}, got {normal.shape}")
   lambert = jnp.maximum(
-      jnp.sum(normal * _safe_normalize(light_dir), axis=-1, keepdims=True),
-      0.0)  # [..., 1]
+    jnp.sum(normal * _safe_normalize(light_dir), axis=-1, keepdims=True), 0.0
+  )  # [..., 1]
   light = ambient + (1.0 - ambient) * lambert  # [..., 1]
   if mode == "diffuse":
     return albedo * light
   return jnp.broadcast_to(light, albedo.shape)
 
 
-def sample_light(key: jax.Array,
-                 n: int,
-                 camera_positions: Optional[jnp.ndarray] = None,
-                 perturb: float = 1.0) -> jnp.ndarray:
+def sample_light(
+  key: jax.Array, n: int, camera_positions: Optional[jnp.ndarray] = None, perturb: float = 1.0
+) -> jnp.ndarray:
   """Random light directions, one per render.
 
   With `camera_positions` (DreamFusion / threestudio): the light sits around
@@ -354,18 +355,19 @@ def sample_light(key: jax.Array,
   else:
     centre = _check_points("camera_positions", camera_positions)
     if centre.shape != (n, 3):
-      raise ValueError(
-          f"camera_positions must have shape ({n}, 3), got {centre.shape}")
+      raise ValueError(f"camera_positions must have shape ({n}, 3), got {centre.shape}")
   noise = jax.random.normal(k_noise, (n, 3), centre.dtype)  # [n, 3]
   return _safe_normalize(centre + perturb * noise)
 
 
-def point_fn(params: dict,
-             spec: FieldSpec,
-             shading: str = "albedo",
-             light_dir: Optional[jnp.ndarray] = None,
-             with_normals: bool = False,
-             ambient: float = 0.1) -> Callable:
+def point_fn(
+  params: dict,
+  spec: FieldSpec,
+  shading: str = "albedo",
+  light_dir: Optional[jnp.ndarray] = None,
+  with_normals: bool = False,
+  ambient: float = 0.1,
+) -> Callable:
   """The per-sample function the volume renderer calls.
 
   Args:
@@ -400,8 +402,7 @@ def point_fn(params: dict,
     if not need_normal:
       dens, albedo = density_and_albedo(params, x, spec)
       return {"density": dens, "rgb": albedo}
-    dens, albedo, normal = _with_normal(
-        lambda y: density_and_albedo(params, y, spec), x)
+    dens, albedo, normal = _with_normal(lambda y: density_and_albedo(params, y, spec), x)
     rgb = shade(albedo, normal, light_dir, shading, ambient)
     return {"density": dens, "rgb": rgb, "normal": normal}
 

@@ -34,6 +34,7 @@ Reverse mode keeps the [N, L, 8] rows and weights (64 bytes per point and
 level), so differentiate through `encode` in chunks of points (the volume
 renderer's rematerialised scan does).
 """
+
 import dataclasses
 from typing import NamedTuple
 
@@ -46,8 +47,7 @@ from vsdjax import checks
 # Instant-NGP's hashing primes, one per dimension.
 _PRIMES = (1, 2654435761, 805459861)
 # [8, 3] corner offsets of a cell; corner k has offset (k >> d) & 1 along dim d.
-_CORNERS = np.array(
-    [[(k >> d) & 1 for d in range(3)] for k in range(8)], dtype=np.uint32)
+_CORNERS = np.array([[(k >> d) & 1 for d in range(3)] for k in range(8)], dtype=np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,7 @@ class GridSpec:
     per_level_scale: growth factor of the scale from one level to the next.
     init_scale: tables start uniform in [-init_scale, init_scale].
   """
+
   n_levels: int = 16
   n_features: int = 2
   log2_table_size: int = 19
@@ -71,33 +72,30 @@ class GridSpec:
 
   def __post_init__(self):
     checks.coerce_fields(
-        self, ints=("n_levels", "n_features", "log2_table_size", "base_resolution"),
-        floats=("per_level_scale", "init_scale"))
+      self,
+      ints=("n_levels", "n_features", "log2_table_size", "base_resolution"),
+      floats=("per_level_scale", "init_scale"),
+    )
     if self.n_levels < 1:
       raise ValueError(f"GridSpec.n_levels must be >= 1, got {self.n_levels}")
     if self.n_features < 1:
-      raise ValueError(
-          f"GridSpec.n_features must be >= 1, got {self.n_features}")
+      raise ValueError(f"GridSpec.n_features must be >= 1, got {self.n_features}")
     if not 3 <= self.log2_table_size <= 30:
-      raise ValueError("GridSpec.log2_table_size must lie in [3, 30], got "
-                       f"{self.log2_table_size}")
+      raise ValueError(f"GridSpec.log2_table_size must lie in [3, 30], got {self.log2_table_size}")
     if self.n_levels << self.log2_table_size > 2**31 - 1:
       raise ValueError(
-          "GridSpec.n_levels * 2**log2_table_size must fit in int32, got "
-          f"{self.n_levels} * 2**{self.log2_table_size}")
+        "GridSpec.n_levels * 2**log2_table_size must fit in int32, got "
+        f"{self.n_levels} * 2**{self.log2_table_size}"
+      )
     if self.base_resolution < 2:
-      raise ValueError("GridSpec.base_resolution must be >= 2, got "
-                       f"{self.base_resolution}")
+      raise ValueError(f"GridSpec.base_resolution must be >= 2, got {self.base_resolution}")
     if self.per_level_scale < 1.0:
-      raise ValueError("GridSpec.per_level_scale must be >= 1, got "
-                       f"{self.per_level_scale}")
+      raise ValueError(f"GridSpec.per_level_scale must be >= 1, got {self.per_level_scale}")
     if self.init_scale < 0.0:
-      raise ValueError(
-          f"GridSpec.init_scale must be >= 0, got {self.init_scale}")
+      raise ValueError(f"GridSpec.init_scale must be >= 0, got {self.init_scale}")
     top = levels(self).resolution[-1]
     if top >= 2**31:
-      raise ValueError(
-          f"GridSpec gives a finest resolution of {top}, beyond uint32 maths")
+      raise ValueError(f"GridSpec gives a finest resolution of {top}, beyond uint32 maths")
 
   @property
   def table_size(self) -> int:
@@ -112,10 +110,11 @@ class GridSpec:
 
 class Levels(NamedTuple):
   """Per-level layout (numpy, static), each [L]."""
-  scale: np.ndarray       # float64, scale_l = base * per_level_scale**l - 1.
+
+  scale: np.ndarray  # float64, scale_l = base * per_level_scale**l - 1.
   resolution: np.ndarray  # int64, ceil(scale_l) + 1.
-  size: np.ndarray        # int64, rows used: min(T, ceil8(resolution**3)).
-  dense: np.ndarray       # bool, resolution**3 <= T (else hashed).
+  size: np.ndarray  # int64, rows used: min(T, ceil8(resolution**3)).
+  dense: np.ndarray  # bool, resolution**3 <= T (else hashed).
 
 
 def levels(spec: GridSpec) -> Levels:
@@ -123,11 +122,10 @@ def levels(spec: GridSpec) -> Levels:
   l = np.arange(spec.n_levels, dtype=np.float64)
   scale = spec.base_resolution * spec.per_level_scale**l - 1.0
   resolution = np.ceil(scale).astype(np.int64) + 1
-  cells = resolution.astype(np.float64)**3  # float: no int64 overflow.
+  cells = resolution.astype(np.float64) ** 3  # float: no int64 overflow.
   t = spec.table_size
   size = np.minimum(t, 8 * np.ceil(cells / 8))
-  return Levels(scale=scale, resolution=resolution,
-                size=size.astype(np.int64), dense=cells <= t)
+  return Levels(scale=scale, resolution=resolution, size=size.astype(np.int64), dense=cells <= t)
 
 
 def init(key: jax.Array, spec: GridSpec) -> dict:
@@ -141,8 +139,7 @@ def init(key: jax.Array, spec: GridSpec) -> dict:
     {'tables': [L, T, F] float32}, uniform in [-init_scale, init_scale].
   """
   shape = (spec.n_levels, spec.table_size, spec.n_features)
-  tables = jax.random.uniform(key, shape, jnp.float32,
-                              -spec.init_scale, spec.init_scale)
+  tables = jax.random.uniform(key, shape, jnp.float32, -spec.init_scale, spec.init_scale)
   return {"tables": tables}
 
 
@@ -163,8 +160,8 @@ def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
   n_levels, t, n_features = spec.n_levels, spec.table_size, spec.n_features
   if tables.shape != (n_levels, t, n_features):
     raise ValueError(
-        f"params['tables'] must have shape {(n_levels, t, n_features)} for "
-        f"{spec}, got {tables.shape}")
+      f"params['tables'] must have shape {(n_levels, t, n_features)} for {spec}, got {tables.shape}"
+    )
   x = jnp.asarray(x)
   if x.ndim < 1 or x.shape[-1] != 3:
     raise ValueError(f"x must have shape [..., 3], got {x.shape}")
@@ -183,20 +180,23 @@ def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
   frac = pos - cell  # [N, L, 3]
 
   # Integer corners and their table rows, all levels at once.
-  corner = (cell.astype(jnp.uint32)[:, :, None, :]
-            + jnp.asarray(_CORNERS))  # [N, L, 8, 3]
+  corner = cell.astype(jnp.uint32)[:, :, None, :] + jnp.asarray(_CORNERS)  # [N, L, 8, 3]
   c0, c1, c2 = corner[..., 0], corner[..., 1], corner[..., 2]  # [N, L, 8]
   res = jnp.asarray(lv.resolution[:, None], jnp.uint32)  # [L, 1]
   dense_row = c0 + c1 * res + c2 * (res * res)  # [N, L, 8]
-  hashed_row = (c0 * jnp.uint32(_PRIMES[0])
-                ^ c1 * jnp.uint32(_PRIMES[1])
-                ^ c2 * jnp.uint32(_PRIMES[2]))  # [N, L, 8]
+  hashed_row = (
+    c0 * jnp.uint32(_PRIMES[0]) ^ c1 * jnp.uint32(_PRIMES[1]) ^ c2 * jnp.uint32(_PRIMES[2])
+  )  # [N, L, 8]
   row = jnp.where(lv.dense[:, None], dense_row, hashed_row)  # [N, L, 8]
   row = row % jnp.asarray(lv.size[:, None], jnp.uint32)  # [N, L, 8]
   level_start = jnp.asarray(np.arange(n_levels)[:, None] * t, jnp.int32)
   flat_row = row.astype(jnp.int32) + level_start  # [N, L, 8]
-  feats = tables.astype(dtype).reshape(n_levels * t, n_features).at[
-      flat_row].get(mode="promise_in_bounds")  # [N, L, 8, F]
+  feats = (
+    tables.astype(dtype)
+    .reshape(n_levels * t, n_features)
+    .at[flat_row]
+    .get(mode="promise_in_bounds")
+  )  # [N, L, 8, F]
 
   # Trilinear weights: product over dims of frac (offset 1) or 1 - frac.
   upper = jnp.asarray(_CORNERS, bool)  # [8, 3]

@@ -35,6 +35,7 @@ Regularisers are pure functions of the output dict, each a scalar averaged over
 rays: `opacity_sparsity`, `opaque`, `orientation` (needs normals) and
 `entropy` (averaged over the samples of the rays too).
 """
+
 import dataclasses
 import math
 from typing import Callable, Dict, Optional, Tuple
@@ -65,6 +66,7 @@ class RenderSpec:
     checkpoint: rematerialise each scan step (jax.checkpoint) in the backward
       pass. Results and gradients are the same either way; memory is not.
   """
+
   n_samples: int = 64
   chunk: int = 16
   bound: float = 1.0
@@ -76,20 +78,20 @@ class RenderSpec:
     for name in ("n_samples", "chunk"):
       checks.check_int(f"RenderSpec.{name}", getattr(self, name))
     if self.n_samples % self.chunk:
-      raise ValueError(f"RenderSpec.n_samples ({self.n_samples}) must be a "
-                       f"multiple of RenderSpec.chunk ({self.chunk})")
+      raise ValueError(
+        f"RenderSpec.n_samples ({self.n_samples}) must be a "
+        f"multiple of RenderSpec.chunk ({self.chunk})"
+      )
     checks.check_range("RenderSpec.bound", self.bound, 0.0, math.inf, low_open=True)
     checks.check_range("RenderSpec.near_min", self.near_min, 0.0, math.inf)
     if not isinstance(self.checkpoint, bool):
-      raise ValueError(
-          f"RenderSpec.checkpoint must be a bool, got {self.checkpoint!r}")
+      raise ValueError(f"RenderSpec.checkpoint must be a bool, got {self.checkpoint!r}")
 
 
 def _check_rays(name: str, x, n_rays: Optional[int]) -> jnp.ndarray:
   """Casts to float32, checks shape [R, 3] (R = n_rays if given), finiteness."""
   x = jnp.asarray(x, jnp.float32)
-  if x.ndim != 2 or x.shape[-1] != 3 or (n_rays is not None and
-                                         x.shape[0] != n_rays):
+  if x.ndim != 2 or x.shape[-1] != 3 or (n_rays is not None and x.shape[0] != n_rays):
     want = f"[{n_rays}, 3]" if n_rays is not None else "[R, 3]"
     raise ValueError(f"{name} must have shape {want}, got {x.shape}")
   if checks.is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
@@ -97,8 +99,9 @@ def _check_rays(name: str, x, n_rays: Optional[int]) -> jnp.ndarray:
   return x
 
 
-def ray_aabb(origins: jnp.ndarray, directions: jnp.ndarray, bound: float,
-             near_min: float) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def ray_aabb(
+  origins: jnp.ndarray, directions: jnp.ndarray, bound: float, near_min: float
+) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Intersects rays with the cube [-bound, bound]^3 (slab test).
 
   Args:
@@ -112,8 +115,9 @@ def ray_aabb(origins: jnp.ndarray, directions: jnp.ndarray, bound: float,
     far: [...] exit parameter (equal to near where the ray misses).
     hit: [...] bool, whether [near, far] is a non-empty piece of the cube.
   """
-  safe_d = jnp.where(jnp.abs(directions) < _TINY_DIRECTION,
-                     jnp.copysign(_TINY_DIRECTION, directions), directions)
+  safe_d = jnp.where(
+    jnp.abs(directions) < _TINY_DIRECTION, jnp.copysign(_TINY_DIRECTION, directions), directions
+  )
   inv_d = 1.0 / safe_d  # [..., 3]
   t0 = (-bound - origins) * inv_d  # [..., 3]
   t1 = (bound - origins) * inv_d  # [..., 3]
@@ -126,8 +130,9 @@ def ray_aabb(origins: jnp.ndarray, directions: jnp.ndarray, bound: float,
   return near, far, hit
 
 
-def stratified_t(near: jnp.ndarray, far: jnp.ndarray, n_samples: int,
-                 key: Optional[jax.Array] = None) -> jnp.ndarray:
+def stratified_t(
+  near: jnp.ndarray, far: jnp.ndarray, n_samples: int, key: Optional[jax.Array] = None
+) -> jnp.ndarray:
   """Ray parameters of S stratified samples in [near, far].
 
   Args:
@@ -163,17 +168,21 @@ def _field_structure(point_fn: PointFn, n_points: int) -> bool:
     if k not in out:
       raise ValueError(f"point_fn output lacks {k!r} (keys: {sorted(out)})")
     if out[k].shape != shape:
-      raise ValueError(f"point_fn output {k!r} must have shape {list(shape)} "
-                       f"for {n_points} points, got {list(out[k].shape)}")
+      raise ValueError(
+        f"point_fn output {k!r} must have shape {list(shape)} "
+        f"for {n_points} points, got {list(out[k].shape)}"
+      )
   return has_normal
 
 
-def render(point_fn: PointFn,
-           origins: jnp.ndarray,
-           directions: jnp.ndarray,
-           background: jnp.ndarray,
-           spec: RenderSpec,
-           key: Optional[jax.Array] = None) -> Dict[str, jnp.ndarray]:
+def render(
+  point_fn: PointFn,
+  origins: jnp.ndarray,
+  directions: jnp.ndarray,
+  background: jnp.ndarray,
+  spec: RenderSpec,
+  key: Optional[jax.Array] = None,
+) -> Dict[str, jnp.ndarray]:
   """Volume-renders R rays through a field (see the module docstring).
 
   Args:
@@ -205,8 +214,7 @@ def render(point_fn: PointFn,
   n_rays = origins.shape[0]
   directions = _check_rays("directions", directions, n_rays)
   background = _check_rays("background", background, n_rays)
-  if checks.is_concrete(directions) and np.any(
-      np.all(np.asarray(directions) == 0, axis=-1)):
+  if checks.is_concrete(directions) and np.any(np.all(np.asarray(directions) == 0, axis=-1)):
     raise ValueError("directions must be non-zero vectors")
   chunk, n_chunks = spec.chunk, spec.n_samples // spec.chunk
   has_normal = _field_structure(point_fn, n_rays * chunk)
@@ -231,24 +239,23 @@ def render(point_fn: PointFn,
     density = field["density"].reshape(n_rays, chunk)  # [R, C]
     tau = density * delta[:, None]  # [R, C]
     # Exclusive cumulative optical depth within the chunk.
-    tau_excl = jnp.concatenate(
-        [jnp.zeros_like(tau[:, :1]), jnp.cumsum(tau[:, :-1], axis=-1)], -1)
+    tau_excl = jnp.concatenate([jnp.zeros_like(tau[:, :1]), jnp.cumsum(tau[:, :-1], axis=-1)], -1)
     trans = jnp.exp(-(tau_before[:, None] + tau_excl))  # [R, C]
     alpha = -jnp.expm1(-tau)  # [R, C], 1 - exp(-tau) without cancellation.
     w = alpha * trans  # [R, C]
     rgb = field["rgb"].reshape(n_rays, chunk, 3)  # [R, C, 3]
     new = {
-        "rgb": sums["rgb"] + jnp.einsum("rc,rck->rk", w, rgb),
-        "opacity": sums["opacity"] + jnp.sum(w, axis=-1),
-        "depth": sums["depth"] + jnp.sum(w * t, axis=-1),
+      "rgb": sums["rgb"] + jnp.einsum("rc,rck->rk", w, rgb),
+      "opacity": sums["opacity"] + jnp.sum(w, axis=-1),
+      "depth": sums["depth"] + jnp.sum(w * t, axis=-1),
     }
     if has_normal:
       normal = field["normal"].reshape(n_rays, chunk, 3)  # [R, C, 3]
       facing = jnp.einsum("rck,rk->rc", normal, unit_d)  # [R, C]
       new["normal"] = sums["normal"] + jnp.einsum("rc,rck->rk", w, normal)
       new["orientation"] = sums["orientation"] + jnp.sum(
-          jax.lax.stop_gradient(w) * jnp.square(jnp.maximum(facing, 0.0)),
-          axis=-1)
+        jax.lax.stop_gradient(w) * jnp.square(jnp.maximum(facing, 0.0)), axis=-1
+      )
     return (tau_before + jnp.sum(tau, axis=-1), new), w
 
   if spec.checkpoint:
@@ -269,15 +276,17 @@ def render(point_fn: PointFn,
   return out
 
 
-def render_image(point_fn: PointFn,
-                 c2w: jnp.ndarray,
-                 fovy,
-                 height: int,
-                 width: int,
-                 background_fn: Callable[[jnp.ndarray], jnp.ndarray],
-                 spec: RenderSpec,
-                 key: Optional[jax.Array] = None,
-                 ray_batch: Optional[int] = None) -> Dict[str, jnp.ndarray]:
+def render_image(
+  point_fn: PointFn,
+  c2w: jnp.ndarray,
+  fovy,
+  height: int,
+  width: int,
+  background_fn: Callable[[jnp.ndarray], jnp.ndarray],
+  spec: RenderSpec,
+  key: Optional[jax.Array] = None,
+  ray_batch: Optional[int] = None,
+) -> Dict[str, jnp.ndarray]:
   """Renders one camera's image (see `render` and `cameras.rays`).
 
   Args:
@@ -313,21 +322,17 @@ def render_image(point_fn: PointFn,
   if ray_batch is None:
     out = render_rays(origins, directions, key)
   else:
-    if (isinstance(ray_batch, bool) or
-        not isinstance(ray_batch, (int, np.integer)) or ray_batch < 1):
-      raise ValueError(
-          f"ray_batch must be a positive integer or None, got {ray_batch!r}")
+    if isinstance(ray_batch, bool) or not isinstance(ray_batch, (int, np.integer)) or ray_batch < 1:
+      raise ValueError(f"ray_batch must be a positive integer or None, got {ray_batch!r}")
     n_batches = -(-n_rays // ray_batch)
     pad = n_batches * ray_batch - n_rays
     batched = [
-        jnp.pad(v, ((0, pad), (0, 0)), mode="edge").reshape(
-            n_batches, ray_batch, 3) for v in (origins, directions)
+      jnp.pad(v, ((0, pad), (0, 0)), mode="edge").reshape(n_batches, ray_batch, 3)
+      for v in (origins, directions)
     ]
     keys = None if key is None else jax.random.split(key, n_batches)
     out = jax.lax.map(lambda a: render_rays(*a), (*batched, keys))
-    out = jax.tree.map(
-        lambda v: v.reshape((n_batches * ray_batch,) + v.shape[2:])[:n_rays],
-        out)
+    out = jax.tree.map(lambda v: v.reshape((n_batches * ray_batch,) + v.shape[2:])[:n_rays], out)
   return jax.tree.map(lambda v: v.reshape((height, width) + v.shape[1:]), out)
 
 
@@ -357,8 +362,7 @@ def orientation(out: Dict[str, jnp.ndarray]) -> jnp.ndarray:
   camera. Requires a point_fn that returns normals.
   """
   if "orientation" not in out:
-    raise ValueError("out has no 'orientation': the point_fn passed to render "
-                     "must return 'normal'")
+    raise ValueError("out has no 'orientation': the point_fn passed to render must return 'normal'")
   return jnp.mean(out["orientation"])
 
 

@@ -6,6 +6,7 @@ of a config (defaults.py). A particle's parameters are
 {'field': field params, 'background': background params}; several particles
 stack on a leading axis [n, ...] and `render_camera` is vmapped over them.
 """
+
 import dataclasses
 from typing import Optional
 
@@ -13,10 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from vsdjax import cameras, checks
-from vsdjax.representations.nerf import background
-from vsdjax.representations.nerf import hashgrid
-from vsdjax.representations.nerf import field as field_lib
-from vsdjax.representations.nerf import render as render_lib
+from vsdjax.representations.nerf import (
+  background,
+  field as field_lib,
+  hashgrid,
+  render as render_lib,
+)
 
 BACKGROUNDS = ("mlp", "white")
 
@@ -34,6 +37,7 @@ class SceneSpec:
     with_normals: also render normals under "albedo" shading (the orientation
       regulariser needs them; shaded modes always compute them).
   """
+
   field: field_lib.FieldSpec = field_lib.FieldSpec()
   render: render_lib.RenderSpec = render_lib.RenderSpec()
   shading: str = "albedo"
@@ -43,11 +47,9 @@ class SceneSpec:
 
   def __post_init__(self):
     if self.shading not in field_lib.SHADINGS:
-      raise ValueError(f"scene.shading must be one of {field_lib.SHADINGS}, "
-                       f"got {self.shading!r}")
+      raise ValueError(f"scene.shading must be one of {field_lib.SHADINGS}, got {self.shading!r}")
     if self.background not in BACKGROUNDS:
-      raise ValueError(f"scene.background must be one of {BACKGROUNDS}, "
-                       f"got {self.background!r}")
+      raise ValueError(f"scene.background must be one of {BACKGROUNDS}, got {self.background!r}")
     checks.coerce_fields(self, floats=("random_bg_prob",))
     checks.check_range("scene.random_bg_prob", self.random_bg_prob, 0.0, 1.0)
 
@@ -56,53 +58,57 @@ def spec_from_config(config) -> SceneSpec:
   """SceneSpec from a config's `scene` and `render` sections (defaults.py)."""
   s, r = config.scene, config.render
   grid = hashgrid.GridSpec(
-      n_levels=s.n_levels,
-      n_features=s.n_features,
-      log2_table_size=s.log2_table_size,
-      base_resolution=s.base_resolution,
-      per_level_scale=s.per_level_scale)
+    n_levels=s.n_levels,
+    n_features=s.n_features,
+    log2_table_size=s.log2_table_size,
+    base_resolution=s.base_resolution,
+    per_level_scale=s.per_level_scale,
+  )
   return SceneSpec(
-      field=field_lib.FieldSpec(
-          grid=grid,
-          bound=s.bound,
-          hidden=s.hidden,
-          density_activation=s.density_activation,
-          blob_density=s.blob_density,
-          blob_radius=s.blob_radius,
-          albedo_init_std=s.albedo_init_std),
-      render=render_lib.RenderSpec(
-          n_samples=r.n_samples, chunk=r.chunk, bound=s.bound),
-      shading=s.shading,
-      background=s.background,
-      random_bg_prob=s.random_bg_prob,
-      with_normals=config.loss.orientation > 0)
+    field=field_lib.FieldSpec(
+      grid=grid,
+      bound=s.bound,
+      hidden=s.hidden,
+      density_activation=s.density_activation,
+      blob_density=s.blob_density,
+      blob_radius=s.blob_radius,
+      albedo_init_std=s.albedo_init_std,
+    ),
+    render=render_lib.RenderSpec(n_samples=r.n_samples, chunk=r.chunk, bound=s.bound),
+    shading=s.shading,
+    background=s.background,
+    random_bg_prob=s.random_bg_prob,
+    with_normals=config.loss.orientation > 0,
+  )
 
 
 def camera_ranges_from_config(config) -> cameras.CameraRanges:
   """CameraRanges from a config's `camera` section."""
   c = config.camera
   return cameras.CameraRanges(
-      radius=tuple(c.radius),
-      elevation=tuple(c.elevation),
-      azimuth=tuple(c.azimuth),
-      fovy=tuple(c.fovy))
+    radius=tuple(c.radius),
+    elevation=tuple(c.elevation),
+    azimuth=tuple(c.azimuth),
+    fovy=tuple(c.fovy),
+  )
 
 
 def init(key: jax.Array, spec: SceneSpec) -> dict:
   """One particle: {'field': ..., 'background': ...}."""
   k_field, k_bg = jax.random.split(key)
-  return {"field": field_lib.init(k_field, spec.field),
-          "background": background.init(k_bg)}
+  return {"field": field_lib.init(k_field, spec.field), "background": background.init(k_bg)}
 
 
-def render_camera(params: dict,
-                  c2w: jnp.ndarray,
-                  fovy: jnp.ndarray,
-                  height: int,
-                  width: int,
-                  spec: SceneSpec,
-                  key: Optional[jax.Array] = None,
-                  ray_batch: Optional[int] = None) -> dict:
+def render_camera(
+  params: dict,
+  c2w: jnp.ndarray,
+  fovy: jnp.ndarray,
+  height: int,
+  width: int,
+  spec: SceneSpec,
+  key: Optional[jax.Array] = None,
+  ray_batch: Optional[int] = None,
+) -> dict:
   """Renders one particle from one camera.
 
   Args:
@@ -128,17 +134,22 @@ def render_camera(params: dict,
     k_sample, k_light, k_bg = jax.random.split(key, 3)
     light = field_lib.sample_light(k_light, 1, eye[None])[0]
   point_fn = field_lib.point_fn(
-      params["field"], spec.field, spec.shading,
-      light_dir=None if spec.shading == "albedo" else light,
-      with_normals=spec.with_normals)
+    params["field"],
+    spec.field,
+    spec.shading,
+    light_dir=None if spec.shading == "albedo" else light,
+    with_normals=spec.with_normals,
+  )
 
   def background_fn(d):  # [N, 3] -> [N, 3]
-    bg = (jnp.ones_like(d) if spec.background == "white" else
-          background.color(params["background"], d))
+    bg = (
+      jnp.ones_like(d) if spec.background == "white" else background.color(params["background"], d)
+    )
     if key is None or spec.random_bg_prob == 0:
       return bg
     # The same key for every ray batch: one solid colour (or none) per image.
     return background.solid_or_mlp(k_bg, bg, spec.random_bg_prob)
 
-  return render_lib.render_image(point_fn, c2w, fovy, height, width,
-                             background_fn, spec.render, k_sample, ray_batch)
+  return render_lib.render_image(
+    point_fn, c2w, fovy, height, width, background_fn, spec.render, k_sample, ray_batch
+  )
