@@ -53,12 +53,10 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def saved_steps(workdir: str) -> list:
-  """Steps of the finished checkpoints in DIR/checkpoints, newest first (no orbax call)."""
+def has_checkpoint(workdir: str) -> bool:
+  """Whether DIR/checkpoints holds a checkpoint step folder (no orbax call)."""
   path = checkpoint_dir(workdir)
-  if not os.path.isdir(path):
-    return []
-  return sorted((int(d) for d in os.listdir(path) if d.isdigit()), reverse=True)
+  return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
 
 
 def config_differences(saved: dict, new: dict) -> list:
@@ -84,7 +82,7 @@ def check_resume(config, workdir: str, allow_changes=()) -> bool:
         f"--allow_change={field}: this field sets the shapes or the "
         "identity of the saved state and cannot change on resume"
       )
-  if not saved_steps(workdir):
+  if not has_checkpoint(workdir):
     return False
   path = os.path.join(workdir, "config.json")
   try:
