@@ -222,7 +222,7 @@ RULES = {
   "scene.albedo_init_std": _by_dataclass,
   "scene.shading": _by_dataclass,
   "scene.background": _by_dataclass,
-  "scene.random_bg_prob": _UNIT,
+  "scene.random_bg_prob": _by_dataclass,
   "render.resolution": integer(1),
   "render.resolution_after": integer(1),
   "render.resolution_step": integer(0),
