@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from random_weights import random_like
+from vsdjax import checks
 from vsdjax.training import models as models_lib, train_step
 from xla_memory import memory
 
@@ -198,6 +199,7 @@ def bench_toy(args, base: dict) -> None:
         config.render.resolution = config.render.resolution_after = args.resolution
         config.prior.reference_size = args.resolution
       res = config.render.resolution
+      checks.validate_config(config)
       models, frozen = models_lib.build(config, key)
       state = train_step.init_state(config, models, frozen, key)
       step = train_step.make_train_step(config, models, frozen, res)
@@ -223,6 +225,7 @@ def bench_toy(args, base: dict) -> None:
 def sd_models(config, phi_base: str) -> tuple:
   """(models.Models, abstract frozen) of the shipped SD configs (models.build_abstract)."""
   config.eps_phi.base = phi_base
+  checks.validate_config(config)
   return models_lib.build_abstract(config)
 
 

@@ -118,10 +118,12 @@ def fns(setup):
     return plain, manual
 
   def make_step(spec, unet, base, prediction_type, optimizer):
+    model = eps_phi.EpsPhi(unet, spec, alphas_cumprod, prediction_type)
+
     @jax.jit
     def step(trainable, opt_state, x0, emb, camera, key):
-      (value, aux), grads = jax.value_and_grad(eps_phi.loss, argnums=3, has_aux=True)(
-        spec, unet, base, trainable, x0, emb, camera, alphas_cumprod, prediction_type, key
+      (value, aux), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
+        base, trainable, x0, emb, camera, key
       )
       updates, opt_state = optimizer.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, value, aux, grads
@@ -129,7 +131,7 @@ def fns(setup):
     return step
 
   return {
-    "apply": jax.jit(functools.partial(eps_phi.apply, SPEC, unet, base)),
+    "apply": jax.jit(functools.partial(_model(unet, SPEC, alphas_cumprod).apply, base)),
     "references": references,
     "make_step": make_step,
   }
@@ -160,6 +162,10 @@ def micro(setup):
   return unet, base, plain
 
 
+def _model(unet, spec, alphas_cumprod, prediction_type="v_prediction"):
+  return eps_phi.EpsPhi(unet, spec, alphas_cumprod, prediction_type)
+
+
 def _np_camera_mlp(params, camera):
   """The camera MLP in float64 numpy: silu between two affine layers."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
@@ -174,8 +180,8 @@ def _randomize(tree, seed, std):
 
 
 def test_init_equals_base_for_any_camera(setup, fns):
-  unet, base, inp, _ = setup
-  trainable = eps_phi.init(jax.random.key(1), SPEC, unet, base)
+  unet, base, inp, abar = setup
+  trainable = _model(unet, SPEC, abar).init(jax.random.key(1), base)
   assert set(trainable) == {"lora", "camera"}
   assert trainable["camera"]["layer_0"]["w"].shape == (16, 24)
   assert trainable["camera"]["layer_1"]["w"].shape == (24, TEMB)
@@ -196,8 +202,8 @@ def test_init_equals_base_for_any_camera(setup, fns):
 
 
 def test_camera_is_added_to_time_embedding_and_lora_merged(setup, fns):
-  unet, base, inp, _ = setup
-  trainable = eps_phi.init(jax.random.key(1), SPEC, unet, base)
+  unet, base, inp, abar = setup
+  trainable = _model(unet, SPEC, abar).init(jax.random.key(1), base)
   trainable["camera"] = _randomize(trainable["camera"], seed=5, std=0.3)
   cam_emb = _np_camera_mlp(trainable["camera"], inp["camera"])  # [B, TEMB]
   plain, manual0 = fns["references"](base, inp["x"], inp["t"], inp["emb"], jnp.zeros((BATCH, TEMB)))
@@ -229,7 +235,7 @@ def test_camera_is_added_to_time_embedding_and_lora_merged(setup, fns):
 def test_lora_training_lowers_loss_and_touches_only_trainable(setup, fns):
   unet, base, inp, alphas_cumprod = setup
   base_before = jax.tree.map(np.array, base)
-  trainable = eps_phi.init(jax.random.key(2), SPEC, unet, base)
+  trainable = _model(unet, SPEC, alphas_cumprod).init(jax.random.key(2), base)
   optimizer = optax.adamw(1e-3)
   opt_state = optimizer.init(trainable)
   # Optimizer state exists for the trainable pytree only.
@@ -281,7 +287,7 @@ def test_lora_training_lowers_loss_and_touches_only_trainable(setup, fns):
 def test_full_mode_trains_every_unet_param(setup, fns, micro):
   _, _, inp, alphas_cumprod = setup
   unet, base, plain_fn = micro
-  trainable = eps_phi.init(jax.random.key(3), FULL_SPEC, unet, base)
+  trainable = _model(unet, FULL_SPEC, alphas_cumprod).init(jax.random.key(3), base)
   assert set(trainable) == {"unet", "camera"}
   for (path, x), (_, y) in zip(walk(base), walk(trainable["unet"])):
     assert x is not y
@@ -316,34 +322,36 @@ def test_full_mode_trains_every_unet_param(setup, fns, micro):
 def test_predict_eps_converts_v_under_jit_and_vmap(setup, micro):
   _, _, inp, alphas_cumprod = setup
   unet, base, _ = micro
-  trainable = eps_phi.init(jax.random.key(1), FULL_SPEC, unet, base)
+  v_model = _model(unet, FULL_SPEC, alphas_cumprod, "v_prediction")
+  eps_model = _model(unet, FULL_SPEC, alphas_cumprod, "epsilon")
+  trainable = v_model.init(jax.random.key(1), base)
   trainable["camera"] = _randomize(trainable["camera"], seed=9, std=0.3)
-  apply = jax.jit(functools.partial(eps_phi.apply, FULL_SPEC, unet, base))
-  predict = functools.partial(eps_phi.predict_eps, FULL_SPEC, unet, base, trainable)
+  apply = jax.jit(functools.partial(v_model.apply, base))
   # Two "particles" on a leading axis: [2, B, ...].
   xs = jnp.stack([inp["x"], -inp["x"]])
   cams = jnp.stack([inp["camera"], jnp.zeros_like(inp["camera"])])
   eps = jax.jit(
-    jax.vmap(lambda x, c: predict(x, inp["t"], inp["emb"], c, alphas_cumprod, "v_prediction"))
+    jax.vmap(lambda x, c: v_model.predict_eps(base, trainable, x, inp["t"], inp["emb"], c))
   )(xs, cams)
   abar = np.asarray(alphas_cumprod, np.float64)[np.asarray(inp["t"])]
   a, s = np.sqrt(abar)[:, None, None, None], np.sqrt(1.0 - abar)[:, None, None, None]
   for i in range(2):
     v = np.asarray(apply(trainable, xs[i], inp["t"], inp["emb"], cams[i]), np.float64)
     np.testing.assert_allclose(eps[i], s * np.asarray(xs[i]) + a * v, rtol=1e-4, atol=1e-4)
-  eps_type = jax.jit(lambda x, c: predict(x, inp["t"], inp["emb"], c, alphas_cumprod, "epsilon"))(
-    xs[0], cams[0]
-  )
+  eps_type = jax.jit(
+    lambda x, c: eps_model.predict_eps(base, trainable, x, inp["t"], inp["emb"], c)
+  )(xs[0], cams[0])
   np.testing.assert_allclose(
     eps_type, apply(trainable, xs[0], inp["t"], inp["emb"], cams[0]), rtol=1e-5, atol=1e-5
   )
 
 
 def test_init_from_shapes_only(setup):
-  unet, base, _, _ = setup
+  unet, base, _, abar = setup
+  model = _model(unet, SPEC, abar)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
-  from_shapes = eps_phi.init(jax.random.key(4), SPEC, unet, shapes)
-  from_arrays = eps_phi.init(jax.random.key(4), SPEC, unet, base)
+  from_shapes = model.init(jax.random.key(4), shapes)
+  from_arrays = model.init(jax.random.key(4), base)
   for (path, x), (_, y) in zip(walk(from_shapes), walk(from_arrays)):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
   assert lora.count(from_shapes["lora"]) == sum(
@@ -364,9 +372,10 @@ def test_bad_input_raises(setup):
     eps_phi.EpsPhiSpec(camera_dropout=1.5)
   with pytest.raises(ValueError, match="camera_hidden"):
     eps_phi.EpsPhiSpec(camera_hidden=0)
+  model, full = _model(unet, SPEC, alphas_cumprod), _model(unet, FULL_SPEC, alphas_cumprod)
   with pytest.raises(ValueError, match="base_params"):
-    eps_phi.init(jax.random.key(0), SPEC, unet, {"conv_in": base["conv_in"]})
-  trainable = eps_phi.init(jax.random.key(0), SPEC, unet, base)
+    model.init(jax.random.key(0), {"conv_in": base["conv_in"]})
+  trainable = model.init(jax.random.key(0), base)
   for name, bad in (
     ("x_t", inp["x"][:, :3]),
     ("t", inp["t"][:2]),
@@ -375,19 +384,8 @@ def test_bad_input_raises(setup):
   ):
     kw = {"x_t": inp["x"], "t": inp["t"], "emb": inp["emb"], "camera": inp["camera"], name: bad}
     with pytest.raises(ValueError, match=name):
-      eps_phi.apply(SPEC, unet, base, trainable, **kw)
+      model.apply(base, trainable, **kw)
   with pytest.raises(ValueError, match="trainable"):
-    eps_phi.apply(FULL_SPEC, unet, base, trainable, inp["x"], inp["t"], inp["emb"], inp["camera"])
+    full.apply(base, trainable, inp["x"], inp["t"], inp["emb"], inp["camera"])
   with pytest.raises(ValueError, match="prediction_type"):
-    eps_phi.loss(
-      SPEC,
-      unet,
-      base,
-      trainable,
-      inp["x"],
-      inp["emb"],
-      inp["camera"],
-      alphas_cumprod,
-      "sample",
-      jax.random.key(0),
-    )
+    _model(unet, SPEC, alphas_cumprod, "sample")

@@ -62,26 +62,14 @@ class CameraRanges:
   fovy: Tuple[float, float] = (40.0, 70.0)
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      try:
-        low, high = (float(v) for v in value)
-      except (TypeError, ValueError) as e:
-        raise ValueError(
-          f"CameraRanges.{field.name} must be a (min, max) pair of numbers, got {value!r}"
-        ) from e
-      if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"CameraRanges.{field.name} must be finite, got {value!r}")
-      if low > high:
-        raise ValueError(f"CameraRanges.{field.name} needs min <= max, got {value!r}")
-      # Store plain float tuples so instances hash and compare by value.
-      object.__setattr__(self, field.name, (low, high))
-    if self.radius[0] <= 0.0:
-      raise ValueError(f"CameraRanges.radius must be > 0, got {self.radius!r}")
-    if self.elevation[0] < -90.0 or self.elevation[1] > 90.0:
-      raise ValueError(f"CameraRanges.elevation must lie in [-90, 90], got {self.elevation!r}")
-    if self.fovy[0] <= 0.0 or self.fovy[1] >= 180.0:
-      raise ValueError(f"CameraRanges.fovy must lie in (0, 180), got {self.fovy!r}")
+    # Plain float tuples, so instances hash and compare by value.
+    checks.check_fields(
+      self,
+      radius=checks.interval(0.0, lo_open=True),
+      elevation=checks.interval(-90.0, 90.0),
+      azimuth=checks.interval(),
+      fovy=checks.interval(0.0, 180.0, lo_open=True, hi_open=True),
+    )
 
 
 class Cameras(NamedTuple):

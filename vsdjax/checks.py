@@ -71,30 +71,6 @@ def check_number(name: str, value, low: float, high: float, closed: bool = False
   return number
 
 
-def coerce_fields(spec, ints=(), floats=()) -> None:
-  """Checks and normalises fields of a frozen dataclass in place.
-
-  `ints` must be integers (not bools) and become Python ints; `floats` must
-  convert to finite Python floats. Errors name the class and the field, as
-  "GridSpec.n_levels must be an integer, got 2.5".
-  """
-  cls = type(spec).__name__
-  for name in ints:
-    value = getattr(spec, name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-      raise ValueError(f"{cls}.{name} must be an integer, got {value!r}")
-    object.__setattr__(spec, name, int(value))
-  for name in floats:
-    value = getattr(spec, name)
-    try:
-      value = float(value)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"{cls}.{name} must be a number, got {value!r}") from e
-    if not math.isfinite(value):
-      raise ValueError(f"{cls}.{name} must be finite, got {value!r}")
-    object.__setattr__(spec, name, value)
-
-
 class UserError(Exception):
   """An error the user can fix; the command line prints it as one line."""
 
@@ -110,37 +86,65 @@ class ModelLoadError(UserError):
 
 
 def _fail(field: str, message: str):
-  raise ConfigError(f"config field {field}: {message}")
+  raise ConfigError(f"{field}: {message}")
+
+
+def _interval(lo, hi, lo_open=False, hi_open=False) -> str:
+  if hi is None:
+    return f"> {lo}" if lo_open else f">= {lo}"
+  if lo is None:
+    return f"< {hi}" if hi_open else f"<= {hi}"
+  return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _outside(v, lo, hi, lo_open, hi_open) -> bool:
+  below = lo is not None and (v <= lo if lo_open else v < lo)
+  above = hi is not None and (v >= hi if hi_open else v > hi)
+  return below or above
+
+
+# Rules: `rule(field, value)` returns the value normalised (Python int / float /
+# tuple) or raises ConfigError "<field>: must be ...". validate_config applies
+# them to config fields, `check_fields` to the fields of settings dataclasses.
 
 
 def integer(lo=None, hi=None):
   def check(field, v):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
       _fail(field, f"must be an integer, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-      _fail(
-        field,
-        f"must be an integer in [{lo if lo is not None else '-inf'}, "
-        f"{hi if hi is not None else 'inf'}], got {v!r}",
-      )
+    if _outside(v, lo, hi, False, False):
+      _fail(field, f"must be an integer {_interval(lo, hi)}, got {v!r}")
+    return int(v)
 
   return check
 
 
-def number(lo=None, hi=None, lo_open=False):
+def number(lo=None, hi=None, lo_open=False, hi_open=False):
   def check(field, v):
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
       _fail(field, f"must be a number, got {v!r}")
     if not math.isfinite(v):
       _fail(field, f"must be finite, got {v!r}")
-    low_bad = lo is not None and (v <= lo if lo_open else v < lo)
-    if low_bad or (hi is not None and v > hi):
-      left = "(" if lo_open else "["
-      _fail(
-        field,
-        f"must lie in {left}{lo if lo is not None else '-inf'}, "
-        f"{hi if hi is not None else 'inf'}], got {v!r}",
-      )
+    if _outside(v, lo, hi, lo_open, hi_open):
+      _fail(field, f"must be {_interval(lo, hi, lo_open, hi_open)}, got {v!r}")
+    return float(v)
+
+  return check
+
+
+def interval(lo=None, hi=None, lo_open=False, hi_open=False):
+  """A (min, max) pair of numbers with min <= max, both within the bounds."""
+  bound = number(lo, hi, lo_open, hi_open)
+
+  def check(field, v):
+    try:
+      low, high = v
+    except (TypeError, ValueError):
+      _fail(field, f"must be a (min, max) pair of numbers, got {v!r}")
+    pair = (bound(field, low), bound(field, high))
+    if pair[0] > pair[1]:
+      _fail(field, f"needs min <= max, got {v!r}")
+    return pair
 
   return check
 
@@ -149,32 +153,55 @@ def choice(*values):
   def check(field, v):
     if v not in values:
       _fail(field, f"must be one of {', '.join(repr(x) for x in values)}; got {v!r}")
+    return v
 
   return check
+
+
+def optional(rule):
+  """`rule`, or None."""
+  return lambda field, v: None if v is None else rule(field, v)
 
 
 def boolean(field, v):
   if not isinstance(v, bool):
     _fail(field, f"must be True or False, got {v!r}")
+  return v
 
 
 def string(field, v):
   if not isinstance(v, str):
     _fail(field, f"must be a string, got {v!r}")
+  return v
 
 
 def nonempty_string(field, v):
   if not isinstance(v, str) or not v.strip():
     _fail(field, f"must be a non-empty string, got {v!r}")
+  return v
+
+
+def check_fields(spec, **rules) -> None:
+  """Applies `rules` ({field: rule}) to the fields of a frozen dataclass, in place.
+
+  The one check path of every settings dataclass: each field is checked and
+  normalised (Python int / float, float tuples) by the rule, and an error
+  names the class and the field, as "GridSpec.n_levels: must be an integer
+  >= 1, got 0".
+  """
+  cls = type(spec).__name__
+  for name, rule in rules.items():
+    object.__setattr__(spec, name, rule(f"{cls}.{name}", getattr(spec, name)))
 
 
 def _by_dataclass(field, v):
-  del field, v  # Checked by the settings dataclass that reads it (validate_config builds it).
+  del field  # Checked by the settings dataclass that reads it (validate_config builds it).
+  return v
 
 
-_POSITIVE = number(0.0, lo_open=True)
-_NONNEGATIVE = number(0.0)
-_UNIT = number(0.0, 1.0)  # probabilities, and t as a fraction of the diffusion steps
+POSITIVE = number(0.0, lo_open=True)
+NONNEGATIVE = number(0.0)
+UNIT = number(0.0, 1.0)  # probabilities, and t as a fraction of the diffusion steps
 
 # One rule per field of defaults.get_config(); a field without a rule is
 # unknown. `_by_dataclass` marks fields that a settings dataclass checks.
@@ -186,27 +213,27 @@ RULES = {
   "representation": choice("nerf", "image"),
   "prompt": string,
   "guidance.mode": choice("vsd", "sds"),
-  "guidance.scale": _NONNEGATIVE,
-  "guidance.t_min": _UNIT,
-  "guidance.t_max": _UNIT,
-  "guidance.t_max_after": _UNIT,
+  "guidance.scale": NONNEGATIVE,
+  "guidance.t_min": UNIT,
+  "guidance.t_max": UNIT,
+  "guidance.t_max_after": UNIT,
   "guidance.t_switch_step": integer(0),
   "guidance.t_anneal_steps": integer(0),
-  "guidance.grad_clip": _NONNEGATIVE,
+  "guidance.grad_clip": NONNEGATIVE,
   "guidance.view_prompts": boolean,
   "prior.kind": choice("stable_diffusion", "analytic"),
   "prior.name": nonempty_string,
   "prior.dtype": choice("float32", "bfloat16"),
   "prior.references": string,
-  "prior.sigma_ref": _NONNEGATIVE,
+  "prior.sigma_ref": NONNEGATIVE,
   "prior.reference_size": integer(1),
   "eps_phi.base": nonempty_string,
   "eps_phi.mode": choice("lora", "full"),
   "eps_phi.rank": integer(1),
   "eps_phi.alpha": number(),
-  "eps_phi.lr": _POSITIVE,
-  "eps_phi.weight_decay": _NONNEGATIVE,
-  "eps_phi.camera_dropout": _UNIT,
+  "eps_phi.lr": POSITIVE,
+  "eps_phi.weight_decay": NONNEGATIVE,
+  "eps_phi.camera_dropout": UNIT,
   "eps_phi.steps_per_step": integer(1),
   "eps_phi.tiny_channels": _by_dataclass,
   "scene.bound": _by_dataclass,
@@ -233,15 +260,15 @@ RULES = {
   "camera.elevation": _by_dataclass,
   "camera.azimuth": _by_dataclass,
   "camera.fovy": _by_dataclass,
-  "optim.lr": _POSITIVE,
-  "optim.grid_lr": _POSITIVE,
+  "optim.lr": POSITIVE,
+  "optim.grid_lr": POSITIVE,
   "optim.b1": number(0.0, 1.0),
   "optim.b2": number(0.0, 1.0),
-  "optim.eps": _NONNEGATIVE,
-  "loss.sparsity": _NONNEGATIVE,
-  "loss.opaque": _NONNEGATIVE,
-  "loss.entropy": _NONNEGATIVE,
-  "loss.orientation": _NONNEGATIVE,
+  "optim.eps": NONNEGATIVE,
+  "loss.sparsity": NONNEGATIVE,
+  "loss.opaque": NONNEGATIVE,
+  "loss.entropy": NONNEGATIVE,
+  "loss.orientation": NONNEGATIVE,
   "log_every": integer(1),
   "checkpoint_every": integer(1),
   "keep_checkpoints": integer(1),
@@ -259,6 +286,8 @@ _SPEC_SECTIONS = {
   "FieldSpec": "scene",
   "RenderSpec": "render",
   "CameraRanges": "camera",
+  "SceneSpec": "scene",
+  "EpsPhiSpec": "eps_phi",
 }
 
 
@@ -277,10 +306,14 @@ def flatten(config) -> dict:
   return out
 
 
+def _config_fail(field: str, message: str):
+  _fail(f"config field {field}", message)
+
+
 def _spec_error(section: str, e: ValueError) -> ConfigError:
   """A settings dataclass's ValueError, with its field named as in the config."""
   msg = re.sub(
-    r"\b(GridSpec|FieldSpec|RenderSpec|CameraRanges)\.(\w+)",
+    rf"\b({'|'.join(_SPEC_SECTIONS)})\.(\w+)",
     lambda m: f"{_SPEC_SECTIONS[m.group(1)]}.{m.group(2)}",
     str(e),
   )
@@ -313,24 +346,26 @@ def validate_config(config) -> None:
       f"config field {field} is missing; derive the config from vsdjax.defaults.get_config()"
     )
   for field, rule in RULES.items():
-    rule(field, flat[field])
+    rule(f"config field {field}", flat[field])
 
   g = config.guidance
   for name in ("t_max", "t_max_after"):
     if g.t_min > g[name]:
-      _fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
+      _config_fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
   analytic = config.prior.kind == "analytic"
   if config.representation == "image" and not analytic:
-    _fail("representation", "'image' (particles are pixel images) needs prior.kind = 'analytic'")
+    _config_fail(
+      "representation", "'image' (particles are pixel images) needs prior.kind = 'analytic'"
+    )
   vsd = config.guidance.mode == "vsd"
   if vsd and analytic and config.eps_phi.base != "tiny":
-    _fail(
+    _config_fail(
       "eps_phi.base",
       "with prior.kind = 'analytic' it must be 'tiny' (a small "
       f"pixel-space UNet), got {config.eps_phi.base!r}",
     )
   if vsd and not analytic and config.eps_phi.base == "tiny":
-    _fail(
+    _config_fail(
       "eps_phi.base",
       "'tiny' is for the analytic prior; with Stable Diffusion "
       "pass 'prior' or a model (hub id or local folder)",
@@ -339,7 +374,7 @@ def validate_config(config) -> None:
     try:
       shapes.parse_references(config.prior.references)
     except ValueError as e:
-      _fail("prior.references", str(e))
+      _config_fail("prior.references", str(e))
   if vsd:
     try:
       if analytic:
@@ -347,7 +382,7 @@ def validate_config(config) -> None:
         factor = 2 ** (len(config.eps_phi.tiny_channels) - 1)
         for name in ("resolution", "resolution_after"):
           if config.render[name] % factor:
-            _fail(
+            _config_fail(
               f"render.{name}",
               f"must be a multiple of {factor} (the tiny eps_phi "
               f"UNet halves it {factor.bit_length() - 1} times), got {config.render[name]}",
@@ -359,7 +394,7 @@ def validate_config(config) -> None:
         camera_dropout=config.eps_phi.camera_dropout,
       )
     except (ValueError, TypeError) as e:
-      raise ConfigError(f"config section eps_phi: {e}") from e
+      raise _spec_error("eps_phi", e) from e
   for section, build in (
     ("scene / render", scene.spec_from_config),
     ("camera", scene.camera_ranges_from_config),

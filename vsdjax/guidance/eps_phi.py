@@ -68,15 +68,14 @@ class EpsPhiSpec:
   camera_hidden: int | None = None
 
   def __post_init__(self):
-    if self.mode not in _MODES:
-      raise ValueError(f"mode={self.mode!r} is unknown; expected one of {_MODES}")
-    checks.coerce_fields(self, ints=("rank",), floats=("alpha", "camera_dropout"))
-    checks.check_int("EpsPhiSpec.rank", self.rank)
-    checks.check_range("EpsPhiSpec.camera_dropout", self.camera_dropout, 0.0, 1.0)
-    if self.camera_hidden is not None:
-      object.__setattr__(
-        self, "camera_hidden", checks.check_int("EpsPhiSpec.camera_hidden", self.camera_hidden)
-      )
+    checks.check_fields(
+      self,
+      mode=checks.choice(*_MODES),
+      rank=checks.integer(1),
+      alpha=checks.number(),
+      camera_dropout=checks.UNIT,
+      camera_hidden=checks.optional(checks.integer(1)),
+    )
 
   @property
   def lora_scale(self) -> float:
@@ -89,238 +88,21 @@ def time_embed_dim(unet_module: nn.Module) -> int:
   return 4 * unet_module.block_out_channels[0]
 
 
-def init(key: jax.Array, spec: EpsPhiSpec, unet_module: nn.Module, base_params: Mapping) -> dict:
-  """Initialises the trainable parameters of eps_phi.
-
-  Args:
-    key: PRNG key.
-    spec: static settings.
-    unet_module: the `FlaxUNet2DConditionModel` (its config sets the shapes).
-    base_params: the base UNet parameters (the inside of {'params': ...}). In
-      "lora" mode only their shapes are read.
-
-  Returns:
-    {'lora': lora pytree, 'camera': MLP params} in "lora" mode, or
-    {'unet': a float32 copy of base_params, 'camera': MLP params} in "full"
-    mode; every leaf is float32, whatever base_params' dtype. The
-    camera MLP is {'layer_0': {'w': [16, H], 'b': [H]}, 'layer_1': {'w': [H, D],
-    'b': [D]}} (see `vsdjax.mlp`) with layer_1 all zeros.
-  """
-  if not isinstance(spec, EpsPhiSpec):
-    raise ValueError(f"spec must be an EpsPhiSpec, got {type(spec).__name__}")
-  if not isinstance(base_params, Mapping) or "time_embedding" not in base_params:
-    raise ValueError(
-      "base_params must be the UNet parameter tree (the inside of "
-      "{'params': ...}, with a 'time_embedding' entry)"
-    )
-  d = time_embed_dim(unet_module)
-  d_params = base_params["time_embedding"]["linear_2"]["kernel"].shape[-1]
-  if d_params != d:
-    raise ValueError(
-      f"base_params: time embedding has width {d_params}, but unet_module expects {d}"
-    )
-  hidden = d if spec.camera_hidden is None else spec.camera_hidden
-  k_lora, k_cam = jax.random.split(key)
-  camera = mlp.init(k_cam, (CAMERA_DIM, hidden, d))
-  camera["layer_1"] = jax.tree.map(jnp.zeros_like, camera["layer_1"])
-  if spec.mode == "lora":
-    return {"lora": lora_lib.init(k_lora, base_params, spec.rank), "camera": camera}
-  unet = jax.tree.map(
-    lambda w: jnp.array(w, jnp.float32, copy=True), flax.core.unfreeze(base_params)
-  )
-  return {"unet": unet, "camera": camera}
-
-
 def camera_embedding(camera_params: Mapping, camera: jax.Array) -> jax.Array:
   """The camera MLP: [B, 16] flattened camera-to-world matrices -> [B, D]."""
   return mlp.apply(camera_params, camera, activation=nn.silu)
-
-
-def _unet_params(spec: EpsPhiSpec, base_params: Mapping, trainable: Mapping) -> Mapping:
-  """The UNet parameters eps_phi runs with."""
-  expected = {"lora": {"lora", "camera"}, "full": {"unet", "camera"}}[spec.mode]
-  if not isinstance(trainable, Mapping) or set(trainable) != expected:
-    got = sorted(trainable) if isinstance(trainable, Mapping) else type(trainable).__name__
-    raise ValueError(
-      f"trainable must have keys {sorted(expected)} in mode {spec.mode!r}, got {got}"
-    )
-  if spec.mode == "full":
-    return trainable["unet"]
-  return lora_lib.merge(jax.lax.stop_gradient(base_params), trainable["lora"], spec.lora_scale)
-
-
-def _check_inputs(unet_module: nn.Module, x_t, t, emb, camera) -> None:
-  """Raises ValueError on inputs whose shapes eps_phi cannot take."""
-  if x_t.ndim != 4 or x_t.shape[1] != unet_module.in_channels:
-    raise ValueError(f"x_t must be [B, {unet_module.in_channels}, h, w], got {x_t.shape}")
-  batch, factor = x_t.shape[0], 2 ** (len(unet_module.block_out_channels) - 1)
-  if x_t.shape[2] % factor or x_t.shape[3] % factor:
-    raise ValueError(f"x_t: h and w must be multiples of {factor}, got {x_t.shape[2:]}")
-  if t.shape != (batch,):
-    raise ValueError(f"t must have shape [{batch}], got {t.shape}")
-  if emb.ndim != 3 or emb.shape[0] != batch or emb.shape[2] != unet_module.cross_attention_dim:
-    raise ValueError(
-      f"emb must be [{batch}, L, {unet_module.cross_attention_dim}], got {emb.shape}"
-    )
-  if camera.shape != (batch, CAMERA_DIM):
-    raise ValueError(f"camera must have shape [{batch}, {CAMERA_DIM}], got {camera.shape}")
-
-
-def apply(
-  spec: EpsPhiSpec,
-  unet_module: nn.Module,
-  base_params: Mapping,
-  trainable: Mapping,
-  x_t: jax.Array,
-  t: jax.Array,
-  emb: jax.Array,
-  camera: jax.Array,
-) -> jax.Array:
-  """Runs eps_phi.
-
-  Args:
-    spec: static settings.
-    unet_module: the `FlaxUNet2DConditionModel`.
-    base_params: frozen base UNet parameters (gradients are stopped; unused in
-      "full" mode).
-    trainable: from `init`.
-    x_t: [B, C, h, w] noisy inputs.
-    t: [B] timesteps.
-    emb: [B, L, D_text] text encoder states.
-    camera: [B, 16] flattened camera-to-world matrices (zeros: no camera).
-
-  Returns:
-    [B, C, h, w] the raw model output (eps or v, as the base model predicts).
-  """
-  x_t, t, emb, camera = (jnp.asarray(a) for a in (x_t, t, emb, camera))
-  _check_inputs(unet_module, x_t, t, emb, camera)
-  params = _unet_params(spec, base_params, trainable)
-  cam_emb = camera_embedding(trainable["camera"], camera)  # [B, D]
-  unet_type = type(unet_module)
-  calls = []
-
-  def add_camera(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if (
-      context.method_name == "__call__"
-      and context.module.name == "time_embedding"
-      and isinstance(context.module.parent, unet_type)
-    ):
-      calls.append(context.module.path)
-      out = out + cam_emb.astype(out.dtype)  # [B, D]
-    return out
-
-  with nn.intercept_methods(add_camera):
-    out = unet_module.apply({"params": params}, x_t, t, emb, return_dict=False)[0]
-  if len(calls) != 1:  # Guards against a diffusers change of the module tree.
-    raise ValueError(
-      f"unet_module: expected one call of its time_embedding, saw "
-      f"{len(calls)}; the camera embedding was not added once"
-    )
-  return out  # [B, C, h, w]
-
-
-def predict_eps(
-  spec: EpsPhiSpec,
-  unet_module: nn.Module,
-  base_params: Mapping,
-  trainable: Mapping,
-  x_t: jax.Array,
-  t: jax.Array,
-  emb: jax.Array,
-  camera: jax.Array,
-  alphas_cumprod: jax.Array,
-  prediction_type: str,
-) -> jax.Array:
-  """eps_phi's noise prediction (a v output is converted to eps).
-
-  Args:
-    spec, unet_module, base_params, trainable, x_t, t, emb, camera: as `apply`
-      (t [B] integer).
-    alphas_cumprod: [T] abar_t of the base model's schedule.
-    prediction_type: "epsilon" or "v_prediction", what the base model predicts.
-
-  Returns:
-    [B, C, h, w] eps.
-  """
-  out = apply(spec, unet_module, base_params, trainable, x_t, t, emb, camera)
-  a_t, s_t = schedule.coefficients(alphas_cumprod, t)  # [B], [B]
-  return schedule.eps_from_output(
-    out.astype(jnp.float32), jnp.asarray(x_t, jnp.float32), a_t, s_t, prediction_type
-  )
-
-
-def loss(
-  spec: EpsPhiSpec,
-  unet_module: nn.Module,
-  base_params: Mapping,
-  trainable: Mapping,
-  x0: jax.Array,
-  emb: jax.Array,
-  camera: jax.Array,
-  alphas_cumprod: jax.Array,
-  prediction_type: str,
-  key: jax.Array,
-) -> tuple[jax.Array, dict]:
-  """The diffusion loss that fits eps_phi to the current renders.
-
-  For each sample: t' ~ U{0..T-1}, eps' ~ N(0, I), x_t' = a_t' x0 + s_t' eps';
-  the camera is replaced by zeros with probability `spec.camera_dropout`; the
-  target is eps' ("epsilon") or v' = a_t' eps' - s_t' x0 ("v_prediction").
-
-  Args:
-    spec, unet_module, base_params, trainable: as `apply`.
-    x0: [B, C, h, w] clean samples (renders or latents; gradients are stopped).
-    emb: [B, L, D_text] text encoder states.
-    camera: [B, 16] flattened camera-to-world matrices.
-    alphas_cumprod: [T] abar_t.
-    prediction_type: "epsilon" or "v_prediction".
-    key: PRNG key.
-
-  Returns:
-    (loss, aux): the mean squared error over all elements (scalar float32), and
-    {'t': [B] int32 timesteps, 'noise': [B, C, h, w] eps',
-     'camera_dropped': [B] bool}.
-  """
-  if prediction_type not in _PREDICTION_TYPES:
-    raise ValueError(
-      f"prediction_type={prediction_type!r} is unknown; expected one of {_PREDICTION_TYPES}"
-    )
-  x0 = jax.lax.stop_gradient(jnp.asarray(x0, jnp.float32))  # [B, C, h, w]
-  camera = jnp.asarray(camera)
-  if x0.ndim != 4 or camera.shape != (x0.shape[0], CAMERA_DIM):
-    raise ValueError(
-      f"x0 must be [B, C, h, w] and camera [B, {CAMERA_DIM}], got {x0.shape} and {camera.shape}"
-    )
-  alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
-  if alphas_cumprod.ndim != 1:
-    raise ValueError(f"alphas_cumprod must be [T], got shape {alphas_cumprod.shape}")
-  batch = x0.shape[0]
-  k_t, k_eps, k_drop = jax.random.split(key, 3)
-  t = jax.random.randint(k_t, (batch,), 0, alphas_cumprod.shape[0])  # [B]
-  eps = jax.random.normal(k_eps, x0.shape, jnp.float32)  # [B, C, h, w]
-  dropped = jax.random.bernoulli(k_drop, spec.camera_dropout, (batch,))  # [B]
-  camera = jnp.where(dropped[:, None], jnp.zeros_like(camera), camera)  # [B, 16]
-  a_t, s_t = schedule.coefficients(alphas_cumprod, t)  # [B], [B]
-  x_t = schedule.add_noise(x0, eps, a_t, s_t)  # [B, C, h, w]
-  out = apply(spec, unet_module, base_params, trainable, x_t, t, emb, camera)
-  if prediction_type == "epsilon":
-    target = eps
-  else:
-    target = schedule.v_target(x0, eps, a_t, s_t)
-  mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target))
-  return mse, {"t": t, "noise": eps, "camera_dropped": dropped}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EpsPhi:
   """eps_phi's static parts in one object (closed over by jit; hashed by identity).
 
-  The arrays stay outside: the base UNet params (frozen, shared with the prior
-  or not) and the trainable pytree of `init`.
+  The arrays stay outside: the base UNet parameters `base_params` (the inside
+  of {'params': ...}; frozen, shared with the prior or not, gradients stopped,
+  unused in "full" mode) and the `trainable` pytree of `init`.
 
   Attributes:
-    unet: the FlaxUNet2DConditionModel.
+    unet: the FlaxUNet2DConditionModel (its config sets the shapes).
     spec: EpsPhiSpec.
     alphas_cumprod: [T] abar_t of the base model's schedule.
     prediction_type: "epsilon" or "v_prediction", what the base model predicts.
@@ -331,36 +113,173 @@ class EpsPhi:
   alphas_cumprod: np.ndarray
   prediction_type: str
 
+  def __post_init__(self):
+    if self.prediction_type not in _PREDICTION_TYPES:
+      raise ValueError(
+        f"prediction_type={self.prediction_type!r} is unknown; expected one of {_PREDICTION_TYPES}"
+      )
+    abar = np.asarray(self.alphas_cumprod, np.float32)
+    if abar.ndim != 1:
+      raise ValueError(f"alphas_cumprod must be [T], got shape {abar.shape}")
+    object.__setattr__(self, "alphas_cumprod", abar)
+
+  @property
+  def time_embed_dim(self) -> int:
+    """The UNet's time-embedding width, 4 * block_out_channels[0] (1280 for SD)."""
+    return 4 * self.unet.block_out_channels[0]
+
   def init(self, key: jax.Array, base_params: Mapping) -> dict:
-    """The trainable pytree (see `init`)."""
-    return init(key, self.spec, self.unet, base_params)
+    """Initialises the trainable parameters.
+
+    Args:
+      key: PRNG key.
+      base_params: the base UNet parameters (arrays or ShapeDtypeStructs; in
+        "lora" mode only their shapes are read).
+
+    Returns:
+      {'lora': lora pytree, 'camera': MLP params} in "lora" mode, or
+      {'unet': a float32 copy of base_params, 'camera': MLP params} in "full"
+      mode; every leaf is float32, whatever base_params' dtype. The camera MLP
+      is {'layer_0': {'w': [16, H], 'b': [H]}, 'layer_1': {'w': [H, D], 'b': [D]}}
+      (see `vsdjax.mlp`) with layer_1 all zeros.
+    """
+    if not isinstance(base_params, Mapping) or "time_embedding" not in base_params:
+      raise ValueError(
+        "base_params must be the UNet parameter tree (the inside of "
+        "{'params': ...}, with a 'time_embedding' entry)"
+      )
+    d = self.time_embed_dim
+    d_params = base_params["time_embedding"]["linear_2"]["kernel"].shape[-1]
+    if d_params != d:
+      raise ValueError(
+        f"base_params: time embedding has width {d_params}, but the UNet expects {d}"
+      )
+    spec = self.spec
+    hidden = d if spec.camera_hidden is None else spec.camera_hidden
+    k_lora, k_cam = jax.random.split(key)
+    camera = mlp.init(k_cam, (CAMERA_DIM, hidden, d))
+    camera["layer_1"] = jax.tree.map(jnp.zeros_like, camera["layer_1"])
+    if spec.mode == "lora":
+      return {"lora": lora_lib.init(k_lora, base_params, spec.rank), "camera": camera}
+    unet = jax.tree.map(
+      lambda w: jnp.array(w, jnp.float32, copy=True), flax.core.unfreeze(base_params)
+    )
+    return {"unet": unet, "camera": camera}
+
+  def _unet_params(self, base_params: Mapping, trainable: Mapping) -> Mapping:
+    """The UNet parameters eps_phi runs with."""
+    mode = self.spec.mode
+    expected = {"lora": {"lora", "camera"}, "full": {"unet", "camera"}}[mode]
+    if not isinstance(trainable, Mapping) or set(trainable) != expected:
+      got = sorted(trainable) if isinstance(trainable, Mapping) else type(trainable).__name__
+      raise ValueError(f"trainable must have keys {sorted(expected)} in mode {mode!r}, got {got}")
+    if mode == "full":
+      return trainable["unet"]
+    return lora_lib.merge(
+      jax.lax.stop_gradient(base_params), trainable["lora"], self.spec.lora_scale
+    )
+
+  def _check_inputs(self, x_t, t, emb, camera) -> None:
+    """Raises ValueError on inputs whose shapes eps_phi cannot take."""
+    unet = self.unet
+    if x_t.ndim != 4 or x_t.shape[1] != unet.in_channels:
+      raise ValueError(f"x_t must be [B, {unet.in_channels}, h, w], got {x_t.shape}")
+    batch, factor = x_t.shape[0], 2 ** (len(unet.block_out_channels) - 1)
+    if x_t.shape[2] % factor or x_t.shape[3] % factor:
+      raise ValueError(f"x_t: h and w must be multiples of {factor}, got {x_t.shape[2:]}")
+    if t.shape != (batch,):
+      raise ValueError(f"t must have shape [{batch}], got {t.shape}")
+    if emb.ndim != 3 or emb.shape[0] != batch or emb.shape[2] != unet.cross_attention_dim:
+      raise ValueError(f"emb must be [{batch}, L, {unet.cross_attention_dim}], got {emb.shape}")
+    if camera.shape != (batch, CAMERA_DIM):
+      raise ValueError(f"camera must have shape [{batch}, {CAMERA_DIM}], got {camera.shape}")
+
+  def apply(self, base_params, trainable, x_t, t, emb, camera) -> jax.Array:
+    """Runs eps_phi.
+
+    Args:
+      base_params: frozen base UNet parameters.
+      trainable: from `init`.
+      x_t: [B, C, h, w] noisy inputs.
+      t: [B] integer timesteps.
+      emb: [B, L, D_text] text encoder states.
+      camera: [B, 16] flattened camera-to-world matrices (zeros: no camera).
+
+    Returns:
+      [B, C, h, w] the raw model output (eps or v, as the base model predicts).
+    """
+    x_t, t, emb, camera = (jnp.asarray(a) for a in (x_t, t, emb, camera))
+    self._check_inputs(x_t, t, emb, camera)
+    params = self._unet_params(base_params, trainable)
+    cam_emb = camera_embedding(trainable["camera"], camera)  # [B, D]
+    unet_type = type(self.unet)
+    calls = []
+
+    def add_camera(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if (
+        context.method_name == "__call__"
+        and context.module.name == "time_embedding"
+        and isinstance(context.module.parent, unet_type)
+      ):
+        calls.append(context.module.path)
+        out = out + cam_emb.astype(out.dtype)  # [B, D]
+      return out
+
+    with nn.intercept_methods(add_camera):
+      out = self.unet.apply({"params": params}, x_t, t, emb, return_dict=False)[0]
+    if len(calls) != 1:  # Guards against a diffusers change of the module tree.
+      raise ValueError(
+        f"unet: expected one call of its time_embedding, saw {len(calls)}; "
+        "the camera embedding was not added once"
+      )
+    return out  # [B, C, h, w]
 
   def predict_eps(self, base_params, trainable, x_t, t, emb, camera) -> jax.Array:
-    """eps [B, C, h, w] (see `predict_eps`)."""
-    return predict_eps(
-      self.spec,
-      self.unet,
-      base_params,
-      trainable,
-      x_t,
-      t,
-      emb,
-      camera,
-      self.alphas_cumprod,
-      self.prediction_type,
+    """eps [B, C, h, w]: `apply`'s output, converted from v if the base predicts v."""
+    out = self.apply(base_params, trainable, x_t, t, emb, camera)
+    a_t, s_t = schedule.coefficients(self.alphas_cumprod, t)  # [B], [B]
+    return schedule.eps_from_output(
+      out.astype(jnp.float32), jnp.asarray(x_t, jnp.float32), a_t, s_t, self.prediction_type
     )
 
   def loss(self, base_params, trainable, x0, emb, camera, key) -> tuple[jax.Array, dict]:
-    """The diffusion loss on clean samples x0 [B, C, h, w] (see `loss`)."""
-    return loss(
-      self.spec,
-      self.unet,
-      base_params,
-      trainable,
-      x0,
-      emb,
-      camera,
-      self.alphas_cumprod,
-      self.prediction_type,
-      key,
-    )
+    """The diffusion loss that fits eps_phi to the current renders.
+
+    For each sample: t' ~ U{0..T-1}, eps' ~ N(0, I), x_t' = a_t' x0 + s_t' eps';
+    the camera is replaced by zeros with probability `spec.camera_dropout`; the
+    target is eps' ("epsilon") or v' = a_t' eps' - s_t' x0 ("v_prediction").
+
+    Args:
+      base_params, trainable: as `apply`.
+      x0: [B, C, h, w] clean samples (renders or latents; gradients are stopped).
+      emb: [B, L, D_text] text encoder states.
+      camera: [B, 16] flattened camera-to-world matrices.
+      key: PRNG key.
+
+    Returns:
+      (loss, aux): the mean squared error over all elements (scalar float32), and
+      {'t': [B] int32 timesteps, 'noise': [B, C, h, w] eps',
+       'camera_dropped': [B] bool}.
+    """
+    x0 = jax.lax.stop_gradient(jnp.asarray(x0, jnp.float32))  # [B, C, h, w]
+    camera = jnp.asarray(camera)
+    if x0.ndim != 4 or camera.shape != (x0.shape[0], CAMERA_DIM):
+      raise ValueError(
+        f"x0 must be [B, C, h, w] and camera [B, {CAMERA_DIM}], got {x0.shape} and {camera.shape}"
+      )
+    batch = x0.shape[0]
+    k_t, k_eps, k_drop = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (batch,), 0, self.alphas_cumprod.shape[0])  # [B]
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)  # [B, C, h, w]
+    dropped = jax.random.bernoulli(k_drop, self.spec.camera_dropout, (batch,))  # [B]
+    camera = jnp.where(dropped[:, None], jnp.zeros_like(camera), camera)  # [B, 16]
+    a_t, s_t = schedule.coefficients(self.alphas_cumprod, t)  # [B], [B]
+    x_t = schedule.add_noise(x0, eps, a_t, s_t)  # [B, C, h, w]
+    out = self.apply(base_params, trainable, x_t, t, emb, camera)
+    if self.prediction_type == "epsilon":
+      target = eps
+    else:
+      target = schedule.v_target(x0, eps, a_t, s_t)
+    mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+    return mse, {"t": t, "noise": eps, "camera_dropped": dropped}

@@ -101,12 +101,11 @@ def _phi(config, unet, alphas_cumprod, prediction_type: str) -> eps_phi_lib.EpsP
 
 
 def build(config, key: jax.Array):
-  """(Models, frozen) for `config` (defaults.py); see the module docstring.
+  """(Models, frozen) for a validated `config` (checks.validate_config).
 
-  Validates the config, then loads Stable Diffusion first, so a bad field or a
-  missing model fails at start (checks.ConfigError, checks.ModelLoadError).
+  Loads Stable Diffusion first, so a missing model fails at start
+  (checks.ModelLoadError naming the config field).
   """
-  checks.validate_config(config)
   vsd = config.guidance.mode == "vsd"
   representation = representations.make(config)
   frozen = {"phi_base": {}}
@@ -163,7 +162,6 @@ def build_abstract(config):
   embeddings in `frozen` are jax.ShapeDtypeStruct, so the train step of the
   real models can be traced (jax.eval_shape) or compiled on any machine.
   """
-  checks.validate_config(config)
   if config.prior.kind != "stable_diffusion":
     raise checks.ConfigError("config field prior.kind: build_abstract is for 'stable_diffusion'")
   sd = stable_diffusion.abstract_model(

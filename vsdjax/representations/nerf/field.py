@@ -116,30 +116,17 @@ class FieldSpec:
   def __post_init__(self):
     if not isinstance(self.grid, hashgrid.GridSpec):
       raise ValueError(f"FieldSpec.grid must be a hashgrid.GridSpec, got {self.grid!r}")
-    checks.coerce_fields(
+    checks.check_fields(
       self,
-      ints=("hidden", "n_hidden_layers"),
-      floats=("bound", "blob_density", "blob_radius", "albedo_init_std"),
+      bound=checks.POSITIVE,
+      hidden=checks.integer(1),
+      n_hidden_layers=checks.integer(0),
+      density_activation=checks.choice(*DENSITY_ACTIVATIONS),
+      density_bias=checks.choice(*DENSITY_BIASES),
+      blob_density=checks.number(),
+      blob_radius=checks.POSITIVE,
+      albedo_init_std=checks.NONNEGATIVE,
     )
-    if self.bound <= 0.0:
-      raise ValueError(f"FieldSpec.bound must be > 0, got {self.bound}")
-    if self.hidden < 1:
-      raise ValueError(f"FieldSpec.hidden must be >= 1, got {self.hidden}")
-    if self.n_hidden_layers < 0:
-      raise ValueError(f"FieldSpec.n_hidden_layers must be >= 0, got {self.n_hidden_layers}")
-    if self.albedo_init_std < 0.0:
-      raise ValueError(f"FieldSpec.albedo_init_std must be >= 0, got {self.albedo_init_std}")
-    if self.blob_radius <= 0.0:
-      raise ValueError(f"FieldSpec.blob_radius must be > 0, got {self.blob_radius}")
-    if self.density_activation not in DENSITY_ACTIVATIONS:
-      raise ValueError(
-        f"FieldSpec.density_activation must be one of {DENSITY_ACTIVATIONS}"
-        f", got {self.density_activation!r}"
-      )
-    if self.density_bias not in DENSITY_BIASES:
-      raise ValueError(
-        f"FieldSpec.density_bias must be one of {DENSITY_BIASES}, got {self.density_bias!r}"
-      )
 
 
 def init(key: jax.Array, spec: FieldSpec) -> dict:

@@ -71,28 +71,20 @@ class GridSpec:
   init_scale: float = 1e-4
 
   def __post_init__(self):
-    checks.coerce_fields(
+    checks.check_fields(
       self,
-      ints=("n_levels", "n_features", "log2_table_size", "base_resolution"),
-      floats=("per_level_scale", "init_scale"),
+      n_levels=checks.integer(1),
+      n_features=checks.integer(1),
+      log2_table_size=checks.integer(3, 30),
+      base_resolution=checks.integer(2),
+      per_level_scale=checks.number(1.0),
+      init_scale=checks.NONNEGATIVE,
     )
-    if self.n_levels < 1:
-      raise ValueError(f"GridSpec.n_levels must be >= 1, got {self.n_levels}")
-    if self.n_features < 1:
-      raise ValueError(f"GridSpec.n_features must be >= 1, got {self.n_features}")
-    if not 3 <= self.log2_table_size <= 30:
-      raise ValueError(f"GridSpec.log2_table_size must lie in [3, 30], got {self.log2_table_size}")
     if self.n_levels << self.log2_table_size > 2**31 - 1:
       raise ValueError(
         "GridSpec.n_levels * 2**log2_table_size must fit in int32, got "
         f"{self.n_levels} * 2**{self.log2_table_size}"
       )
-    if self.base_resolution < 2:
-      raise ValueError(f"GridSpec.base_resolution must be >= 2, got {self.base_resolution}")
-    if self.per_level_scale < 1.0:
-      raise ValueError(f"GridSpec.per_level_scale must be >= 1, got {self.per_level_scale}")
-    if self.init_scale < 0.0:
-      raise ValueError(f"GridSpec.init_scale must be >= 0, got {self.init_scale}")
     top = levels(self).resolution[-1]
     if top >= 2**31:
       raise ValueError(f"GridSpec gives a finest resolution of {top}, beyond uint32 maths")

@@ -74,18 +74,19 @@ class RenderSpec:
   checkpoint: bool = True
 
   def __post_init__(self):
-    checks.coerce_fields(self, ints=("n_samples", "chunk"), floats=("bound", "near_min"))
-    for name in ("n_samples", "chunk"):
-      checks.check_int(f"RenderSpec.{name}", getattr(self, name))
+    checks.check_fields(
+      self,
+      n_samples=checks.integer(1),
+      chunk=checks.integer(1),
+      bound=checks.POSITIVE,
+      near_min=checks.NONNEGATIVE,
+      checkpoint=checks.boolean,
+    )
     if self.n_samples % self.chunk:
       raise ValueError(
         f"RenderSpec.n_samples ({self.n_samples}) must be a "
         f"multiple of RenderSpec.chunk ({self.chunk})"
       )
-    checks.check_range("RenderSpec.bound", self.bound, 0.0, math.inf, low_open=True)
-    checks.check_range("RenderSpec.near_min", self.near_min, 0.0, math.inf)
-    if not isinstance(self.checkpoint, bool):
-      raise ValueError(f"RenderSpec.checkpoint must be a bool, got {self.checkpoint!r}")
 
 
 def _check_rays(name: str, x, n_rays: Optional[int]) -> jnp.ndarray:

@@ -46,12 +46,12 @@ class SceneSpec:
   with_normals: bool = False
 
   def __post_init__(self):
-    if self.shading not in field_lib.SHADINGS:
-      raise ValueError(f"scene.shading must be one of {field_lib.SHADINGS}, got {self.shading!r}")
-    if self.background not in BACKGROUNDS:
-      raise ValueError(f"scene.background must be one of {BACKGROUNDS}, got {self.background!r}")
-    checks.coerce_fields(self, floats=("random_bg_prob",))
-    checks.check_range("scene.random_bg_prob", self.random_bg_prob, 0.0, 1.0)
+    checks.check_fields(
+      self,
+      shading=checks.choice(*field_lib.SHADINGS),
+      background=checks.choice(*BACKGROUNDS),
+      random_bg_prob=checks.UNIT,
+    )
 
 
 def spec_from_config(config) -> SceneSpec:
