@@ -87,7 +87,7 @@ def test_video_has_the_orbit_frames(exported):
 
 def test_video_of_odd_size_is_padded(tmp_path):
   frames = [np.full((5, 7, 3), 40 * i, np.uint8) for i in range(3)]
-  export._write_video(frames, str(tmp_path / "odd.mp4"), fps=10)
+  export.write_video(frames, str(tmp_path / "odd.mp4"), fps=10)
   with imageio.get_reader(tmp_path / "odd.mp4", format="FFMPEG") as reader:
     read = np.stack(list(reader.iter_data())).astype(np.float64)
   assert read.shape == (3, 6, 8, 3)

@@ -48,8 +48,6 @@ def test_mlp_matches_numpy():
     if i < 2:
       h = np.maximum(h, 0.0)
   np.testing.assert_allclose(jax.jit(mlp.apply)(p, x.astype(np.float32)), h, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="x must"):
-    mlp.apply(p, np.zeros((3, 4), np.float32))
   with pytest.raises(ValueError, match="sizes"):
     mlp.init(jax.random.PRNGKey(0), [3])
 
@@ -161,12 +159,6 @@ def test_shading_modes():
   )
   back = field.shade(albedo, -np.tile(light / 2, (10, 1)), light, "diffuse")
   np.testing.assert_allclose(back, 0.1 * albedo, rtol=1e-5)
-  with pytest.raises(ValueError, match="mode"):
-    field.shade(albedo, normal, light, "phong")
-  with pytest.raises(ValueError, match="light_dir"):
-    field.shade(albedo, normal, None, "diffuse")
-  with pytest.raises(ValueError, match="ambient"):
-    field.shade(albedo, normal, light, "diffuse", ambient=1.5)
 
 
 def test_point_fn(params):
@@ -200,12 +192,6 @@ def test_point_fn(params):
   )(params)
   assert float(jnp.max(jnp.abs(g["grid"]["tables"]))) > 0.0
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
-  with pytest.raises(ValueError, match="light_dir"):
-    field.point_fn(params, SPEC, "diffuse")
-  with pytest.raises(ValueError, match="shading"):
-    field.point_fn(params, SPEC, "normal")
-  with pytest.raises(ValueError, match="d must"):
-    field.point_fn(params, SPEC)(x, d[:3])
 
 
 def test_jit_vmap_over_particles():
@@ -237,10 +223,6 @@ def test_sample_light():
   np.testing.assert_allclose(sample_light(key, 2000, cams, perturb=0.0), unit, rtol=1e-6)
   near = np.asarray(sample_light(key, 2000, cams))
   assert np.sum(near * unit, axis=-1).mean() > 0.6  # Around the camera.
-  with pytest.raises(ValueError, match="camera_positions"):
-    field.sample_light(key, 3, cams)
-  with pytest.raises(ValueError, match="n must"):
-    field.sample_light(key, 0)
 
 
 @pytest.mark.slow
@@ -263,7 +245,7 @@ def test_albedo_init_std_gives_each_field_its_colour(params):
   assert [jax.tree_util.keystr(p) for p in changed] == ["['albedo_mlp']['layer_1']['b']"]
 
 
-def test_field_spec_errors(params):
+def test_field_spec_errors():
   for kwargs, name in [
     ({"bound": 0.0}, "bound"),
     ({"hidden": 0}, "hidden"),
@@ -277,10 +259,6 @@ def test_field_spec_errors(params):
   ]:
     with pytest.raises(ValueError, match=name):
       field.FieldSpec(**kwargs)
-  with pytest.raises(ValueError, match="x must"):
-    field.density(params, jnp.zeros((4, 2)), SPEC)
-  with pytest.raises(ValueError, match="x must"):
-    field.density(params, jnp.array([[0.0, jnp.inf, 0.0]]), SPEC)
 
 
 def _fibonacci_sphere(n):
@@ -317,8 +295,6 @@ def test_background_color():
   assert bool(jnp.all((rgb >= 0) & (rgb <= 1)))
   # Only the direction matters, not the length.
   np.testing.assert_allclose(color(p, 7.0 * dirs), rgb, atol=1e-6)
-  with pytest.raises(ValueError, match="directions"):
-    background.color(p, jnp.zeros((4, 2)))
   with pytest.raises(ValueError, match="degree"):
     background.init(jax.random.PRNGKey(0), degree=5)
 
@@ -338,7 +314,3 @@ def test_solid_or_mlp():
   half = np.asarray(per_render(keys, rgb, 0.5))
   replaced = np.any(half != np.asarray(rgb), axis=(1, 2))
   assert 0.4 < replaced.mean() < 0.6  # Binomial(400, 0.5): std 0.025.
-  with pytest.raises(ValueError, match="prob"):
-    background.solid_or_mlp(keys[0], rgb, 1.5)
-  with pytest.raises(ValueError, match="mlp_rgb"):
-    background.solid_or_mlp(keys[0], rgb[:, :2], 0.5)

@@ -433,29 +433,3 @@ def test_validation():
     render.RenderSpec(bound=-1.0)
   with pytest.raises(ValueError, match="near_min"):
     render.RenderSpec(near_min=float("nan"))
-  spec = render.RenderSpec(n_samples=4, chunk=2)
-  point_fn = _point_fn(_params())
-  o = np.zeros((2, 3), np.float32)
-  d = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
-  with pytest.raises(ValueError, match="origins"):
-    render.render(point_fn, o[:, :2], d, o, spec)
-  with pytest.raises(ValueError, match="directions"):
-    render.render(point_fn, o, d[:1], o, spec)
-  with pytest.raises(ValueError, match="background"):
-    render.render(point_fn, o, d, np.zeros(3), spec)
-  with pytest.raises(ValueError, match="origins"):
-    render.render(point_fn, np.full((2, 3), np.nan), d, o, spec)
-  with pytest.raises(ValueError, match="directions"):
-    render.render(point_fn, o, np.zeros((2, 3)), o, spec)
-  with pytest.raises(ValueError, match="spec"):
-    render.render(point_fn, o, d, o, {"n_samples": 4})
-  bad_fn = lambda x, v: {"density": x, "rgb": x}
-  with pytest.raises(ValueError, match="density"):
-    render.render(bad_fn, o, d, o, spec)
-  with pytest.raises(ValueError, match="rgb"):
-    render.render(lambda x, v: {"density": x[:, 0]}, o, d, o, spec)
-  cam = cameras.from_spherical(2.0, 0.0, 0.0, 50.0)
-  with pytest.raises(ValueError, match="ray_batch"):
-    render.render_image(point_fn, cam.c2w, 50.0, 2, 2, jnp.ones_like, spec, ray_batch=0)
-  with pytest.raises(ValueError, match="c2w"):
-    render.render_image(point_fn, cam.c2w[None], 50.0, 2, 2, jnp.ones_like, spec)

@@ -286,43 +286,6 @@ def test_render_views_supersample_is_box_filter():
   np.testing.assert_allclose(got["rgb"], want, atol=1e-6)
 
 
-def test_render_errors():
-  ref = shapes.Reference("sphere", (1.0, 0.0, 0.0))
-  o, d = np.zeros((4, 3)), np.ones((4, 3))
-  o[:, 1] = -2.0
-  with pytest.raises(ValueError, match="known shapes"):
-    shapes.render(shapes.Reference("blob", (1.0, 0.0, 0.0)), o, d)
-  with pytest.raises(ValueError, match="colour of 'sphere'"):
-    shapes.render(shapes.Reference("sphere", (2.0, 0.0, 0.0)), o, d)
-  with pytest.raises(ValueError, match="refs: empty"):
-    shapes.render([], o, d)
-  with pytest.raises(ValueError, match="directions: expected shape"):
-    shapes.render(ref, o, d[:, :2])
-  with pytest.raises(ValueError, match="do not broadcast"):
-    shapes.render(ref, o, np.ones((3, 3)))
-  with pytest.raises(ValueError, match="origins: contains non-finite"):
-    shapes.render(ref, np.full((4, 3), np.nan), d)
-  with pytest.raises(ValueError, match="directions: contains zero-length"):
-    shapes.render(ref, o, np.zeros((4, 3)))
-  with pytest.raises(ValueError, match="ambient"):
-    shapes.render(ref, o, d, ambient=1.5)
-  with pytest.raises(ValueError, match="n_steps"):
-    shapes.render(ref, o, d, n_steps=0)
-  with pytest.raises(ValueError, match="t_max"):
-    shapes.render(ref, o, d, t_max=-1.0)
-  with pytest.raises(ValueError, match="light_dir: must be non-zero"):
-    shapes.render(ref, o, d, light_dir=(0.0, 0.0, 0.0))
-  with pytest.raises(ValueError, match="background"):
-    shapes.render(ref, o, d, background=(1.0, 1.0))
-  eye = np.eye(4, dtype=np.float32)
-  with pytest.raises(ValueError, match="supersample"):
-    shapes.render_views(ref, eye, 50.0, 8, 8, supersample=0)
-  with pytest.raises(ValueError, match="c2w: expected shape"):
-    shapes.render_views(ref, eye[:3], 50.0, 8, 8)
-  with pytest.raises(ValueError, match="fovy"):
-    shapes.render_views(ref, np.stack([eye, eye]), np.ones(3), 8, 8)
-
-
 # ----------------------------------------------------------------------------
 # Reference strings.
 

@@ -18,10 +18,10 @@ Conventions (used by every module of vsdjax):
   "right" horizontal, right = (-sin(a), cos(a), 0); this frame stays well
   defined straight above or below the object (elevation +-90).
 - `sample` draws radius, elevation, azimuth and fovy independently and
-  uniformly in their ranges. Elevation is uniform in degrees (as in
-  threestudio's default), not uniform on the sphere.
+  uniformly in their ranges. Elevation is uniform in degrees, not uniform on
+  the sphere.
 - Images have row 0 at the top; rays go through pixel centres.
-- View labels follow threestudio: "overhead" if elevation > 60; otherwise, with
+- View labels: "overhead" if elevation > 60; otherwise, with
   the azimuth wrapped to [-180, 180), "front" if |azimuth| < 45, "back" if
   |azimuth| > 135 and "side" otherwise.
 """
@@ -39,7 +39,7 @@ from vsdjax import checks
 
 VIEW_NAMES = ("front", "side", "back", "overhead")
 
-# threestudio's prompt-processor thresholds, in degrees.
+# View-label thresholds, in degrees.
 _OVERHEAD_ELEVATION = 60.0
 _FRONT_AZIMUTH = 45.0
 _BACK_AZIMUTH = 135.0

@@ -210,7 +210,8 @@ RULES = {
   "steps": integer(0),
   "n_particles": integer(1),
   "mode": choice("train", "export"),
-  "representation": choice("nerf", "image"),
+  "representation": choice("nerf", "image", "dmtet", "textured_mesh"),
+  "init_from": string,
   "prompt": string,
   "guidance.mode": choice("vsd", "sds"),
   "guidance.scale": NONNEGATIVE,
@@ -227,6 +228,7 @@ RULES = {
   "prior.references": string,
   "prior.sigma_ref": NONNEGATIVE,
   "prior.reference_size": integer(1),
+  "prior.reference_render": choice("rgb", "normal"),
   "eps_phi.base": nonempty_string,
   "eps_phi.mode": choice("lora", "full"),
   "eps_phi.rank": integer(1),
@@ -250,6 +252,12 @@ RULES = {
   "scene.shading": _by_dataclass,
   "scene.background": _by_dataclass,
   "scene.random_bg_prob": _by_dataclass,
+  "mesh.grid_resolution": integer(2, 512),
+  "mesh.max_faces": integer(0),
+  "mesh.iso": number(),
+  "mesh.init_shape": nonempty_string,
+  "mesh.normal_consistency": NONNEGATIVE,
+  "mesh.laplacian": NONNEGATIVE,
   "render.resolution": integer(1),
   "render.resolution_after": integer(1),
   "render.resolution_step": integer(0),
@@ -272,12 +280,13 @@ RULES = {
   "log_every": integer(1),
   "checkpoint_every": integer(1),
   "keep_checkpoints": integer(1),
-  "export.views": integer(0),
-  "export.video_frames": integer(0),
+  "export.views": integer(1),
+  "export.video_frames": integer(1),
   "export.resolution": integer(8),
   "export.mesh_resolution": integer(2),
   "export.mesh_threshold": number(),
   "export.eval_views": integer(1),
+  "export.texture_size": integer(8),
 }
 
 # Settings dataclass names in their messages -> the config section they read.
@@ -375,6 +384,12 @@ def validate_config(config) -> None:
       shapes.parse_references(config.prior.references)
     except ValueError as e:
       _config_fail("prior.references", str(e))
+  if config.mesh.init_shape not in shapes.SHAPES:
+    _config_fail(
+      "mesh.init_shape", f"must be one of {shapes.SHAPES}, got {config.mesh.init_shape!r}"
+    )
+  if config.representation == "textured_mesh" and not config.init_from:
+    _config_fail("init_from", "'textured_mesh' starts from a geometry run; name its work directory")
   if vsd:
     try:
       if analytic:

@@ -15,8 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.steps = 25_000  # optimisation steps (stage 1, NeRF)
   c.n_particles = 1  # VSD particles (n); SDS uses 1
   c.mode = "train"  # "train" (train, then export) or "export" (export the latest checkpoint)
-  c.representation = "nerf"  # what a particle is: "nerf" (hash-grid NeRF) or "image" (the
-  # paper's 2D experiment; vsdjax/representations/)
+  c.representation = "nerf"  # what a particle is: "nerf" (hash-grid NeRF, stage 1), "dmtet"
+  # (stage 2 geometry), "textured_mesh" (stage 3 texture) or "image" (the paper's 2D
+  # experiment); vsdjax/representations/
+  c.init_from = ""  # stages 2-3: the previous stage's work directory (n_particles comes from it)
   c.prompt = "a hamburger"  # text prompt (Stable Diffusion priors)
 
   # --- guidance: the particle update (SDS / VSD, vsdjax/guidance/distill.py) ---
@@ -40,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.prior.references = "sphere:#d04040"  # analytic: "shape:#rrggbb,..." components (shapes.py)
   c.prior.sigma_ref = 0.0  # analytic: std of each component around its reference (x0 units)
   c.prior.reference_size = 32  # analytic: render size of the references (= render size)
+  c.prior.reference_render = "rgb"  # analytic: "rgb" (shaded references) or "normal" (their
+  # normal maps, (n + 1) / 2 on black: the geometry stage's target)
 
   # --- eps_phi: the camera-conditioned LoRA noise predictor (VSD only) ---
   c.eps_phi = ml_collections.ConfigDict()
@@ -70,6 +74,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.scene.shading = "albedo"  # "albedo", "diffuse" (random point light) or "textureless"
   c.scene.background = "mlp"  # "mlp" (view-direction MLP) or "white"
   c.scene.random_bg_prob = 0.5  # probability of a random solid background colour per render
+
+  # --- mesh: stages 2-3 (vsdjax/representations/mesh/) ---
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.grid_resolution = 64  # Kuhn tet grid cells per axis (64: 275k vertices, 1.6M tets,
+  # the size of the reference "128" grid)
+  c.mesh.max_faces = 0  # marching-tets face budget; 0: 64 * grid_resolution^2
+  c.mesh.iso = 10.0  # NeRF density that becomes the surface when starting from stage 1
+  c.mesh.init_shape = "sphere"  # without init_from: the analytic shape the sdf starts from
+  c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges
+  c.mesh.laplacian = 10_000.0  # weight of the uniform Laplacian smoothness
 
   # --- render ---
   c.render = ml_collections.ConfigDict()
@@ -114,4 +128,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.export.mesh_resolution = 128  # marching-cubes grid
   c.export.mesh_threshold = 10.0  # density iso-level
   c.export.eval_views = 8  # analytic prior: held-out cameras for eval.json
+  c.export.texture_size = 1024  # texture stage: UV atlas size of texture.png
   return c

@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from vsdjax import checks
+
 
 def init(key: jax.Array, sizes: Sequence[int]) -> dict:
   """Initialises an MLP.
@@ -27,8 +29,7 @@ def init(key: jax.Array, sizes: Sequence[int]) -> dict:
   sizes = tuple(sizes)
   if len(sizes) < 2:
     raise ValueError(f"sizes must have at least 2 entries, got {sizes}")
-  if any(int(s) != s or s < 1 for s in sizes):
-    raise ValueError(f"sizes must be positive integers, got {sizes}")
+  sizes = tuple(checks.check_int(f"sizes[{i}]", s) for i, s in enumerate(sizes))
   keys = jax.random.split(key, len(sizes) - 1)
   w_init = jax.nn.initializers.he_uniform()
   return {
@@ -38,14 +39,6 @@ def init(key: jax.Array, sizes: Sequence[int]) -> dict:
     }
     for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
   }
-
-
-def num_layers(params: dict) -> int:
-  """Number of dense layers in `params` (checks the keys are contiguous)."""
-  n = len(params)
-  if n == 0 or set(params) != {f"layer_{i}" for i in range(n)}:
-    raise ValueError(f"params must have keys layer_0..layer_{{n-1}}, got {sorted(params)}")
-  return n
 
 
 def apply(
@@ -63,11 +56,8 @@ def apply(
   Returns:
     `[..., sizes[-1]]` outputs.
   """
-  n = num_layers(params)
+  n = len(params)
   x = jnp.asarray(x)
-  n_in = params["layer_0"]["w"].shape[-2]
-  if x.shape[-1:] != (n_in,):
-    raise ValueError(f"x must have shape [..., {n_in}], got {x.shape}")
   for i in range(n):
     layer = params[f"layer_{i}"]
     x = x @ layer["w"] + layer["b"]  # [..., sizes[i + 1]]

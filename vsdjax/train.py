@@ -29,7 +29,7 @@ import tqdm
 
 from vsdjax import checks, console
 from vsdjax.prior.analytic import evaluate
-from vsdjax.training import models as models_lib, train_step, workdir as workdir_lib
+from vsdjax.training import models as models_lib, stages, train_step, workdir as workdir_lib
 
 
 class NonFiniteLossError(checks.UserError, FloatingPointError):
@@ -120,6 +120,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   fields that may differ from it). SIGINT / SIGTERM save the current step and
   raise TrainingInterrupted; the same call resumes from it.
   """
+  stages.inherit(config)
   checks.validate_config(config)
   resumed = workdir_lib.check_resume(config, workdir, tuple(allow_changes))
   if config.mode == "export" and not resumed:
@@ -135,10 +136,10 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   else:
     console.say(f"resuming the run in {workdir} from step {int(state['step'])}")
   if config.mode == "export":
-    export_all(config, models, state, workdir)
+    export_all(config, models, frozen, state, workdir)
     return state
   state = _train(config, workdir, models, frozen, state, mngr, k_steps)
-  export_all(config, models, state, workdir)
+  export_all(config, models, frozen, state, workdir)
   return state
 
 
@@ -202,11 +203,12 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
   return state
 
 
-def export_all(config, models, state, workdir: str) -> None:
+def export_all(config, models, frozen, state, workdir: str) -> None:
   """Writes DIR/final/: per-particle exports and, where the prior knows the answer, eval.json."""
   final = os.path.join(workdir, "final")
   particles = jax.device_get(state["particles"])
-  models.representation.export(particles, final, config.export)
-  result = models.prior.evaluate(models.representation, particles, config)
+  data = frozen["representation"]
+  models.representation.export(particles, data, final, config.export)
+  result = models.prior.evaluate(models.representation, particles, data, config)
   if result is not None:
     evaluate.write_json(result, os.path.join(final, "eval.json"))

@@ -94,8 +94,7 @@ def init(
 ) -> dict:
   """Initialises LoRA factors for every targeted Dense kernel of a UNet.
 
-  A ~ N(0, (1 / rank)^2) as diffusers' LoRALinearLayer (used by the official
-  ProlificDreamer code and threestudio), B = 0, so `merge` returns the base
+  A ~ N(0, (1 / rank)^2) as diffusers' LoRALinearLayer, B = 0, so `merge` returns the base
   kernels at initialisation. Factors are float32 whatever the base kernel's
   dtype (trainable parameters and their optimiser states stay float32 over a
   bfloat16 UNet; `merge` casts the update to the kernel's dtype).

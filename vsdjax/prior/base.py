@@ -45,7 +45,7 @@ class Prior(abc.ABC):
   ) -> jax.Array:
     """Classifier-free guided eps [1, C, h, w] of x_t [1, C, h, w] at t [1]."""
 
-  def evaluate(self, representation, particles, config) -> dict | None:
+  def evaluate(self, representation, particles, data, config) -> dict | None:
     """eval.json's content for the trained particles, where the answer is known."""
-    del representation, particles, config
+    del representation, particles, data, config
     return None

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsdjax import checks
+
 # The schedule fields of Stable Diffusion 2.1's scheduler_config.json (both the
 # 512 px "base" epsilon model and the 768 px v-prediction model use it).
 SD_SCHEDULER = {
@@ -40,8 +42,7 @@ _DEFAULTS = {
   "rescale_betas_zero_snr": False,
 }
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-_PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Largest beta of the cosine schedule (as in diffusers and Nichol & Dhariwal).
+# Largest beta of the cosine schedule (Nichol & Dhariwal, 2021).
 _MAX_COSINE_BETA = 0.999
 
 
@@ -84,11 +85,9 @@ def alphas_cumprod(scheduler_config: Mapping) -> np.ndarray:
       "scheduler_config.rescale_betas_zero_snr=True is not "
       "supported (it makes a_t = 0 at the last step)"
     )
-  num_steps = config["num_train_timesteps"]
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(
-      f"scheduler_config.num_train_timesteps must be a positive int, got {num_steps!r}"
-    )
+  num_steps = checks.check_int(
+    "scheduler_config.num_train_timesteps", config["num_train_timesteps"]
+  )
 
   if config["trained_betas"] is not None:
     betas = np.asarray(config["trained_betas"], np.float64)
@@ -105,12 +104,12 @@ def alphas_cumprod(scheduler_config: Mapping) -> np.ndarray:
         f"scheduler_config.beta_schedule={schedule!r} is unknown; expected one of {_BETA_SCHEDULES}"
       )
     if schedule == "squaredcos_cap_v2":
-      betas = _cosine_betas(int(num_steps))
+      betas = _cosine_betas(num_steps)
     else:
-      start, end = config["beta_start"], config["beta_end"]
-      for name, value in (("beta_start", start), ("beta_end", end)):
-        if not (isinstance(value, (int, float, np.floating, np.integer)) and 0.0 < value < 1.0):
-          raise ValueError(f"scheduler_config.{name} must be a number in (0, 1), got {value!r}")
+      start, end = (
+        checks.check_number(f"scheduler_config.{name}", config[name], 0.0, 1.0)
+        for name in ("beta_start", "beta_end")
+      )
       if start > end:
         raise ValueError(f"scheduler_config.beta_start={start} must not exceed beta_end={end}")
       if schedule == "linear":
@@ -121,20 +120,10 @@ def alphas_cumprod(scheduler_config: Mapping) -> np.ndarray:
   return abar.astype(np.float32)
 
 
-def _expand(coef: jax.Array, x: jax.Array, name: str) -> jax.Array:
+def _expand(coef: jax.Array, x: jax.Array) -> jax.Array:
   """Reshapes a [B] (or scalar) coefficient to broadcast against x [B, ...]."""
   coef = jnp.asarray(coef)
-  if coef.shape != x.shape[: coef.ndim]:
-    raise ValueError(
-      f"{name} has shape {coef.shape}, expected a prefix of the array shape {x.shape}"
-    )
   return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
-
-
-def _check_same_shape(**arrays: jax.Array) -> None:
-  shapes = {name: jnp.shape(a) for name, a in arrays.items()}
-  if len(set(shapes.values())) != 1:
-    raise ValueError(f"shapes must match, got {shapes}")
 
 
 def coefficients(alphas_cumprod_table: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,44 +131,30 @@ def coefficients(alphas_cumprod_table: jax.Array, t: jax.Array) -> tuple[jax.Arr
 
   Args:
     alphas_cumprod_table: [T] abar_t (see `alphas_cumprod`).
-    t: [...] integer timesteps in [0, T). Checked when concrete; under `jit`
-      an out-of-range t is clamped to [0, T) by the gather.
+    t: [...] integer timesteps in [0, T); an out-of-range t is clamped to
+      [0, T) by the gather.
 
   Returns:
     (a_t, s_t), each [...] float32 (the shape of t).
   """
   table = jnp.asarray(alphas_cumprod_table, jnp.float32)  # [T]
-  if table.ndim != 1:
-    raise ValueError(f"alphas_cumprod must be 1-D, got shape {table.shape}")
-  t = jnp.asarray(t)
-  if not jnp.issubdtype(t.dtype, jnp.integer):
-    raise ValueError(f"t must hold integer timesteps, got dtype {t.dtype}")
-  if not isinstance(t, jax.core.Tracer) and t.size:
-    t_host = np.asarray(t)
-    if t_host.min() < 0 or t_host.max() >= table.shape[0]:
-      raise ValueError(
-        f"t must lie in [0, {table.shape[0]}), got values in [{t_host.min()}, {t_host.max()}]"
-      )
-  abar = jnp.take(table, t, mode="clip")  # [...]
+  abar = jnp.take(table, jnp.asarray(t), mode="clip")  # [...]
   return jnp.sqrt(abar), jnp.sqrt(jnp.maximum(1.0 - abar, 0.0))
 
 
 def add_noise(x0: jax.Array, eps: jax.Array, a_t: jax.Array, s_t: jax.Array) -> jax.Array:
   """x_t = a_t * x0 + s_t * eps; x0, eps [B, ...], a_t, s_t [B] -> [B, ...]."""
-  _check_same_shape(x0=x0, eps=eps)
-  return _expand(a_t, x0, "a_t") * x0 + _expand(s_t, x0, "s_t") * eps
+  return _expand(a_t, x0) * x0 + _expand(s_t, x0) * eps
 
 
 def v_target(x0: jax.Array, eps: jax.Array, a_t: jax.Array, s_t: jax.Array) -> jax.Array:
   """v = a_t * eps - s_t * x0; x0, eps [B, ...], a_t, s_t [B] -> [B, ...]."""
-  _check_same_shape(x0=x0, eps=eps)
-  return _expand(a_t, eps, "a_t") * eps - _expand(s_t, x0, "s_t") * x0
+  return _expand(a_t, eps) * eps - _expand(s_t, x0) * x0
 
 
 def eps_from_v(x_t: jax.Array, v: jax.Array, a_t: jax.Array, s_t: jax.Array) -> jax.Array:
   """eps = s_t * x_t + a_t * v (as a_t^2 + s_t^2 = 1); [B, ...] -> [B, ...]."""
-  _check_same_shape(x_t=x_t, v=v)
-  return _expand(s_t, x_t, "s_t") * x_t + _expand(a_t, v, "a_t") * v
+  return _expand(s_t, x_t) * x_t + _expand(a_t, v) * v
 
 
 def eps_from_output(
@@ -197,11 +172,6 @@ def eps_from_output(
   Returns:
     [B, ...] eps.
   """
-  if prediction_type not in _PREDICTION_TYPES:
-    raise ValueError(
-      f"prediction_type={prediction_type!r} is unknown; expected one of {_PREDICTION_TYPES}"
-    )
-  _check_same_shape(output=output, x_t=x_t)
   if prediction_type == "epsilon":
     return output
   return eps_from_v(x_t, output, a_t, s_t)
@@ -218,6 +188,5 @@ def cfg(eps_uncond: jax.Array, eps_cond: jax.Array, scale: float | jax.Array) ->
   Returns:
     [B, ...] guided prediction.
   """
-  _check_same_shape(eps_uncond=eps_uncond, eps_cond=eps_cond)
-  scale = _expand(scale, eps_cond, "scale")
+  scale = _expand(scale, eps_cond)
   return eps_uncond + scale * (eps_cond - eps_uncond)

@@ -25,9 +25,9 @@ class SDPrior(Prior):
     return np.asarray(self.model.alphas_cumprod)
 
   def encode(self, frozen, rgb, key):
-    # As the reference implementations: the render resized bilinearly to the
-    # model's size (the UNets always see their native latents, 64x64 for
-    # 2.1-base), then a sample of the VAE posterior (latent_dist.sample()).
+    # The render resized bilinearly to the model's size (the UNets always see
+    # their native latents, 64x64 for 2.1-base), then a sample of the VAE
+    # posterior (latent_dist.sample()).
     rgb = sd_lib.resize_images(rgb, sd_lib.image_size(self.model))  # [1, 512, 512, 3]
     return sd_lib.encode_images(frozen["sd"], rgb, key)
 

@@ -658,9 +658,8 @@ def image_size(sd: StableDiffusion) -> int:
 def resize_images(rgb: jax.Array, size: int) -> jax.Array:
   """Bilinear resize [B, H, W, C] -> [B, size, size, C], differentiable.
 
-  Half-pixel centres and no antialiasing: PyTorch's F.interpolate(mode="bilinear",
-  align_corners=False), which the reference implementations apply to a render
-  before the VAE. The identity when the size already matches.
+  Half-pixel centres and no antialiasing (PyTorch's F.interpolate(mode="bilinear",
+  align_corners=False)). The identity when the size already matches.
   """
   if rgb.shape[1:3] == (size, size):
     return rgb

@@ -6,13 +6,24 @@ how it renders from that camera, its regularisers, how its parameters are
 grouped for the optimiser, and how it is exported. The train step and the
 trainer call these and never ask which representation they have.
 
-  config.representation   class                 a particle
-  "nerf"                  nerf.NeRF             hash-grid NeRF + background MLP
-  "image"                 image.Image           an image (the paper's 2D experiment)
+  config.representation   class                       a particle
+  "nerf"                  nerf.NeRF                   hash-grid NeRF + background MLP
+  "image"                 image.Image                 an image (the paper's 2D experiment)
+  "dmtet"                 mesh.dmtet.DMTet            sdf + deformation on a tet grid (stage 2)
+  "textured_mesh"         mesh.textured.TexturedMesh  fixed mesh + 3D texture field (stage 3)
+
+Arrays that a representation reads but never trains (a tet grid, each
+particle's fixed mesh) are its `data()`: {'shared': the same for every
+particle, 'particle': stacked [n, ...]}. They travel to the jitted step as an
+argument (frozen['representation']), never as constants, and `init` and
+`render` see {'shared': ..., 'particle': this particle's slice}.
+
+A stage that starts from another run (config.init_from) gets `previous`, the
+(config, particles) of the runs it starts from, nearest first.
 
 A new representation: a module here with a Representation subclass (with a
-`from_config(config)` constructor), one entry in `make`, and its name in the
-closed set of checks.RULES["representation"].
+`from_config(config, previous)` constructor), one entry in `make`, and its
+name in the closed set of checks.RULES["representation"].
 """
 
 import abc
@@ -26,9 +37,13 @@ from vsdjax import cameras
 class Representation(abc.ABC):
   """The interface of a particle representation (instances are static under jit)."""
 
+  def data(self) -> dict:
+    """{'shared': arrays of every particle, 'particle': arrays per particle [n, ...]}."""
+    return {"shared": {}, "particle": {}}
+
   @abc.abstractmethod
-  def init(self, key: jax.Array) -> Any:
-    """One particle's parameters (a pytree)."""
+  def init(self, key: jax.Array, data: dict) -> Any:
+    """One particle's parameters (a pytree); data holds this particle's slice."""
 
   @abc.abstractmethod
   def sample_camera(self, key: jax.Array) -> cameras.Cameras:
@@ -36,9 +51,13 @@ class Representation(abc.ABC):
 
   @abc.abstractmethod
   def render(
-    self, params: Any, camera: cameras.Cameras, resolution: int, key: jax.Array | None
+    self, params: Any, data: dict, camera: cameras.Cameras, resolution: int, key: jax.Array | None
   ) -> dict:
-    """{'rgb': [H, W, 3] in [0, 1], ...what else it renders}; key None: deterministic."""
+    """{'rgb': [H, W, 3] in [0, 1], ...what else it renders}; key None: deterministic.
+
+    An optional 'metrics' entry {name: []} is averaged over the particles
+    into the step's metrics.
+    """
 
   def regularisers(self, out: dict) -> dict:
     """Weighted regulariser terms {name: []} of one render (none by default)."""
@@ -55,19 +74,26 @@ class Representation(abc.ABC):
     return {}
 
   @abc.abstractmethod
-  def export(self, particles: Any, folder: str, export_config) -> None:
+  def export(self, particles: Any, data: dict, folder: str, export_config) -> None:
     """Writes folder/particle_<i>/... for the stacked particles (host arrays)."""
 
   @abc.abstractmethod
   def evaluate(
-    self, particles: Any, references, sigma_ref: float, export_config, size: int
+    self, particles: Any, data: dict, references, sigma_ref: float, export_config, size: int
   ) -> dict:
     """eval.json against the analytic prior's references (shapes.Reference)."""
 
 
-def make(config) -> Representation:
-  """The representation that `config.representation` names."""
-  from vsdjax.representations import image, nerf  # Deferred: they import this module.
+def make(config, previous=()) -> Representation:
+  """The representation that `config.representation` names (previous: see the docstring)."""
+  # Deferred: they import this module.
+  from vsdjax.representations import image, nerf
+  from vsdjax.representations.mesh import dmtet, textured
 
-  kinds = {"nerf": nerf.NeRF, "image": image.Image}
-  return kinds[config.representation].from_config(config)
+  kinds = {
+    "nerf": nerf.NeRF,
+    "image": image.Image,
+    "dmtet": dmtet.DMTet,
+    "textured_mesh": textured.TexturedMesh,
+  }
+  return kinds[config.representation].from_config(config, tuple(previous))

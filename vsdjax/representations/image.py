@@ -29,31 +29,33 @@ class Image(Representation):
   size: int
 
   @classmethod
-  def from_config(cls, config) -> "Image":
+  def from_config(cls, config, previous=()) -> "Image":
+    del previous
     return cls(size=config.render.resolution)
 
-  def init(self, key):
+  def init(self, key, data):
+    del data
     return {"image": 0.5 * jax.random.normal(key, (3, self.size, self.size))}
 
   def sample_camera(self, key):
     del key
     return cameras.from_spherical(**CAMERA)
 
-  def render(self, params, camera, resolution, key):
-    del camera, resolution, key  # The image is its own render.
+  def render(self, params, data, camera, resolution, key):
+    del data, camera, resolution, key  # The image is its own render.
     return {"rgb": 0.5 * (jnp.transpose(params["image"], (1, 2, 0)) + 1.0)}  # [h, w, 3]
 
   def step_metrics(self, particles):
     # Per-pixel std across particles (eval.json's "spread").
     return {"particle_spread": jnp.mean(jnp.std(particles["image"], axis=0))}
 
-  def export(self, particles, folder, export_config):
-    del export_config
+  def export(self, particles, data, folder, export_config):
+    del data, export_config
     for i, x0 in enumerate(particles["image"]):
       export.export_image(x0, os.path.join(folder, f"particle_{i}", "image.png"))
 
-  def evaluate(self, particles, references, sigma_ref, export_config, size):
-    del export_config, size
+  def evaluate(self, particles, data, references, sigma_ref, export_config, size):
+    del data, export_config, size
     cam = self.sample_camera(None)
     rgb = shapes.render_views(references, cam.c2w, cam.fovy, self.size, self.size)["rgb"]
     means = np.moveaxis(2.0 * np.asarray(rgb) - 1.0, -1, 1)  # [K, 3, h, w]

@@ -7,6 +7,7 @@
       'prior':    the prior's arrays (prior/sd_prior.py, prior/analytic/__init__.py)
       'phi_base': eps_phi's base UNet params ({} for SDS)
       'phi_emb':  [4, L, D] eps_phi's text conditioning per view label
+      'representation': the representation's data() ({'shared', 'particle'})
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ from vsdjax.guidance import eps_phi as eps_phi_lib
 from vsdjax.prior import analytic, sd_prior, stable_diffusion
 from vsdjax.prior.analytic import shapes
 from vsdjax.prior.base import Prior
+from vsdjax.training import stages
 
 # Text conditioning of the tiny eps_phi UNet used with the analytic prior (a
 # single zero token: the analytic prior has one prompt).
@@ -107,8 +109,8 @@ def build(config, key: jax.Array):
   (checks.ModelLoadError naming the config field).
   """
   vsd = config.guidance.mode == "vsd"
-  representation = representations.make(config)
-  frozen = {"phi_base": {}}
+  representation = representations.make(config, stages.previous(config))
+  frozen = {"phi_base": {}, "representation": representation.data()}
   phi = None
   if config.prior.kind == "stable_diffusion":
     sd = _load("prior.name", config.prior.name, jnp.dtype(config.prior.dtype))
@@ -133,7 +135,7 @@ def build(config, key: jax.Array):
       },
       phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)),
     )
-    prior = analytic.Analytic(mixture, refs)
+    prior = analytic.Analytic(mixture, refs, config.prior.reference_render)
     if vsd:
       unet = stable_diffusion.unet_from_config(
         tiny_unet_config(config.eps_phi.tiny_channels, config.render.resolution)
@@ -178,6 +180,8 @@ def build_abstract(config):
     "phi_base": {},
     "phi_emb": emb,
   }
+  representation = representations.make(config, stages.previous(config))
+  frozen["representation"] = representation.data()
   phi = None
   if config.guidance.mode == "vsd":
     base = config.eps_phi.base
@@ -189,4 +193,4 @@ def build_abstract(config):
     frozen["phi_base"] = phi_sd.unet_params
     phi = _phi(config, phi_sd.unet, phi_sd.alphas_cumprod, phi_sd.prediction_type)
   prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
-  return Models(representations.make(config), prior, phi), frozen
+  return Models(representation, prior, phi), frozen

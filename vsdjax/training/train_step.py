@@ -53,7 +53,14 @@ def init_state(config, models, frozen, key: jax.Array) -> dict:
   """The initial train state for `config` (see the module docstring)."""
   k_particles, k_phi = jax.random.split(key)
   keys = jax.random.split(k_particles, config.n_particles)
-  particles = jax.vmap(models.representation.init)(keys)
+  data = frozen["representation"]
+  init = models.representation.init
+  particles = jax.vmap(lambda k, own: init(k, {"shared": data["shared"], "particle": own}))(
+    keys, data["particle"]
+  )
+  # Copies: a particle that starts from its data must not share buffers with it (the step
+  # donates the state, not the data).
+  particles = jax.tree.map(jnp.copy, particles)
   phi = {}
   if models.eps_phi is not None:
     phi = models.eps_phi.init(k_phi, frozen["phi_base"])
@@ -80,10 +87,11 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
   num_t = prior.alphas_cumprod.shape[0]
   alphas_cumprod = jnp.asarray(prior.alphas_cumprod)
 
-  def particle_loss(params, key, phi, frozen, t_lo, t_hi):
+  def particle_loss(params, own, key, phi, frozen, t_lo, t_hi):
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
-    out = rep.render(params, cam, resolution, k_render)
+    data = {"shared": frozen["representation"]["shared"], "particle": own}
+    out = rep.render(params, data, cam, resolution, k_render)
     x0 = prior.encode(frozen["prior"], out["rgb"][None], jax.random.fold_in(key, 1))  # [1, C, h, w]
     label = cameras.view_label(cam.elevation, cam.azimuth)
     cond = prior.condition(frozen["prior"], cam, label, x0.shape[-1])
@@ -115,6 +123,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       "t": t[0],
       "grad_norm": jnp.sqrt(jnp.sum(grad**2)),
       "nonfinite": n_nonfinite,
+      "render_metrics": out.get("metrics", {}),
     }
     return loss, aux
 
@@ -132,8 +141,14 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     )
     keys = jax.random.split(k_particles, config.n_particles)
     grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
-    (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, None, None, None, None))(
-      state["particles"], keys, state["phi"], frozen, t_lo, t_hi
+    (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, None, None, None, None))(
+      state["particles"],
+      frozen["representation"]["particle"],
+      keys,
+      state["phi"],
+      frozen,
+      t_lo,
+      t_hi,
     )
     updates, particle_opt = jax.vmap(p_opt.update)(grads, state["particle_opt"], state["particles"])
     particles = jax.vmap(optax.apply_updates)(state["particles"], updates)
@@ -150,6 +165,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
         {name: jnp.mean(norms), f"{name}_min": jnp.min(norms), f"{name}_max": jnp.max(norms)}
       )
     metrics.update({f"loss_{k}": jnp.mean(v) for k, v in aux["terms"].items()})
+    metrics.update({k: jnp.mean(v) for k, v in aux["render_metrics"].items()})
     metrics.update(rep.step_metrics(particles))
     phi, phi_state = state["phi"], state["phi_opt"]
     if phi_model is not None:

@@ -34,6 +34,8 @@ NEVER_CHANGE = (
   "seed",
   "n_particles",
   "representation",
+  "init_from",
+  "mesh.grid_resolution",
   "guidance.mode",
   "prior.kind",
   "prior.references",

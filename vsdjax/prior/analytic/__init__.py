@@ -20,10 +20,13 @@ class Analytic(Prior):
   Attributes:
     mixture: mixture_lib.AnalyticPrior (component names, sigmas, schedule).
     references: the K shapes.Reference whose renders are the component means.
+    render: what the means are: "rgb" (the shaded renders) or "normal" (their
+      normal maps, shapes.render's 'normal_rgb').
   """
 
   mixture: mixture_lib.AnalyticPrior
   references: tuple
+  render: str = "rgb"
 
   @property
   def alphas_cumprod(self):
@@ -35,7 +38,8 @@ class Analytic(Prior):
 
   def reference_means(self, camera, size):
     """The component means at one camera: [1, K, 3, size, size]."""
-    rgb = shapes.render_views(self.references, camera.c2w, camera.fovy, size, size)["rgb"]
+    out = shapes.render_views(self.references, camera.c2w, camera.fovy, size, size)
+    rgb = out["normal_rgb" if self.render == "normal" else "rgb"]
     return mixture_lib.encode_images(self.mixture, rgb)[None]  # rgb [K, H, W, 3]
 
   def condition(self, frozen, camera, label, size):
@@ -51,8 +55,13 @@ class Analytic(Prior):
       self.mixture, cond["means"], x_t, t, cond["cond"], cond["uncond"], scale
     )
 
-  def evaluate(self, representation, particles, config):
+  def evaluate(self, representation, particles, data, config):
     console.say("evaluating the particles against the references (eval.json) ...")
     return representation.evaluate(
-      particles, self.references, config.prior.sigma_ref, config.export, config.render.resolution
+      particles,
+      data,
+      self.references,
+      config.prior.sigma_ref,
+      config.export,
+      config.render.resolution,
     )

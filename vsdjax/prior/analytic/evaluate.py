@@ -70,9 +70,7 @@ def heldout_cameras(n: int, seed: int = 12345) -> cameras.Cameras:
     Cameras with leading shape [n] (azimuth wrapped to [-180, 180)).
   """
   n = checks.check_int("n", n)
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"seed must be an integer, got {seed!r}")
-  rng = np.random.default_rng(int(seed))
+  rng = np.random.default_rng(checks.check_int("seed", seed, 0))
   elevation = rng.uniform(*HELDOUT_ELEVATION, size=n)  # [n]
   spacing = 360.0 / n
   offset = (0.25 + 0.5 * rng.uniform()) * spacing
@@ -98,7 +96,7 @@ def psnr(mse) -> np.ndarray:
   return -10.0 * np.log10(np.maximum(np.asarray(mse, np.float64), MSE_FLOOR))
 
 
-def _summary(mse: np.ndarray, names: list) -> dict:
+def summary(mse: np.ndarray, names: list) -> dict:
   """The "references", "particles" and "covered" entries from MSEs [n, K]."""
   values = psnr(mse)  # [n, K]
   nearest = np.argmax(values, axis=1)  # [n], ties to the first.
@@ -180,7 +178,7 @@ def evaluate_3d(
     )  # [V, H, W, 3]
     err = np.square(rgb[:, None] - ref_rgb)  # [V, K, H, W, 3]
     mse.append(np.mean(np.mean(err, axis=(2, 3, 4)), axis=0))  # [K]
-  out = _summary(np.stack(mse), unique_names([r.shape for r in refs]))
+  out = summary(np.stack(mse), unique_names([r.shape for r in refs]))
   out.update(n_views=n_views, size=size)
   return out
 
@@ -211,9 +209,8 @@ def evaluate_2d(images, means, names: Sequence[str], sigma_ref: float) -> dict:
     raise ValueError(f"images must be [n, 3, h, w], got {images.shape}")
   if means.ndim != 4 or means.shape[1:] != images.shape[1:]:
     raise ValueError(f"means must be [K, 3, h, w] = [K, *{images.shape[1:]}], got {means.shape}")
-  for name, x in (("images", images), ("means", means)):
-    if not np.all(np.isfinite(x)):
-      raise ValueError(f"{name} must be finite")
+  checks.check_finite("images", images)
+  checks.check_finite("means", means)
   if (
     isinstance(names, str)
     or len(names) != means.shape[0]
@@ -222,18 +219,13 @@ def evaluate_2d(images, means, names: Sequence[str], sigma_ref: float) -> dict:
     raise ValueError(
       f"names must be {means.shape[0]} non-empty strings (one per mean), got {names!r}"
     )
-  try:
-    sigma_ref = float(sigma_ref)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"sigma_ref must be a number, got {sigma_ref!r}") from e
-  if not math.isfinite(sigma_ref) or sigma_ref < 0.0:
-    raise ValueError(f"sigma_ref must be finite and >= 0, got {sigma_ref}")
+  sigma_ref = checks.check_number("sigma_ref", sigma_ref, 0.0, math.inf, closed=True)
 
   def rgb(x):  # x0 [..., 3, h, w] -> rgb in [0, 1], same shape.
     return np.clip(0.5 * (x + 1.0), 0.0, 1.0)
 
   err = np.square(rgb(images)[:, None] - rgb(means)[None])  # [n, K, 3, h, w]
-  out = _summary(np.mean(err, axis=(2, 3, 4)), unique_names(list(names)))
+  out = summary(np.mean(err, axis=(2, 3, 4)), unique_names(list(names)))
   out.update(spread=float(np.mean(np.std(images, axis=0))), sigma_ref=sigma_ref)
   return out
 

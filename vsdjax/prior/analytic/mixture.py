@@ -34,10 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsdjax import checks
 from vsdjax.prior import schedule
-
-# Number of image channels (RGB) of the pixel-space latent.
-CHANNELS = 3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,10 +69,7 @@ class AnalyticPrior:
     if not np.all((abar > 0.0) & (abar < 1.0)):
       raise ValueError("alphas_cumprod must lie in the open interval (0, 1)")
     abar.setflags(write=False)
-    if self.prediction_type != "epsilon":
-      raise ValueError(
-        f"prediction_type={self.prediction_type!r}: the analytic prior only predicts 'epsilon'"
-      )
+    checks.check_fields(self, prediction_type=checks.choice("epsilon"))
     object.__setattr__(self, "names", names)
     object.__setattr__(self, "sigma", sigma)
     object.__setattr__(self, "alphas_cumprod", abar)
@@ -200,22 +195,6 @@ def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
   return jnp.asarray(masks, dtype=jnp.float32)  # [B, K]
 
 
-def _check_predict_args(prior, means, x_t, t, emb):
-  """Checks the static shapes of the `predict_eps` arguments."""
-  num_k = prior.num_components
-  if x_t.ndim != 4:
-    raise ValueError(f"x_t must be [B, C, h, w], got shape {x_t.shape}")
-  batch = x_t.shape[0]
-  if means.shape != (batch, num_k) + x_t.shape[1:]:
-    raise ValueError(
-      f"means must be [B, K, C, h, w] = {(batch, num_k) + x_t.shape[1:]}, got {means.shape}"
-    )
-  if jnp.shape(t) != (batch,):
-    raise ValueError(f"t must be [B] = ({batch},), got shape {jnp.shape(t)}")
-  if emb.shape != (batch, num_k):
-    raise ValueError(f"emb must be [B, K] = {(batch, num_k)}, got {emb.shape}")
-
-
 def _log_mixture_weights(emb: jax.Array) -> jax.Array:
   """log pi up to a constant: log(emb) where emb > 0, else -inf; [..., K]."""
   selected = emb > 0
@@ -244,7 +223,6 @@ def _posterior(prior, means, x_t, t, emb):
   means = jnp.asarray(means, jnp.float32)
   x_t = jnp.asarray(x_t, jnp.float32)
   emb = jnp.asarray(emb, jnp.float32)
-  _check_predict_args(prior, means, x_t, t, emb)
   a_t, s_t = schedule.coefficients(prior.alphas_cumprod, t)  # [B], [B]
   sigma = jnp.asarray(prior.sigma, jnp.float32)  # [K]
   var = jnp.square(a_t[:, None] * sigma) + jnp.square(s_t)[:, None]  # [B, K]
@@ -319,8 +297,6 @@ def encode_images(prior: AnalyticPrior, rgb: jax.Array) -> jax.Array:
   """
   del prior
   rgb = jnp.asarray(rgb)
-  if rgb.ndim < 3 or rgb.shape[-1] != CHANNELS:
-    raise ValueError(f"rgb must be [..., H, W, 3], got shape {rgb.shape}")
   return jnp.moveaxis(2.0 * rgb - 1.0, -1, -3)
 
 
@@ -337,8 +313,6 @@ def decode_latents(prior: AnalyticPrior, x: jax.Array) -> jax.Array:
   """
   del prior
   x = jnp.asarray(x)
-  if x.ndim < 3 or x.shape[-3] != CHANNELS:
-    raise ValueError(f"x must be [..., 3, H, W], got shape {x.shape}")
   return jnp.clip(0.5 * (jnp.moveaxis(x, -3, -1) + 1.0), 0.0, 1.0)
 
 
@@ -356,11 +330,6 @@ def sample(prior: AnalyticPrior, key: jax.Array, means: jax.Array, emb: jax.Arra
   """
   means = jnp.asarray(means, jnp.float32)
   emb = jnp.asarray(emb, jnp.float32)
-  num_k = prior.num_components
-  if means.ndim != 4 or means.shape[0] != num_k:
-    raise ValueError(f"means must be [K={num_k}, C, h, w], got {means.shape}")
-  if emb.shape != (num_k,):
-    raise ValueError(f"emb must be [K] = ({num_k},), got shape {emb.shape}")
   key_k, key_z = jax.random.split(key)
   k = jax.random.categorical(key_k, _log_mixture_weights(emb))  # []
   sigma = jnp.asarray(prior.sigma, jnp.float32)[k]  # []

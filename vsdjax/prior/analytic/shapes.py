@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsdjax import cameras, checks
+from vsdjax import cameras
 
 SHAPES = ("sphere", "cube", "torus", "cylinder", "cone")
 
@@ -176,11 +176,6 @@ _SDFS = {
 }
 
 
-def _check_shape(shape):
-  if shape not in _SDFS:
-    raise ValueError(f"shape: unknown {shape!r}; known shapes: {', '.join(SHAPES)}")
-
-
 def sdf(shape: str, p: jax.Array) -> jax.Array:
   """Signed distance to a shape centred at the origin.
 
@@ -191,7 +186,8 @@ def sdf(shape: str, p: jax.Array) -> jax.Array:
   Returns:
     [...] signed distance, negative inside, exact (a true Euclidean distance).
   """
-  _check_shape(shape)
+  if shape not in _SDFS:
+    raise ValueError(f"shape: unknown {shape!r}; known shapes: {', '.join(SHAPES)}")
   p = jnp.asarray(p, jnp.float32)
   if p.ndim < 1 or p.shape[-1] != 3:
     raise ValueError(f"p: expected shape [..., 3], got {p.shape}")
@@ -245,24 +241,11 @@ def _normal(shape, x):
   return grad / _safe_norm(grad)[..., None]
 
 
-def _check_refs(refs):
-  """Validates refs; returns (tuple of hashable References, whether K axis)."""
+def _as_refs(refs):
+  """(tuple of References with float colours, whether refs is a sequence)."""
   single = isinstance(refs, Reference)
   refs = (refs,) if single else tuple(refs)
-  if not refs:
-    raise ValueError("refs: empty; expected a Reference or a sequence of them")
-  checked = []
-  for ref in refs:
-    if not isinstance(ref, Reference):
-      raise ValueError(f"refs: expected Reference items, got {ref!r}")
-    _check_shape(ref.shape)
-    color = np.asarray(ref.color, np.float64)
-    if color.shape != (3,) or not np.all((color >= 0) & (color <= 1)):
-      raise ValueError(
-        f"refs: colour of {ref.shape!r} must be 3 values in [0, 1], got {ref.color!r}"
-      )
-    checked.append(Reference(ref.shape, tuple(float(c) for c in color)))
-  return tuple(checked), not single
+  return tuple(Reference(r.shape, tuple(float(c) for c in r.color)) for r in refs), not single
 
 
 def render(
@@ -299,43 +282,17 @@ def render(
       'rgb': [..., 3] shaded colour, background where the ray misses.
       'mask': [...] 1 where the ray hits the shape, else 0.
       'depth': [...] distance from the origin to the hit point, 0 on misses.
+      'normal_rgb': [..., 3] the normal map (n + 1) / 2 (world-space unit
+        normal n), black (0) where the ray misses.
   """
-  refs, batched = _check_refs(refs)
-  if not (isinstance(n_steps, int) and n_steps >= 1):
-    raise ValueError(f"n_steps: expected an int >= 1, got {n_steps!r}")
-  for name, value in (("t_max", t_max), ("hit_eps", hit_eps)):
-    if not (np.isfinite(value) and value > 0):
-      raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
-  if not 0.0 <= ambient <= 1.0:
-    raise ValueError(f"ambient: expected a value in [0, 1], got {ambient!r}")
+  refs, batched = _as_refs(refs)
   ambient, t_max, hit_eps = float(ambient), float(t_max), float(hit_eps)
   origins = jnp.asarray(origins, jnp.float32)
   directions = jnp.asarray(directions, jnp.float32)
-  for name, x in (("origins", origins), ("directions", directions)):
-    if x.ndim < 1 or x.shape[-1] != 3:
-      raise ValueError(f"{name}: expected shape [..., 3], got {x.shape}")
-    checks.check_finite(name, x)
-  try:
-    shape = jnp.broadcast_shapes(origins.shape, directions.shape)
-  except ValueError as e:
-    raise ValueError(
-      f"origins {origins.shape} and directions {directions.shape} do not broadcast"
-    ) from e
-  background = jnp.asarray(background, jnp.float32)
-  try:
-    background = jnp.broadcast_to(background, shape)  # [..., 3]
-  except ValueError as e:
-    raise ValueError(f"background: shape {background.shape} does not broadcast to {shape}") from e
-  checks.check_finite("background", background)
+  shape = jnp.broadcast_shapes(origins.shape, directions.shape)
+  background = jnp.broadcast_to(jnp.asarray(background, jnp.float32), shape)  # [..., 3]
   light = np.asarray(light_dir, np.float64)
-  if light.shape != (3,) or not np.all(np.isfinite(light)):
-    raise ValueError(f"light_dir: expected 3 finite values, got {light_dir!r}")
-  if np.linalg.norm(light) == 0:
-    raise ValueError("light_dir: must be non-zero")
   light = jnp.asarray(light / np.linalg.norm(light), jnp.float32)  # [3]
-  dir_norm = checks.concrete(jnp.linalg.norm(directions, axis=-1))
-  if dir_norm is not None and np.any(dir_norm == 0):
-    raise ValueError("directions: contains zero-length vectors")
 
   o = jnp.broadcast_to(origins, shape).reshape(-1, 3)  # [N, 3]
   d = jnp.broadcast_to(directions, shape).reshape(-1, 3)  # [N, 3]
@@ -351,10 +308,10 @@ def _render_rays(refs, o, d, background, light, ambient, n_steps, t_max, hit_eps
   """Renders K references along flat rays o, d [N, 3]; see `render`.
 
   Returns:
-    {'rgb': [K, N, 3], 'mask': [K, N], 'depth': [K, N]}.
+    {'rgb': [K, N, 3], 'mask': [K, N], 'depth': [K, N], 'normal_rgb': [K, N, 3]}.
   """
   d = d / _safe_norm(d)[:, None]
-  out = {"rgb": [], "mask": [], "depth": []}
+  out = {"rgb": [], "mask": [], "depth": [], "normal_rgb": []}
   for ref in refs:
     t, hit = _trace(ref.shape, o, d, n_steps, t_max, hit_eps)  # [N], [N]
     normal = _normal(ref.shape, o + t[:, None] * d)  # [N, 3]
@@ -364,6 +321,7 @@ def _render_rays(refs, o, d, background, light, ambient, n_steps, t_max, hit_eps
     out["rgb"].append(jnp.where(hit[:, None], shaded, background))
     out["mask"].append(hit.astype(jnp.float32))
     out["depth"].append(jnp.where(hit, t, 0.0))
+    out["normal_rgb"].append(jnp.where(hit[:, None], 0.5 * (normal + 1.0), 0.0))
   return {k: jnp.stack(v) for k, v in out.items()}
 
 
@@ -399,25 +357,13 @@ def render_views(
     **kwargs: passed to `render` (background, light_dir, ambient, ...).
 
   Returns:
-    A dict with 'rgb' [..., K?, H, W, 3], 'mask' and 'depth' [..., K?, H, W],
-    where K? is present only when refs is a sequence.
+    A dict with 'rgb' and 'normal_rgb' [..., K?, H, W, 3], 'mask' and 'depth'
+    [..., K?, H, W], where K? is present only when refs is a sequence.
   """
-  for name, value in (("height", height), ("width", width), ("supersample", supersample)):
-    if not (isinstance(value, int) and value >= 1):
-      raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
   c2w = jnp.asarray(c2w, jnp.float32)
-  if c2w.ndim < 2 or c2w.shape[-2:] != (4, 4):
-    raise ValueError(f"c2w: expected shape [..., 4, 4], got {c2w.shape}")
   batch = c2w.shape[:-2]
-  fovy = jnp.asarray(fovy, jnp.float32)
-  try:
-    fovy = jnp.broadcast_to(fovy, batch)
-  except ValueError as e:
-    raise ValueError(
-      f"fovy: shape {fovy.shape} does not broadcast to the camera batch shape {batch}"
-    ) from e
+  fovy = jnp.broadcast_to(jnp.asarray(fovy, jnp.float32), batch)
   s = supersample
-  _check_refs(refs)
 
   def one(c2w_i, fovy_i):
     origins, directions = cameras.rays(c2w_i, fovy_i, height * s, width * s)
@@ -431,6 +377,7 @@ def render_views(
     hits = jnp.sum(mask, axis=(-3, -1))  # [B, K?, H, W]
     out = {
       "rgb": jnp.mean(rgb, axis=(-4, -2)),
+      "normal_rgb": jnp.mean(out["normal_rgb"].reshape(rgb.shape), axis=(-4, -2)),
       "mask": hits / (s * s),
       "depth": jnp.sum(depth, axis=(-3, -1)) / jnp.maximum(hits, 1.0),
     }

@@ -36,7 +36,8 @@ class NeRF(Representation):
   ray_batch: int = 0
 
   @classmethod
-  def from_config(cls, config) -> "NeRF":
+  def from_config(cls, config, previous=()) -> "NeRF":
+    del previous
     return cls(
       spec=scene.spec_from_config(config),
       camera_ranges=scene.camera_ranges_from_config(config),
@@ -44,13 +45,15 @@ class NeRF(Representation):
       ray_batch=config.render.ray_batch,
     )
 
-  def init(self, key):
+  def init(self, key, data):
+    del data
     return scene.init(key, self.spec)
 
   def sample_camera(self, key):
     return jax.tree.map(lambda v: v[0], cameras.sample(key, self.camera_ranges, 1))
 
-  def render(self, params, camera, resolution, key):
+  def render(self, params, data, camera, resolution, key):
+    del data
     # Ray batches only when the image has more rays than one batch (lax.map of a
     # single batch costs memory for nothing).
     batch = self.ray_batch if 0 < self.ray_batch < resolution * resolution else None
@@ -67,7 +70,8 @@ class NeRF(Representation):
     labels["field"]["grid"] = jax.tree.map(lambda _: "grid", params["field"]["grid"])
     return labels
 
-  def export(self, particles, folder, export_config):
+  def export(self, particles, data, folder, export_config):
+    del data
     e = export_config
     n = jax.tree.leaves(particles)[0].shape[0]
     for i in range(n):
@@ -83,8 +87,8 @@ class NeRF(Representation):
         mesh_threshold=e.mesh_threshold,
       )
 
-  def evaluate(self, particles, references, sigma_ref, export_config, size):
-    del sigma_ref
+  def evaluate(self, particles, data, references, sigma_ref, export_config, size):
+    del data, sigma_ref
     return evaluate.evaluate_3d(
       particles, self.spec, references, n_views=export_config.eval_views, size=size
     )

@@ -1,24 +1,20 @@
 """The background: a colour per view direction, and random solid colours.
 
-As threestudio's "neural-environment-map-background" (used by ProlificDreamer):
-the unit view direction is encoded by real spherical harmonics of `degree`
-bands (tiny-cuda-nn's "SphericalHarmonics" encoding and constants, degree**2
-values; threestudio uses degree 3), then a small ReLU MLP with two hidden
-layers and a sigmoid gives an RGB colour in [0, 1].
+The unit view direction is encoded by real spherical harmonics of `degree`
+bands (degree**2 values), then a small ReLU MLP with two hidden layers and a
+sigmoid gives an RGB colour in [0, 1].
 
 During training, with probability `prob` per render, the whole background is
-replaced by one random solid colour, uniform in [0, 1]^3 (threestudio's
-`random_aug`, ProlificDreamer: 50%), which keeps the scene from hiding content
-in the background.
+replaced by one random solid colour, uniform in [0, 1]^3 (ProlificDreamer's
+setting: 50%), which keeps the scene from hiding content in the background.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vsdjax import mlp
+from vsdjax import checks, mlp
 
 MAX_DEGREE = 4
 
@@ -34,19 +30,14 @@ def init(key: jax.Array, hidden: int = 32, degree: int = 3) -> dict:
   Returns:
     {'mlp': MLP degree**2 -> hidden -> hidden -> 3} (see mlp.py).
   """
-  if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 1:
-    raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
-  if (
-    isinstance(degree, bool)
-    or not isinstance(degree, (int, np.integer))
-    or not 1 <= degree <= MAX_DEGREE
-  ):
-    raise ValueError(f"degree must be an integer in [1, {MAX_DEGREE}], got {degree!r}")
+  hidden = checks.check_int("hidden", hidden)
+  degree = checks.check_int("degree", degree)
+  checks.check_range("degree", degree, 1, MAX_DEGREE)
   return {"mlp": mlp.init(key, [degree**2, hidden, hidden, 3])}
 
 
 def spherical_harmonics(d: jnp.ndarray, degree: int) -> jnp.ndarray:
-  """Real spherical harmonics of unit directions (tiny-cuda-nn's order/signs).
+  """Real spherical harmonics of unit directions (tiny-cuda-nn's order and signs).
 
   Orthonormal on the unit sphere: the integral of Y_i Y_j over it is
   delta_ij.
@@ -58,10 +49,6 @@ def spherical_harmonics(d: jnp.ndarray, degree: int) -> jnp.ndarray:
   Returns:
     [..., degree**2] values, band by band.
   """
-  if not 1 <= degree <= MAX_DEGREE:
-    raise ValueError(f"degree must lie in [1, {MAX_DEGREE}], got {degree!r}")
-  if d.ndim < 1 or d.shape[-1] != 3:
-    raise ValueError(f"d must have shape [..., 3], got {d.shape}")
   x, y, z = d[..., 0], d[..., 1], d[..., 2]  # [...]
   xx, yy, zz = x * x, y * y, z * z
   out = [jnp.full_like(x, 0.28209479177387814)]
@@ -99,16 +86,7 @@ def color(params: dict, directions: jnp.ndarray) -> jnp.ndarray:
     [..., 3] RGB in [0, 1].
   """
   directions = jnp.asarray(directions)
-  if directions.ndim < 1 or directions.shape[-1] != 3:
-    raise ValueError(f"directions must have shape [..., 3], got {directions.shape}")
-  if not isinstance(directions, jax.core.Tracer) and not np.all(np.isfinite(directions)):
-    raise ValueError("directions must be finite")
-  n_in = params["mlp"]["layer_0"]["w"].shape[0]
-  degree = math.isqrt(n_in)
-  if degree * degree != n_in or not 1 <= degree <= MAX_DEGREE:
-    raise ValueError(
-      f"params['mlp'] must take degree**2 inputs for degree in [1, {MAX_DEGREE}], got {n_in}"
-    )
+  degree = math.isqrt(params["mlp"]["layer_0"]["w"].shape[0])  # degree**2 inputs
   sq = jnp.sum(directions * directions, axis=-1, keepdims=True)  # [..., 1]
   unit = directions * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))  # [..., 3]
   feats = spherical_harmonics(unit, degree)  # [..., degree**2]
@@ -128,12 +106,6 @@ def solid_or_mlp(key: jax.Array, mlp_rgb: jnp.ndarray, prob) -> jnp.ndarray:
     ray.
   """
   mlp_rgb = jnp.asarray(mlp_rgb)
-  if mlp_rgb.ndim < 1 or mlp_rgb.shape[-1] != 3:
-    raise ValueError(f"mlp_rgb must have shape [..., 3], got {mlp_rgb.shape}")
-  if not isinstance(prob, jax.core.Tracer):
-    p = np.asarray(prob)
-    if p.shape != () or not np.isfinite(p) or not 0.0 <= p <= 1.0:
-      raise ValueError(f"prob must be a scalar in [0, 1], got {prob!r}")
   k_use, k_colour = jax.random.split(key)
   use_solid = jax.random.uniform(k_use) < prob  # []
   solid = jax.random.uniform(k_colour, (3,), mlp_rgb.dtype)  # [3]

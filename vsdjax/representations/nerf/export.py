@@ -69,8 +69,7 @@ def _check_particle(params, spec) -> None:
       f"params['field']['grid']['tables'] must be [L, T, F], got {tables}"
     )
   for leaf in jax.tree.leaves(params):
-    if not np.all(np.isfinite(np.asarray(leaf))):
-      raise ValueError("params hold non-finite values")
+    checks.check_finite("params", leaf)
 
 
 def save_png(rgb, path) -> str:
@@ -86,8 +85,7 @@ def save_png(rgb, path) -> str:
   rgb = np.asarray(rgb, np.float32)
   if rgb.ndim != 3 or rgb.shape[-1] != 3:
     raise ValueError(f"rgb must have shape [H, W, 3], got {rgb.shape}")
-  if not np.all(np.isfinite(rgb)):
-    raise ValueError("rgb must be finite")
+  checks.check_finite("rgb", rgb)
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   iio.imwrite(path, _to_uint8(rgb), extension=".png")
@@ -240,7 +238,7 @@ def extract_mesh(
   }
 
 
-def _write_video(frames, path: str, fps: int) -> None:
+def write_video(frames, path: str, fps: int) -> None:
   """Writes uint8 frames [H, W, 3] (an iterable) as an H.264 mp4.
 
   H.264 in yuv420p needs even sizes: odd ones get their last row / column
@@ -332,7 +330,7 @@ def export_particle(
   orbit = cameras.orbit(video_frames, radius, elevation, fovy)
   frames = (_to_uint8(frame) for frame in _renders(params, orbit, spec, resolution, ray_batch))
   video_path = os.path.join(out_dir, "video.mp4")
-  _write_video(frames, video_path, fps)
+  write_video(frames, video_path, fps)
 
   # Mesh.
   mesh = extract_mesh(

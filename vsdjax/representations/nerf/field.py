@@ -1,8 +1,5 @@
 """The NeRF of one particle: hash grid -> density and albedo, normals, shading.
 
-Follows threestudio's "implicit-volume" geometry as ProlificDreamer configures
-it (stage 1):
-
 - A world point x in the scene cube [-bound, bound]^3 maps to the grid by
   (x + bound) / (2 bound) and is encoded by the hash grid (hashgrid.py).
 - Two MLPs read the encoding: `density_mlp` -> 1 raw density, `albedo_mlp` ->
@@ -10,36 +7,29 @@ it (stage 1):
   on the view direction.
 - A density bias in world units is added to the raw density before the
   activation, so that training starts from a soft ball at the origin:
-    "blob"     (threestudio "blob_magic3d", ProlificDreamer):
+    "blob"     (ProlificDreamer's setting):
                blob_density * (1 - |x| / blob_radius),
-    "gaussian" (threestudio "blob_dreamfusion"):
-               blob_density * exp(-|x|^2 / (2 blob_radius^2)),
+    "gaussian" (DreamFusion's): blob_density * exp(-|x|^2 / (2 blob_radius^2)),
     "none".
 - Density activation: "trunc_exp" (Instant-NGP; exp whose gradient is
-  exp(min(x, 15))) or "softplus" (threestudio's ProlificDreamer config uses
-  softplus).
+  exp(min(x, 15))) or "softplus".
 - Normals are analytic: n = -grad_x density / |grad_x density| (of the
-  activated density, as threestudio's "analytic" normals), zero where the
-  gradient vanishes.
-- Shading follows DreamFusion / threestudio's diffuse-with-point-light
-  material with ambient a (0.1) and diffuse 1 - a (0.9):
+  activated density), zero where the gradient vanishes.
+- Shading (DreamFusion's diffuse material) with ambient a (0.1) and diffuse
+  1 - a (0.9):
     "albedo": albedo,
     "diffuse": albedo * (a + (1 - a) * max(0, n . l)),
     "textureless": (1, 1, 1) * (a + (1 - a) * max(0, n . l)).
-  The light is directional: l is one unit vector per render. threestudio
-  places a point light at 0.8-1.5 times the camera distance; its direction
-  varies little over the object, and a directional light keeps the shading
-  independent of the light distance.
+  The light is directional: l is one unit vector per render, so the shading
+  does not depend on a light distance.
 - World frame: z is up (see cameras.py).
 """
 
 import dataclasses
-import math
 from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vsdjax import checks, mlp
 from vsdjax.representations.nerf import hashgrid
@@ -58,7 +48,7 @@ _TRUNC_EXP_MAX = 80.0
 
 @jax.custom_vjp
 def trunc_exp(x: jnp.ndarray) -> jnp.ndarray:
-  """exp(x) with the gradient clamped as in Instant-NGP / threestudio.
+  """exp(x) with the gradient clamped (Instant-NGP).
 
   Forward exp(min(x, 80)) (= exp(x) below float32 overflow), backward
   g * exp(min(x, 15)). Supports reverse mode to any order (not forward mode).
@@ -100,7 +90,7 @@ class FieldSpec:
     albedo_init_std: std of a random bias of the raw albedo, drawn per field
       at init (3 values): each particle starts in its own colour,
       sigmoid(N(0, std^2)) per channel, instead of all grey (0). Gives n
-      particles different starting basins (toy.py with two references).
+      particles different starting basins.
   """
 
   grid: hashgrid.GridSpec = hashgrid.GridSpec()
@@ -155,18 +145,6 @@ def init(key: jax.Array, spec: FieldSpec) -> dict:
   }
 
 
-def _check_points(name: str, x) -> jnp.ndarray:
-  """Returns `x` as an array after checking it is [..., 3] and finite."""
-  x = jnp.asarray(x)
-  if x.ndim < 1 or x.shape[-1] != 3:
-    raise ValueError(f"{name} must have shape [..., 3], got {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
-  if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} must be finite")
-  return x
-
-
 def _safe_norm(x: jnp.ndarray) -> jnp.ndarray:
   """|x| over the last axis, [...]; zero gradient (not NaN) at x = 0."""
   return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1), 1e-20))
@@ -216,7 +194,7 @@ def density(params: dict, x: jnp.ndarray, spec: FieldSpec) -> jnp.ndarray:
   Returns:
     [...] density >= 0.
   """
-  x = _check_points("x", x)
+  x = jnp.asarray(x)
   return _density_from(params, _encode(params, x, spec), x, spec)
 
 
@@ -233,7 +211,7 @@ def density_and_albedo(
   Returns:
     (density [...] >= 0, albedo [..., 3] in [0, 1]).
   """
-  x = _check_points("x", x)
+  x = jnp.asarray(x)
   feats = _encode(params, x, spec)  # [..., L * F]
   albedo = jax.nn.sigmoid(mlp.apply(params["albedo_mlp"], feats))  # [..., 3]
   return _density_from(params, feats, x, spec), albedo
@@ -261,9 +239,8 @@ def normals(params: dict, x: jnp.ndarray, spec: FieldSpec) -> jnp.ndarray:
   Returns:
     [..., 3] unit normals; zero where the density gradient is zero.
   """
-  x = _check_points("x", x)
   fn = lambda y: (_density_from(params, _encode(params, y, spec), y, spec), ())
-  return _with_normal(fn, x)[2]
+  return _with_normal(fn, jnp.asarray(x))[2]
 
 
 def shade(
@@ -286,28 +263,17 @@ def shade(
   Returns:
     [..., 3] colours in [0, 1].
   """
-  if mode not in SHADINGS:
-    raise ValueError(f"mode must be one of {SHADINGS}, got {mode!r}")
   albedo = jnp.asarray(albedo)
-  if albedo.ndim < 1 or albedo.shape[-1] != 3:
-    raise ValueError(f"albedo must have shape [..., 3], got {albedo.shape}")
   if mode == "albedo":
     return albedo
-  if not 0.0 <= float(ambient) <= 1.0:
-    raise ValueError(f"ambient must lie in [0, 1], got {ambient!r}")
-  if normal is None or light_dir is None:
-    raise ValueError(f"shading {mode!r} needs normal and light_dir")
-  normal = jnp.asarray(normal)
-  light_dir = _check_points("light_dir", light_dir)
-  if normal.shape != albedo.shape:
-    raise ValueError(f"normal must have the shape of albedo {albedo.shape}, got {normal.shape}")
+  normal, light_dir = jnp.asarray(normal), jnp.asarray(light_dir)
   lambert = jnp.maximum(
     jnp.sum(normal * _safe_normalize(light_dir), axis=-1, keepdims=True), 0.0
   )  # [..., 1]
   light = ambient + (1.0 - ambient) * lambert  # [..., 1]
   if mode == "diffuse":
     return albedo * light
-  return jnp.broadcast_to(light, albedo.shape)
+  return jnp.broadcast_to(light, albedo.shape)  # "textureless"
 
 
 def sample_light(
@@ -315,7 +281,7 @@ def sample_light(
 ) -> jnp.ndarray:
   """Random light directions, one per render.
 
-  With `camera_positions` (DreamFusion / threestudio): the light sits around
+  With `camera_positions` (as DreamFusion): the light sits around
   the camera, l = normalize(camera_position + perturb * N(0, I)), so lit
   sides mostly face the camera (a camera at elevation >= 0 gives mostly
   upper-hemisphere lights). Without cameras: l is uniform on the upper
@@ -331,18 +297,12 @@ def sample_light(
   Returns:
     [n, 3] unit directions towards the light.
   """
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-    raise ValueError(f"n must be a positive integer, got {n!r}")
-  if not (math.isfinite(float(perturb)) and perturb >= 0.0):
-    raise ValueError(f"perturb must be finite and >= 0, got {perturb!r}")
   k_centre, k_noise = jax.random.split(key)
   if camera_positions is None:
     g = jax.random.normal(k_centre, (n, 3))  # [n, 3]
     centre = _safe_normalize(g.at[:, 2].set(jnp.abs(g[:, 2])))  # [n, 3]
   else:
-    centre = _check_points("camera_positions", camera_positions)
-    if centre.shape != (n, 3):
-      raise ValueError(f"camera_positions must have shape ({n}, 3), got {centre.shape}")
+    centre = jnp.asarray(camera_positions)  # [n, 3]
   noise = jax.random.normal(k_noise, (n, 3), centre.dtype)  # [n, 3]
   return _safe_normalize(centre + perturb * noise)
 
@@ -370,22 +330,13 @@ def point_fn(
   Returns:
     f(x [..., 3], d [..., 3]) -> {'density': [...], 'rgb': [..., 3],
     'normal': [..., 3] (only when computed)}. x are world points, d the ray
-    directions; d is checked but not used since the albedo is view-independent.
+    directions (unused: the albedo is view-independent).
     Normals cost one extra backward pass through the field.
   """
-  if shading not in SHADINGS:
-    raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
-  if shading != "albedo" and light_dir is None:
-    raise ValueError(f"shading {shading!r} needs light_dir")
-  if light_dir is not None:
-    light_dir = _check_points("light_dir", light_dir)
   need_normal = with_normals or shading != "albedo"
 
   def f(x: jnp.ndarray, d: jnp.ndarray) -> dict:
-    x = _check_points("x", x)
-    d = _check_points("d", d)
-    if d.shape != x.shape:
-      raise ValueError(f"d must have the shape of x {x.shape}, got {d.shape}")
+    del d
     if not need_normal:
       dens, albedo = density_and_albedo(params, x, spec)
       return {"density": dens, "rgb": albedo}

@@ -1,34 +1,30 @@
 """Instant-NGP multiresolution hash encoding (Müller et al., 2022) in pure JAX.
 
-Conventions follow tiny-cuda-nn's `GridEncoding` (used by threestudio's
-"HashGrid" and so by ProlificDreamer), for 3D inputs and linear interpolation:
+3D inputs, trilinear interpolation; the level layout, hashing and table rows
+are those of tiny-cuda-nn's `GridEncoding`:
 
 - Level l (0-based) has
       scale_l      = base_resolution * per_level_scale**l - 1,
       resolution_l = ceil(scale_l) + 1,
       size_l       = min(T, next multiple of 8 of resolution_l**3),
   with T = 2**log2_table_size. A point x in [0, 1]^3 (inputs outside are
-  clamped; tiny-cuda-nn does not clamp) sits at the continuous grid position
-  pos = x * scale_l + 0.5, in the cell floor(pos), with trilinear weights from
-  frac = pos - floor(pos).
+  clamped) sits at the continuous grid position pos = x * scale_l + 0.5, in
+  the cell floor(pos), with trilinear weights from frac = pos - floor(pos).
 - The table row of an integer corner c = (c0, c1, c2) is, modulo size_l:
   dense (row-major, c0 fastest) c0 + c1 * res + c2 * res**2 where
   resolution_l**3 <= T, else the spatial hash
   (c0 * 1) xor (c1 * 2654435761) xor (c2 * 805459861) in uint32 arithmetic.
-  As in tiny-cuda-nn, when scale_l is an integer or frac(scale_l) >= 0.5, the
-  upper corner of the last cell along an axis (points with x * scale_l + 0.5 >
-  ceil(scale_l), near x = 1) has coordinate resolution_l, one past the dense
-  grid; its row wraps exactly as tiny-cuda-nn's does (row-major overflow, then
-  modulo size_l), so both implementations read the same rows.
-- Every level owns a [T, F] slice of one [L, T, F] table (tiny-cuda-nn packs
-  only size_l rows per level; rows >= size_l of a dense level are never read
-  and get zero gradient). Initialisation is uniform in [-init_scale,
-  init_scale] (tiny-cuda-nn: 1e-4).
+  When scale_l is an integer or frac(scale_l) >= 0.5, the upper corner of the
+  last cell along an axis (points with x * scale_l + 0.5 > ceil(scale_l),
+  near x = 1) has coordinate resolution_l, one past the dense grid; its row
+  is the same formula's (row-major overflow, then modulo size_l).
+- Every level owns a [T, F] slice of one [L, T, F] table; rows >= size_l of a
+  dense level are never read and get zero gradient. Initialisation is
+  uniform in [-init_scale, init_scale].
 - The output concatenates levels in order, [level 0 features, level 1
   features, ...], i.e. [..., L * F] with feature f of level l at l * F + f.
 
-scale_l is computed in float64 here (tiny-cuda-nn: float32 exp2f); the two
-agree to about 1e-7 relative. All levels are handled by one gather of
+scale_l is computed in float64. All levels are handled by one gather of
 [N, L, 8] rows, so the backward pass w.r.t. the tables is one scatter-add.
 Reverse mode keeps the [N, L, 8] rows and weights (64 bytes per point and
 level), so differentiate through `encode` in chunks of points (the volume
@@ -52,7 +48,7 @@ _CORNERS = np.array([[(k >> d) & 1 for d in range(3)] for k in range(8)], dtype=
 
 @dataclasses.dataclass(frozen=True)
 class GridSpec:
-  """Static settings of the hash grid (defaults: threestudio / ProlificDreamer).
+  """Static settings of the hash grid (defaults: ProlificDreamer's setting).
 
   Attributes:
     n_levels: number of resolution levels L.
@@ -148,20 +144,9 @@ def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
     `x` and the tables promoted together. Differentiable w.r.t. the tables and
     w.r.t. `x` (piecewise trilinear; the gradient is zero outside the cube).
   """
-  tables = jnp.asarray(params["tables"])
+  tables = jnp.asarray(params["tables"])  # [L, T, F]
   n_levels, t, n_features = spec.n_levels, spec.table_size, spec.n_features
-  if tables.shape != (n_levels, t, n_features):
-    raise ValueError(
-      f"params['tables'] must have shape {(n_levels, t, n_features)} for {spec}, got {tables.shape}"
-    )
   x = jnp.asarray(x)
-  if x.ndim < 1 or x.shape[-1] != 3:
-    raise ValueError(f"x must have shape [..., 3], got {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"x must be a floating-point array, got {x.dtype}")
-  if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(x)):
-    raise ValueError("x must be finite")
-
   lv = levels(spec)
   dtype = jnp.promote_types(x.dtype, tables.dtype)
   batch_shape = x.shape[:-1]

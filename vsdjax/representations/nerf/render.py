@@ -42,7 +42,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vsdjax import cameras, checks
 
@@ -87,17 +86,6 @@ class RenderSpec:
         f"RenderSpec.n_samples ({self.n_samples}) must be a "
         f"multiple of RenderSpec.chunk ({self.chunk})"
       )
-
-
-def _check_rays(name: str, x, n_rays: Optional[int]) -> jnp.ndarray:
-  """Casts to float32, checks shape [R, 3] (R = n_rays if given), finiteness."""
-  x = jnp.asarray(x, jnp.float32)
-  if x.ndim != 2 or x.shape[-1] != 3 or (n_rays is not None and x.shape[0] != n_rays):
-    want = f"[{n_rays}, 3]" if n_rays is not None else "[R, 3]"
-    raise ValueError(f"{name} must have shape {want}, got {x.shape}")
-  if checks.is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
-    raise ValueError(f"{name} must be finite")
-  return x
 
 
 def ray_aabb(
@@ -155,27 +143,6 @@ def stratified_t(
   return near[..., None] + (i + u) * delta[..., None]  # [R, S]
 
 
-def _field_structure(point_fn: PointFn, n_points: int) -> bool:
-  """Checks point_fn's output structure; returns whether it gives normals."""
-  spec = jax.ShapeDtypeStruct((n_points, 3), jnp.float32)
-  out = jax.eval_shape(point_fn, spec, spec)
-  if not isinstance(out, dict):
-    raise ValueError(f"point_fn must return a dict, got {type(out)}")
-  want = {"density": (n_points,), "rgb": (n_points, 3)}
-  has_normal = "normal" in out
-  if has_normal:
-    want["normal"] = (n_points, 3)
-  for k, shape in want.items():
-    if k not in out:
-      raise ValueError(f"point_fn output lacks {k!r} (keys: {sorted(out)})")
-    if out[k].shape != shape:
-      raise ValueError(
-        f"point_fn output {k!r} must have shape {list(shape)} "
-        f"for {n_points} points, got {list(out[k].shape)}"
-      )
-  return has_normal
-
-
 def render(
   point_fn: PointFn,
   origins: jnp.ndarray,
@@ -209,16 +176,13 @@ def render(
       'orientation': [R] sum_i stop_gradient(w_i) max(0, n_i . d)^2, d the
         unit ray direction (DreamFusion's orientation penalty, per ray).
   """
-  if not isinstance(spec, RenderSpec):
-    raise ValueError(f"spec must be a RenderSpec, got {type(spec)}")
-  origins = _check_rays("origins", origins, None)
+  origins, directions, background = (
+    jnp.asarray(v, jnp.float32) for v in (origins, directions, background)
+  )  # [R, 3] each
   n_rays = origins.shape[0]
-  directions = _check_rays("directions", directions, n_rays)
-  background = _check_rays("background", background, n_rays)
-  if checks.is_concrete(directions) and np.any(np.all(np.asarray(directions) == 0, axis=-1)):
-    raise ValueError("directions must be non-zero vectors")
   chunk, n_chunks = spec.chunk, spec.n_samples // spec.chunk
-  has_normal = _field_structure(point_fn, n_rays * chunk)
+  points = jax.ShapeDtypeStruct((n_rays * chunk, 3), jnp.float32)
+  has_normal = "normal" in jax.eval_shape(point_fn, points, points)
 
   near, far, hit = ray_aabb(origins, directions, spec.bound, spec.near_min)
   t_vals = stratified_t(near, far, spec.n_samples, key)  # [R, S]
@@ -308,10 +272,6 @@ def render_image(
     'weights' [H, W, S], ...
   """
   c2w = jnp.asarray(c2w, jnp.float32)
-  if c2w.shape != (4, 4):
-    raise ValueError(f"c2w must have shape [4, 4], got {c2w.shape}")
-  if jnp.ndim(fovy) != 0:
-    raise ValueError(f"fovy must be a scalar, got shape {jnp.shape(fovy)}")
   origins, directions = cameras.rays(c2w, fovy, height, width)  # [H, W, 3]
   origins = origins.reshape(-1, 3)  # [H * W, 3]
   directions = directions.reshape(-1, 3)  # [H * W, 3]
@@ -323,8 +283,6 @@ def render_image(
   if ray_batch is None:
     out = render_rays(origins, directions, key)
   else:
-    if isinstance(ray_batch, bool) or not isinstance(ray_batch, (int, np.integer)) or ray_batch < 1:
-      raise ValueError(f"ray_batch must be a positive integer or None, got {ray_batch!r}")
     n_batches = -(-n_rays // ray_batch)
     pad = n_batches * ray_batch - n_rays
     batched = [
@@ -338,13 +296,13 @@ def render_image(
 
 
 def opacity_sparsity(out: Dict[str, jnp.ndarray]) -> jnp.ndarray:
-  """threestudio's sparsity loss: mean over rays of sqrt(opacity^2 + 0.01)."""
+  """Opacity sparsity loss: mean over rays of sqrt(opacity^2 + 0.01)."""
   opacity = out["opacity"]  # [...]
   return jnp.mean(jnp.sqrt(jnp.square(opacity) + 0.01))
 
 
 def opaque(out: Dict[str, jnp.ndarray]) -> jnp.ndarray:
-  """threestudio's loss_opaque: binary entropy of the opacity, mean over rays.
+  """Binary entropy of the opacity, mean over rays.
 
   With o = clip(opacity, 1e-3, 1 - 1e-3): -(o log o + (1 - o) log(1 - o))
   (natural log; BCE of o with itself as the target, gradient through both),
@@ -370,8 +328,7 @@ def orientation(out: Dict[str, jnp.ndarray]) -> jnp.ndarray:
 def entropy(out: Dict[str, jnp.ndarray]) -> jnp.ndarray:
   """ProlificDreamer's entropy regulariser on the per-sample weights.
 
-  As in the official code (inherited from stable-dreamfusion): with
-  w = clip(weights, 1e-5, 1 - 1e-5), the binary entropy in bits
+  With w = clip(weights, 1e-5, 1 - 1e-5), the binary entropy in bits
   -(w log2 w + (1 - w) log2(1 - w)) of every sample weight [R, S], averaged
   over all samples of all rays. It pushes each weight to 0 or 1, i.e. towards
   thin, hard surfaces.

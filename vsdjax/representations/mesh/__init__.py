@@ -1,0 +1,1 @@
+"""DMTet mesh representation (stages 2 and 3)."""

@@ -1,0 +1,252 @@
+"""The DMTet representation (stage 2): a signed distance and a deformation per tet-grid vertex.
+
+One particle is {'sdf': [V], 'deformation': [V, 3]} on a Kuhn tet grid of
+`mesh.grid_resolution` cells per axis over the scene cube. Its surface is
+the marching-tetrahedra mesh of the sdf on the deformed vertices
+(marching_tets.py); it renders as a normal map,
+
+    rgb = (n + 1) / 2 over a black background,
+
+with n the interpolated, renormalised area-weighted vertex normal in world
+space, antialiased at the silhouettes, which is what the prior sees (the
+geometry is refined by SDS on normal maps). Regularisers: normal consistency
+and uniform Laplacian smoothness of the mesh (geometry.py).
+
+Initialisation, per particle: from the previous stage's NeRF (its density at
+the grid vertices against the iso-level, sdf = clip(iso - density, -1, 1),
+negative inside), or from an analytic shape's SDF (shapes.py) without one.
+The grid's arrays are shared by every particle and travel as a jit argument
+(data['shared']); the initial sdf is per particle (data['particle']).
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsdjax import cameras, console
+from vsdjax.prior.analytic import evaluate, shapes
+from vsdjax.representations import Representation
+from vsdjax.representations.mesh import export, geometry, marching_tets, tetgrid, view
+from vsdjax.representations.nerf import field as field_lib, scene
+
+# Points per surface in the chamfer distance, and the grid of the exact surfaces.
+_CHAMFER_POINTS = 20_000
+_TRUE_SURFACE_RESOLUTION = 96
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DMTet(Representation):
+  """The geometry stage's particle (see the module docstring).
+
+  Attributes:
+    grid: tetgrid.TetGrid (host arrays; `data()` hands them to jit).
+    max_faces: static face budget of marching_tets.
+    camera_ranges: cameras.CameraRanges of the training cameras.
+    sdf0: [n, V] initial sdf of each particle.
+    normal_consistency, laplacian: regulariser weights.
+  """
+
+  grid: tetgrid.TetGrid
+  max_faces: int
+  camera_ranges: cameras.CameraRanges
+  sdf0: np.ndarray
+  normal_consistency: float = 0.0
+  laplacian: float = 0.0
+
+  @classmethod
+  def from_config(cls, config, previous=()) -> "DMTet":
+    m = config.mesh
+    grid = tetgrid.kuhn_grid(m.grid_resolution, config.scene.bound)
+    if not previous:
+      sdf = np.asarray(shapes.sdf(m.init_shape, jnp.asarray(grid.verts)), np.float32)
+      sdf0 = np.tile(sdf[None], (config.n_particles, 1))
+    elif previous[0][0].representation == "nerf":
+      sdf0 = nerf_sdf(previous[0], grid.verts, m.iso)
+    else:
+      raise ValueError(
+        f"representation 'dmtet' starts from a 'nerf' run, not {previous[0][0].representation!r}"
+      )
+    return cls(
+      grid=grid,
+      max_faces=m.max_faces or marching_tets.default_max_faces(grid),
+      camera_ranges=scene.camera_ranges_from_config(config),
+      sdf0=sdf0,
+      normal_consistency=float(m.normal_consistency),
+      laplacian=float(m.laplacian),
+    )
+
+  def data(self):
+    g = self.grid
+    shared = {"verts": g.verts, "tets": g.tets, "edges": g.edges, "tet_edges": g.tet_edges}
+    return {"shared": jax.tree.map(jnp.asarray, shared), "particle": {"sdf0": self.sdf0}}
+
+  def _grid(self, shared) -> tetgrid.TetGrid:
+    return self.grid._replace(**shared)
+
+  def init(self, key, data):
+    del key
+    sdf0 = jnp.asarray(data["particle"]["sdf0"])
+    return {"sdf": sdf0, "deformation": jnp.zeros(sdf0.shape + (3,), sdf0.dtype)}
+
+  def mesh(self, params, shared) -> marching_tets.Mesh:
+    """One particle's mesh (verts [E, 3], faces [M, 3], face_mask [M], ...)."""
+    grid = self._grid(shared)
+    positions = marching_tets.deform(grid, params["deformation"])  # [V, 3]
+    return marching_tets.marching_tets(grid, params["sdf"], positions, self.max_faces)
+
+  def sample_camera(self, key):
+    return jax.tree.map(lambda v: v[0], cameras.sample(key, self.camera_ranges, 1))
+
+  def render(self, params, data, camera, resolution, key):
+    del key  # Deterministic.
+    mesh = self.mesh(params, data["shared"])
+    return render_normals(mesh, camera.c2w, camera.fovy, resolution)
+
+  def regularisers(self, out):
+    terms = {}
+    args = (out["verts"], out["faces"], out["face_mask"])
+    if self.normal_consistency > 0:
+      terms["normal_consistency"] = self.normal_consistency * geometry.normal_consistency(*args)
+    if self.laplacian > 0:
+      terms["laplacian"] = self.laplacian * geometry.laplacian_smoothness(*args)
+    return terms
+
+  def export(self, particles, data, folder, export_config):
+    for i in range(self.sdf0.shape[0]):
+      console.say(f"exporting particle {i + 1} (mesh, normal-map video, views) to {folder} ...")
+      mesh = self.host_mesh(jax.tree.map(lambda v, i=i: v[i], particles), data["shared"])
+      export.export_mesh(mesh, os.path.join(folder, f"particle_{i}"), export_config)
+
+  def host_mesh(self, params, shared):
+    """One particle's used mesh on the host: (verts [n, 3], faces [f, 3]); raises on overflow."""
+    mesh = jax.jit(self.mesh)(params, shared)
+    marching_tets.check_overflow(mesh)
+    return marching_tets.used_mesh(mesh)
+
+  def evaluate(self, particles, data, references, sigma_ref, export_config, size):
+    del sigma_ref
+    n = self.sdf0.shape[0]
+    start = {"sdf": jnp.asarray(self.sdf0), "deformation": jnp.zeros(self.sdf0.shape + (3,))}
+    meshes = [
+      self.host_mesh(jax.tree.map(lambda v, i=i: v[i], p), data["shared"])
+      for p in (particles, start)
+      for i in range(n)
+    ]
+    return evaluate_geometry(meshes[:n], meshes[n:], references, export_config.eval_views, size)
+
+
+def meshes_of(config, particles) -> list:
+  """The host meshes [(verts [v, 3], faces [f, 3])] of a geometry-stage run's particles."""
+  m = config.mesh
+  rep = DMTet(
+    grid=tetgrid.kuhn_grid(m.grid_resolution, config.scene.bound),
+    max_faces=m.max_faces,
+    camera_ranges=scene.camera_ranges_from_config(config),
+    sdf0=np.asarray(particles["sdf"]),
+  )
+  rep = dataclasses.replace(rep, max_faces=m.max_faces or marching_tets.default_max_faces(rep.grid))
+  shared = rep.data()["shared"]
+  n = rep.sdf0.shape[0]
+  return [rep.host_mesh(jax.tree.map(lambda v, i=i: v[i], particles), shared) for i in range(n)]
+
+
+def nerf_sdf(previous, points: np.ndarray, iso: float, batch: int = 65_536) -> np.ndarray:
+  """[n, V] sdf = clip(iso - density, -1, 1) of the previous stage's NeRF particles at points."""
+  prev_config, particles = previous
+  spec = scene.spec_from_config(prev_config).field
+  density = jax.jit(lambda p, x: field_lib.density(p, x, spec))
+  out = []
+  for i in range(jax.tree.leaves(particles)[0].shape[0]):
+    params = jax.tree.map(lambda v, i=i: jnp.asarray(v[i]), particles["field"])
+    dens = np.concatenate(
+      [np.asarray(density(params, points[s : s + batch])) for s in range(0, len(points), batch)]
+    )
+    out.append(np.clip(iso - dens, -1.0, 1.0).astype(np.float32))
+  return np.stack(out)
+
+
+def render_normals(mesh, c2w, fovy, size: int) -> dict:
+  """The normal map of a mesh: 'rgb' (n + 1) / 2 on black, 'opacity', and the mesh arrays."""
+  faces, face_mask = mesh.faces, mesh.face_mask
+  normals = geometry.vertex_normals(mesh.verts, faces, face_mask)  # [E, 3]
+  v = view.draw(mesh.verts, faces, face_mask, c2w, fovy, size)
+  n = view.attribute(v, normals, faces)  # [H, W, 3]
+  n = n * jax.lax.rsqrt(jnp.maximum(jnp.sum(n * n, axis=-1, keepdims=True), 1e-12))
+  rgb = v.mask[..., None] * 0.5 * (n + 1.0)  # [H, W, 3], black background
+  rgb, opacity = view.finish(v, rgb, faces, face_mask)
+  return {
+    "rgb": rgb,
+    "opacity": opacity,
+    "verts": mesh.verts,
+    "faces": faces,
+    "face_mask": face_mask,
+    "metrics": {
+      "mesh_faces": mesh.n_faces,
+      "mesh_face_overflow": mesh.overflow.astype(jnp.int32),
+      "raster_tile_overflow": v.overflow,
+    },
+  }
+
+
+def _true_surface(shape: str, bound: float, key) -> np.ndarray:
+  """[_CHAMFER_POINTS, 3] points on the exact surface of a reference shape."""
+  grid = tetgrid.kuhn_grid(_TRUE_SURFACE_RESOLUTION, bound)
+  verts = jnp.asarray(grid.verts)
+  mesh = marching_tets.marching_tets(
+    grid, shapes.sdf(shape, verts), verts, marching_tets.default_max_faces(grid)
+  )
+  points = geometry.sample_surface(key, mesh.verts, mesh.faces, mesh.face_mask, _CHAMFER_POINTS)
+  # Marching tets cuts the corners of the linear interpolation; project onto the zero set.
+  grad = jax.vmap(jax.grad(lambda p: shapes.sdf(shape, p)))(points)
+  return np.asarray(points - shapes.sdf(shape, points)[:, None] * grad)
+
+
+def _chamfer(mesh, surface, key) -> float:
+  verts, faces = (jnp.asarray(a) for a in mesh)
+  mask = jnp.ones(faces.shape[0], bool)
+  points = geometry.sample_surface(key, verts, faces, mask, _CHAMFER_POINTS)
+  return float(geometry.chamfer(points, jnp.asarray(surface)))
+
+
+def evaluate_geometry(meshes, start_meshes, references, n_views: int, size: int) -> dict:
+  """eval.json of the geometry stage.
+
+  Per particle i, against each reference k: `chamfer` [n, K] (scene units,
+  mesh vs exact surface), `init_chamfer` [n, K] (the mesh the stage started
+  from) and `normal_psnr` [n, K] (held-out normal maps); `nearest` [n] is the
+  reference of the best normal PSNR.
+  """
+  names = evaluate.unique_names([r.shape for r in references])
+  key = jax.random.PRNGKey(0)
+  surfaces = [_true_surface(r.shape, shapes.BOUND_RADIUS + 0.1, key) for r in references]
+  cams = evaluate.heldout_cameras(n_views)
+  ref = shapes.render_views(references, cams.c2w, cams.fovy, size, size)["normal_rgb"]
+  ref = np.asarray(ref, np.float64)  # [V, K, H, W, 3]
+  draw = jax.jit(lambda m, c2w, fovy: render_normals(m, c2w, fovy, size)["rgb"])
+  chamfer, init_chamfer, psnr = [], [], []
+  for mesh, start in zip(meshes, start_meshes):
+    chamfer.append([_chamfer(mesh, s, key) for s in surfaces])
+    init_chamfer.append([_chamfer(start, s, key) for s in surfaces])
+    m = marching_tets.Mesh(
+      verts=jnp.asarray(mesh[0]),
+      faces=jnp.asarray(mesh[1], jnp.int32),
+      face_mask=jnp.ones(len(mesh[1]), bool),
+      n_faces=jnp.int32(len(mesh[1])),
+      overflow=jnp.bool_(False),
+    )
+    rgb = np.stack([np.asarray(draw(m, c, f)) for c, f in zip(cams.c2w, cams.fovy)])  # [V, H, W, 3]
+    mse = np.mean(np.square(rgb[:, None] - ref), axis=(0, 2, 3, 4))  # [K]
+    psnr.append(evaluate.psnr(mse))
+  psnr = np.asarray(psnr)
+  return {
+    "references": names,
+    "chamfer": np.asarray(chamfer).tolist(),
+    "init_chamfer": np.asarray(init_chamfer).tolist(),
+    "normal_psnr": psnr.tolist(),
+    "nearest": [names[k] for k in np.argmax(psnr, axis=1)],
+    "n_views": n_views,
+    "size": size,
+  }
