@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import sds, vsd
+from experiments import sds, vsd, vsd_geometry, vsd_texture
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
-from vsdjax import checks
+from vsdjax import checks, train
 from vsdjax.prior import stable_diffusion as sd_lib
 from vsdjax.training import models, train_step
 
@@ -143,3 +143,73 @@ def test_the_sd_prior_encodes_a_posterior_sample_of_the_resized_render(tiny_sd):
   resized = sd_lib.resize_images(rgb, 128)
   np.testing.assert_allclose(x0, sd_lib.encode_images(sd, resized, key), rtol=1e-6)
   assert np.abs(np.asarray(x0 - sd_lib.encode_images(sd, resized))).max() > 0  # not the mean
+
+
+def _tiny_mesh(c, prior_dir):
+  c.prior.name = prior_dir
+  c.mesh.grid_resolution = 8
+  c.render.resolution = c.render.resolution_after = 64
+  c.export.views, c.export.video_frames, c.export.resolution = 1, 1, 16
+  c.export.texture_size = 32
+  return c
+
+
+def _moved(a, b) -> float:
+  return max(
+    jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - y).max()), a, b))
+  )
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_geometry_and_texture_stages_on_tiny_stable_diffusion(tiny_sd, tiny_sd_v, tmp_path):
+  # Stage 2: SDS on normal maps (a sphere start: no stage-1 run needed), one compile.
+  c2 = _tiny_mesh(vsd_geometry.get_config(), tiny_sd.path)
+  c2.init_from, c2.steps = "", 2
+  c2.n_particles = 2
+  m, frozen = models.build(c2, jax.random.PRNGKey(0))
+  state = train_step.init_state(c2, m, frozen, jax.random.PRNGKey(1))
+  sdf0 = np.asarray(state["particles"]["sdf"])
+  step = train_step.make_train_step(c2, m, frozen, 64)
+  for _ in range(2):
+    state, metrics = step(state, jax.random.PRNGKey(2))
+  assert step.jitted._cache_size() == 1
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert metrics["mesh_faces"] > 0 and float(metrics["loss_normal_consistency"]) > 0
+  assert _moved(state["particles"]["sdf"], sdf0) > 0
+
+  # Stage 3 from a geometry run's work directory: VSD with LoRA eps_phi, both steps in one call.
+  geometry = str(tmp_path / "geometry")
+  train.train_and_evaluate(c2, geometry)
+  c3 = _tiny_mesh(_tiny(vsd_texture.get_config(), tiny_sd.path), tiny_sd.path)
+  c3.init_from, c3.eps_phi.base = geometry, tiny_sd_v.path
+  from vsdjax.training import stages
+
+  stages.inherit(c3)
+  assert c3.n_particles == 2
+  checks.validate_config(c3)
+  m, frozen = models.build(c3, jax.random.PRNGKey(0))
+  assert frozen["representation"]["particle"]["faces"].shape[0] == 2
+  state = train_step.init_state(c3, m, frozen, jax.random.PRNGKey(1))
+  field0, phi0 = jax.tree.map(np.asarray, (state["particles"]["field"], state["phi"]))
+  step = train_step.make_train_step(c3, m, frozen, 64)
+  for _ in range(2):
+    state, metrics = step(state, jax.random.PRNGKey(2))
+  assert step.jitted._cache_size() == 1
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert _moved(state["particles"]["field"], field0) > 0
+  assert _moved(state["phi"]["lora"], phi0["lora"]) > 0
+
+
+@pytest.mark.slow
+def test_real_sd_geometry_step_shapes_at_512():
+  """The geometry stage at SD 2.1-base's real sizes, no weights: 512x512 normal maps reach the
+  VAE at 512 and the prior's CFG pair at 64x64 latents (no eps_phi: SDS)."""
+  c = vsd_geometry.get_config()
+  c.init_from = ""  # the analytic start shape
+  m, frozen = models.build_abstract(c)
+  state = jax.eval_shape(lambda f: train_step.init_state(c, m, f, jax.random.PRNGKey(1)), frozen)
+  assert state["particles"]["sdf"].shape == (1, 65**3)
+  seen = _traced_inputs(train_step.make_train_step(c, m, frozen, 512), state, frozen)
+  assert seen["FlaxEncoder"] == [(1, 512, 512, 3)]
+  assert seen["FlaxUNet2DConditionModel"] == [(2, 4, 64, 64)]

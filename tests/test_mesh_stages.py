@@ -1,0 +1,164 @@
+"""Stages 2 and 3: the DMTet and textured-mesh representations, their exports and the chain.
+
+References are independent of the rasterizer: normal maps of the analytic
+shapes come from sphere tracing their SDFs (shapes.py); the baked texture is
+checked against the colour function it was baked from, looked up at the
+xatlas UVs by numpy.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import trimesh
+
+from helpers import tiny_config
+from vsdjax import cameras, train
+from vsdjax.prior.analytic import shapes
+from vsdjax.representations.mesh import dmtet, export, marching_tets, tetgrid
+
+
+def _sphere_dmtet(resolution=32):
+  grid = tetgrid.kuhn_grid(resolution, 1.0)
+  sdf = np.asarray(shapes.sdf("sphere", jnp.asarray(grid.verts)))
+  return dmtet.DMTet(
+    grid=grid,
+    max_faces=marching_tets.default_max_faces(grid),
+    camera_ranges=cameras.CameraRanges(),
+    sdf0=sdf[None],
+  )
+
+
+def test_dmtet_normal_map_matches_the_sphere_traced_one():
+  rep = _sphere_dmtet()
+  data = rep.data()
+  params = rep.init(None, {"shared": data["shared"], "particle": {"sdf0": rep.sdf0[0]}})
+  cam = cameras.from_spherical(1.4, 20.0, 35.0, 50.0)
+  out = jax.jit(lambda p: rep.render(p, {"shared": data["shared"]}, cam, 64, None))(params)
+  ref = shapes.render_views(shapes.parse_references("sphere"), cam.c2w, cam.fovy, 64, 64)
+  ref_rgb, ref_mask = np.asarray(ref["normal_rgb"][0]), np.asarray(ref["mask"][0])
+  mask = np.asarray(out["opacity"]) > 0.5
+  assert np.mean(mask != (ref_mask > 0.5)) < 0.01  # the outline, to a pixel
+  inner = mask & (ref_mask > 0.5)
+  for shift, axis in ((1, 0), (-1, 0), (1, 1), (-1, 1)):  # off the antialiased outline
+    inner &= np.roll(inner, shift, axis)
+  # Normals of the grid-32 marching-tets sphere against the exact ones.
+  assert np.mean(np.abs(np.asarray(out["rgb"])[inner] - ref_rgb[inner])) < 0.02
+  background = ~mask & (ref_mask == 0)
+  for shift, axis in ((1, 0), (-1, 0), (1, 1), (-1, 1)):
+    background &= np.roll(background, shift, axis)
+  assert np.all(np.asarray(out["rgb"])[background] == 0)  # black background
+  assert float(out["metrics"]["mesh_face_overflow"]) == 0
+
+
+def test_dmtet_gradients_reach_sdf_and_deformation_and_regularisers_are_small_on_a_sphere():
+  rep = dataclasses.replace(_sphere_dmtet(16), normal_consistency=1.0, laplacian=1.0)
+  data = rep.data()
+  params = rep.init(None, {"shared": data["shared"], "particle": {"sdf0": rep.sdf0[0]}})
+  cam = cameras.from_spherical(1.4, 10.0, 0.0, 50.0)
+
+  def loss(p):
+    out = rep.render(p, {"shared": data["shared"]}, cam, 32, None)
+    return jnp.mean(out["rgb"][..., 0]), rep.regularisers(out)
+
+  (_, reg), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert float(jnp.abs(grads["sdf"]).sum()) > 0
+  assert float(jnp.abs(grads["deformation"]).sum()) > 0
+  assert 0 < float(reg["normal_consistency"]) < 0.05
+  assert 0 < float(reg["laplacian"]) < 0.05
+
+
+def test_baked_texture_reproduces_the_colour_function():
+  mesh = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+  verts, faces = np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces)
+  colour = lambda x: jnp.clip(x + 0.5, 0.0, 1.0)  # smooth in space
+  vmapping, atlas_faces, uv = export.uv_atlas(verts, faces)
+  size = 256
+  tex = export.bake(colour, verts, vmapping, atlas_faces, uv, size)
+  # Face centroids looked up in the image (nearest texel; row 0 is v = 1).
+  tri_uv = uv[atlas_faces].mean(axis=1)  # [f, 2]
+  tri_x = verts[vmapping][atlas_faces].mean(axis=1)  # [f, 3]
+  rows = np.clip(((1.0 - tri_uv[:, 1]) * size).astype(int), 0, size - 1)
+  cols = np.clip((tri_uv[:, 0] * size).astype(int), 0, size - 1)
+  err = np.abs(tex[rows, cols] - np.clip(tri_x + 0.5, 0, 1))
+  assert np.median(err) < 0.01 and np.percentile(err, 95) < 0.03
+
+
+def test_dilate_fills_around_the_charts_only_from_filled_texels():
+  image = np.zeros((8, 8, 3), np.float32)
+  filled = np.zeros((8, 8), bool)
+  image[3:5, 3:5], filled[3:5, 3:5] = 0.7, True
+  out = export.dilate(image, filled, rings=2)
+  # Texels within 2 steps (4-neighbour) of the chart take its colour, the others stay empty.
+  i, j = np.mgrid[:8, :8]
+  steps = np.maximum(np.maximum(3 - i, i - 4), 0) + np.maximum(np.maximum(3 - j, j - 4), 0)
+  np.testing.assert_allclose(out[steps <= 2], 0.7, rtol=1e-6)
+  assert np.all(out[steps > 2] == 0)
+
+
+def _stage1_config(workdir_steps=6):
+  c = tiny_config(**{"eps_phi.tiny_channels": (64, 64)})
+  c.prior.references = "sphere:#d04040"
+  c.n_particles = 2
+  c.steps = workdir_steps
+  c.render.resolution = c.render.resolution_after = 16
+  c.prior.reference_size = 16
+  c.export.views = 1
+  c.export.video_frames = 2
+  c.export.resolution = 16
+  c.export.mesh_resolution = 16
+  c.export.eval_views = 2
+  return c
+
+
+@pytest.mark.slow
+def test_the_toy_chain_nerf_geometry_texture(tmp_path):
+  from experiments import toy_geometry, toy_texture
+
+  s1, s2, s3 = (str(tmp_path / n) for n in ("nerf", "geometry", "texture"))
+  c1 = _stage1_config()
+  train.train_and_evaluate(c1, s1)
+
+  c2 = toy_geometry.get_config()
+  c2.init_from, c2.steps, c2.n_particles = s1, 4, 1  # n_particles comes from s1
+  c2.mesh.grid_resolution = 16
+  c2.render.resolution = c2.render.resolution_after = c2.prior.reference_size = 32
+  c2.export.views, c2.export.video_frames, c2.export.resolution = 1, 2, 32
+  c2.export.eval_views = 2
+  train.train_and_evaluate(c2, s2)
+  assert c2.n_particles == 2
+  with open(os.path.join(s2, "final", "eval.json")) as f:
+    geo = json.load(f)
+  for key in ("chamfer", "init_chamfer", "normal_psnr"):
+    assert np.asarray(geo[key]).shape == (2, 1)
+  assert geo["nearest"] == ["sphere", "sphere"]
+  for name in ("mesh.obj", "mesh.glb", "normals.mp4", "normals_0.png"):
+    assert os.path.getsize(os.path.join(s2, "final", "particle_1", name)) > 0
+  with open(os.path.join(s2, "metrics.jsonl")) as f:
+    last = json.loads(f.read().splitlines()[-1])
+  assert last["mesh_faces"] > 100 and last["mesh_face_overflow"] == 0
+  assert last["loss_normal_consistency"] > 0 and last["loss_laplacian"] > 0
+
+  c3 = toy_texture.get_config()
+  c3.init_from, c3.steps = s2, 4
+  c3.render.resolution = c3.render.resolution_after = 16
+  c3.eps_phi.tiny_channels = (64, 64)
+  c3.export.views, c3.export.video_frames, c3.export.resolution = 1, 2, 16
+  c3.export.eval_views, c3.export.texture_size = 2, 64
+  state = train.train_and_evaluate(c3, s3)
+  with open(os.path.join(s3, "final", "eval.json")) as f:
+    tex = json.load(f)
+  assert len(tex["particles"]) == 2 and all(np.isfinite(p["psnr"]) for p in tex["particles"])
+  for name in ("mesh.obj", "mesh.mtl", "texture.png", "mesh.glb", "video.mp4", "view_0.png"):
+    assert os.path.getsize(os.path.join(s3, "final", "particle_0", name)) > 0
+  # The texture field started from the stage-1 field (4 steps have moved it only a little).
+  from vsdjax.training import stages
+
+  _, nerf = stages.load_run(s1)
+  grid1 = np.asarray(nerf["field"]["grid"]["tables"])
+  grid3 = np.asarray(state["particles"]["field"]["grid"]["tables"])
+  assert grid1.shape == grid3.shape and np.corrcoef(grid1.ravel(), grid3.ravel())[0, 1] > 0.9
