@@ -34,13 +34,14 @@ def get_config():
 
   c.mesh.grid_resolution = 32  # 35,937 vertices, 196,608 tets: CPU-sized
   c.mesh.iso = 10.0
-  c.mesh.normal_consistency = 0.1
-  c.mesh.laplacian = 0.1
+  # Regulariser weights for this loss's scale (64x64 pixels; 1e4 with SD's latents).
+  c.mesh.normal_consistency = 1.0
+  c.mesh.laplacian = 1.0
 
   c.render.resolution = 64
   c.render.resolution_after = 64
   c.prior.reference_size = 64
-  c.optim.lr = 0.005  # sdf and deformation (ProlificDreamer stage 2)
+  c.optim.lr = 0.01  # sdf and deformation (ProlificDreamer stage 2: 0.005 over 15k steps)
 
   c.log_every = 25
   c.checkpoint_every = 100

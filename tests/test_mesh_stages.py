@@ -20,6 +20,7 @@ from helpers import tiny_config
 from vsdjax import cameras, train
 from vsdjax.prior.analytic import shapes
 from vsdjax.representations.mesh import dmtet, export, marching_tets, tetgrid
+from vsdjax.training import models, stages, train_step
 
 
 def _sphere_dmtet(resolution=32):
@@ -119,18 +120,25 @@ def _stage1_config(workdir_steps=6):
 def test_the_toy_chain_nerf_geometry_texture(tmp_path):
   from experiments import toy_geometry, toy_texture
 
-  s1, s2, s3 = (str(tmp_path / n) for n in ("nerf", "geometry", "texture"))
   c1 = _stage1_config()
-  train.train_and_evaluate(c1, s1)
-
   c2 = toy_geometry.get_config()
-  c2.init_from, c2.steps, c2.n_particles = s1, 4, 1  # n_particles comes from s1
+  c2.steps, c2.n_particles = 4, 1  # n_particles comes from stage 1
   c2.mesh.grid_resolution = 16
   c2.render.resolution = c2.render.resolution_after = c2.prior.reference_size = 32
   c2.export.views, c2.export.video_frames, c2.export.resolution = 1, 2, 32
   c2.export.eval_views = 2
-  train.train_and_evaluate(c2, s2)
-  assert c2.n_particles == 2
+  c3 = toy_texture.get_config()
+  c3.steps = 4
+  c3.prior.references = "cube"  # replaced by stage 1's references
+  c3.render.resolution = c3.render.resolution_after = 16
+  c3.eps_phi.tiny_channels = (64, 64)
+  c3.export.views, c3.export.video_frames, c3.export.resolution = 1, 2, 16
+  c3.export.eval_views, c3.export.texture_size = 2, 64
+  train.train_chain([c1, c2, c3], str(tmp_path))
+  s1, s2, s3 = (str(tmp_path / f"stage{k}") for k in (1, 2, 3))
+  assert c2.init_from == s1 and c3.init_from == s2
+  assert c2.n_particles == c3.n_particles == 2 and c3.prior.references == "sphere:#d04040"
+
   with open(os.path.join(s2, "final", "eval.json")) as f:
     geo = json.load(f)
   for key in ("chamfer", "init_chamfer", "normal_psnr"):
@@ -143,22 +151,32 @@ def test_the_toy_chain_nerf_geometry_texture(tmp_path):
   assert last["mesh_faces"] > 100 and last["mesh_face_overflow"] == 0
   assert last["loss_normal_consistency"] > 0 and last["loss_laplacian"] > 0
 
-  c3 = toy_texture.get_config()
-  c3.init_from, c3.steps = s2, 4
-  c3.render.resolution = c3.render.resolution_after = 16
-  c3.eps_phi.tiny_channels = (64, 64)
-  c3.export.views, c3.export.video_frames, c3.export.resolution = 1, 2, 16
-  c3.export.eval_views, c3.export.texture_size = 2, 64
-  state = train.train_and_evaluate(c3, s3)
   with open(os.path.join(s3, "final", "eval.json")) as f:
     tex = json.load(f)
   assert len(tex["particles"]) == 2 and all(np.isfinite(p["psnr"]) for p in tex["particles"])
   for name in ("mesh.obj", "mesh.mtl", "texture.png", "mesh.glb", "video.mp4", "view_0.png"):
     assert os.path.getsize(os.path.join(s3, "final", "particle_0", name)) > 0
-  # The texture field started from the stage-1 field (4 steps have moved it only a little).
-  from vsdjax.training import stages
-
+  # The texture field starts as the stage-1 field.
   _, nerf = stages.load_run(s1)
-  grid1 = np.asarray(nerf["field"]["grid"]["tables"])
-  grid3 = np.asarray(state["particles"]["field"]["grid"]["tables"])
-  assert grid1.shape == grid3.shape and np.corrcoef(grid1.ravel(), grid3.ravel())[0, 1] > 0.9
+  m, frozen = models.build(c3, jax.random.PRNGKey(0))
+  start = train_step.init_state(c3, m, frozen, jax.random.PRNGKey(1))["particles"]
+  for a, b in zip(jax.tree.leaves(nerf), jax.tree.leaves(start)):
+    np.testing.assert_array_equal(a, b)
+
+  # The same call again: every stage is done, nothing is retrained or rewritten.
+  stamp = os.path.getmtime(os.path.join(s3, "final", "eval.json"))
+  train.train_chain([_stage1_config(), c2, c3], str(tmp_path))
+  assert os.path.getmtime(os.path.join(s3, "final", "eval.json")) == stamp
+
+
+def test_solid_fills_cavities_and_drops_small_pieces():
+  n = 9
+  i, j, k = np.mgrid[:n, :n, :n]
+  sdf = np.clip(np.sqrt((i - 4.0) ** 2 + (j - 4.0) ** 2 + (k - 4.0) ** 2) - 3.5, -1.0, 1.0)
+  sdf[4, 4, 4] = 1.0  # a cavity at the centre, unreachable from outside
+  sdf[0, 0, 0] = -1.0  # a one-vertex piece in a corner
+  out = dmtet.solid(sdf.reshape(-1).astype(np.float32)).reshape(n, n, n)
+  assert out[4, 4, 4] == -1.0 and out[0, 0, 0] == 1.0
+  untouched = np.ones_like(sdf, bool)
+  untouched[4, 4, 4] = untouched[0, 0, 0] = False
+  np.testing.assert_array_equal(out[untouched], sdf[untouched].astype(np.float32))

@@ -5,8 +5,17 @@
 Configs (experiments/):
   toy.py       VSD on the analytic prior in 3D (procedural shapes), minutes on a CPU
   toy2d.py     the paper's 2D experiment on the analytic prior: particles are images
+  toy_geometry.py, toy_texture.py
+               stages 2 and 3 on the analytic prior (--config.init_from=the stage before)
   vsd.py       ProlificDreamer stage 1 (NeRF) on Stable Diffusion 2.1-base (needs the weights)
+  vsd_geometry.py, vsd_texture.py
+               ProlificDreamer stages 2 (DMTet geometry) and 3 (texture)
   sds.py       the SDS (DreamFusion) baseline on the same model
+
+All three stages in one work directory (DIR/stage1, stage2, stage3; rerun to
+continue from any point):
+  python -m vsdjax.main --config experiments/vsd.py --workdir DIR \
+      --chain experiments/vsd_geometry.py,experiments/vsd_texture.py --config.prompt="..."
 
 Every config field is listed and commented in vsdjax/defaults.py; override any
 of them on the command line, e.g. --config.steps=100 --config.n_particles=4
@@ -20,6 +29,8 @@ Export: --config.mode=export writes DIR/final/ again from the latest checkpoint.
 Errors print one line; --debug prints the traceback.
 """
 
+import importlib.util
+import os
 import sys
 import tempfile
 import traceback
@@ -41,6 +52,12 @@ _ALLOW = flags.DEFINE_list(
   "Config fields that may differ from the "
   "run in --workdir when resuming (not those that set the state's "
   "shapes).",
+)
+_CHAIN = flags.DEFINE_list(
+  "chain",
+  [],
+  "Config files of later stages: --config runs into DIR/stage1, each of these "
+  "into the next DIR/stage<k> from the one before (init_from).",
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "Print the traceback of errors.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -75,6 +92,16 @@ def _parse_flags(argv):
     _fail(f"a --config.FIELD override: {detail}; every field is listed in vsdjax/defaults.py")
 
 
+def _load_config(path: str):
+  """get_config() of a --chain file."""
+  spec = importlib.util.spec_from_file_location("vsdjax_chain_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise checks.ConfigError(f"--chain: no config file {path!r}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -90,7 +117,11 @@ def main(argv):
       f"{str(e).splitlines()[-1].strip()}"
     )
   try:
-    train.train_and_evaluate(config, _WORKDIR.value, allow_changes=_ALLOW.value)
+    if _CHAIN.value:
+      chain = [config] + [_load_config(path) for path in _CHAIN.value]
+      train.train_chain(chain, _WORKDIR.value, allow_changes=_ALLOW.value)
+    else:
+      train.train_and_evaluate(config, _WORKDIR.value, allow_changes=_ALLOW.value)
   except checks.UserError as e:
     if _DEBUG.value:
       raise

@@ -212,3 +212,43 @@ def export_all(config, models, frozen, state, workdir: str) -> None:
   result = models.prior.evaluate(models.representation, particles, data, config)
   if result is not None:
     evaluate.write_json(result, os.path.join(final, "eval.json"))
+
+
+# Fields a chained stage takes from the first stage's config (the same object, seed and prior).
+CHAIN_INHERITS = ("seed", "prompt", "prior.kind", "prior.name", "prior.dtype", "prior.references")
+
+
+def _finished(workdir: str, steps: int) -> bool:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(os.path.join(workdir, "final")) or not os.path.exists(path):
+    return False
+  with open(path) as f:
+    lines = f.read().splitlines()
+  return bool(lines) and json.loads(lines[-1])["step"] >= steps
+
+
+def train_chain(configs, workdir: str, allow_changes=()) -> None:
+  """Runs stages into DIR/stage<k>/, each starting from the one before (init_from).
+
+  The later stages take CHAIN_INHERITS from the first config. A stage whose
+  run has reached its steps and written its exports is skipped, an
+  interrupted one resumes, so the same call continues the chain from any point.
+  """
+  flat = checks.flatten(configs[0])
+  previous = ""
+  for k, config in enumerate(configs, start=1):
+    if k > 1:
+      for field in CHAIN_INHERITS:
+        *parents, name = field.split(".")
+        node = config
+        for parent in parents:
+          node = node[parent]
+        node[name] = flat[field]
+      config.init_from = previous
+    stage_dir = os.path.join(workdir, f"stage{k}")
+    if _finished(stage_dir, config.steps):
+      console.say(f"stage {k} ({config.representation}) is done in {stage_dir}; skipped")
+    else:
+      console.say(f"stage {k} ({config.representation}) in {stage_dir}")
+      train_and_evaluate(config, stage_dir, allow_changes)
+    previous = stage_dir

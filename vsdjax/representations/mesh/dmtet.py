@@ -14,7 +14,10 @@ and uniform Laplacian smoothness of the mesh (geometry.py).
 
 Initialisation, per particle: from the previous stage's NeRF (its density at
 the grid vertices against the iso-level, sdf = clip(iso - density, -1, 1),
-negative inside), or from an analytic shape's SDF (shapes.py) without one.
+negative inside, made solid: regions below the iso-level that the outside
+cannot reach are filled, and inside pieces of fewer than 1% of the largest
+one's vertices are dropped; normal maps never see either, so SDS could not
+remove them), or from an analytic shape's SDF (shapes.py) without one.
 The grid's arrays are shared by every particle and travel as a jit argument
 (data['shared']); the initial sdf is per particle (data['particle']).
 """
@@ -25,6 +28,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from vsdjax import cameras, console
 from vsdjax.prior.analytic import evaluate, shapes
@@ -164,8 +168,37 @@ def nerf_sdf(previous, points: np.ndarray, iso: float, batch: int = 65_536) -> n
     dens = np.concatenate(
       [np.asarray(density(params, points[s : s + batch])) for s in range(0, len(points), batch)]
     )
-    out.append(np.clip(iso - dens, -1.0, 1.0).astype(np.float32))
+    out.append(solid(np.clip(iso - dens, -1.0, 1.0).astype(np.float32)))
   return np.stack(out)
+
+
+def solid(sdf: np.ndarray, min_piece: float = 0.01) -> np.ndarray:
+  """sdf [V] on a Kuhn grid's vertex lattice with its cavities filled and small pieces dropped.
+
+  Outside (sdf > 0) regions not connected to the grid's boundary become
+  inside (-1); inside regions (6-connected) with fewer vertices than
+  min_piece times the largest one's become outside (+1).
+  """
+  n = round(len(sdf) ** (1.0 / 3.0))
+  grid = sdf.reshape(n, n, n)
+  outside, _ = ndimage.label(grid > 0)
+  faces = (
+    outside[0],
+    outside[-1],
+    outside[:, 0],
+    outside[:, -1],
+    outside[:, :, 0],
+    outside[:, :, -1],
+  )
+  border = np.unique(np.concatenate([f.ravel() for f in faces]))
+  enclosed = (outside > 0) & ~np.isin(outside, border[border > 0])
+  grid = np.where(enclosed, -1.0, grid)
+  inside, count = ndimage.label(grid <= 0)
+  if count > 1:
+    sizes = np.bincount(inside.ravel())[1:]  # [count]
+    small = np.concatenate([[False], sizes < min_piece * sizes.max()])
+    grid = np.where(small[inside], 1.0, grid)
+  return grid.reshape(-1).astype(np.float32)
 
 
 def render_normals(mesh, c2w, fovy, size: int) -> dict:

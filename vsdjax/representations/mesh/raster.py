@@ -26,9 +26,9 @@ first K_l candidates, the nearest ones. A pixel tests the candidates of the
 tiles of every level that contain it, 32 at a time in a `fori_loop` whose
 trip count is set by the level's fullest tile: the work follows the mesh's
 depth complexity, K_l only caps it. Tiles with more than K_l candidates drop
-the farthest; `Raster.overflow` counts such tiles and `Raster.dropped` the
-dropped (tile, face) slots, for the caller to report, and `Raster.fill`
-gives each level's fullest tile.
+the farthest (by nearest vertex); `Raster.overflow` counts such tiles and
+`Raster.dropped` the dropped (tile, face) slots, for the caller to report,
+and `Raster.fill` gives each level's fullest tile.
 
 The inside test is watertight. Edge e of a face joins vertices (e + 1, e + 2)
 mod 3 and has the edge function
@@ -80,6 +80,9 @@ vertex positions. Coverage comes only from such discontinuities: a sliver of
 a face that holds no pixel centre (near a vertex) adds none, so the output
 jumps where a vertex's neighbourhood crosses a pixel centre; between such
 events it is continuous and piecewise smooth in the vertices.
+
+All shapes are static: every function works under jit and vmap (e.g. over
+particles, each with its own mesh, face mask and camera).
 """
 
 import functools
@@ -93,9 +96,11 @@ from vsdjax import checks
 
 # Tiles (side in pixels, candidates kept per tile K) of the binning levels,
 # finest first, and the K of the whole-image tile. The fullest tiles of
-# geodesic spheres of radius 0.5 +- 15% bumps at 512 x 512 (camera distance 1
-# to 1.5, fovy 40 to 70; benchmarks/raster.py's meshes) held, per level:
-# 10k faces (17, 92, 28), 100k faces (150, 30, 0), 300k faces (300, 0, 0).
+# benchmarks/raster.py's spheres (radius 0.5, bumps of up to 15%) at 512 x 512,
+# over 8 cameras drawn as in training (distance 1 to 1.5, fovy 40 to 70), held
+# per level: 10k faces (27, 93, 26, 0), 100k (174, 31, 0, 0), 300k (311, 15,
+# 0, 0); with cull_back about half as many at the finest level. The work
+# follows these counts, not K (see the module docstring).
 DEFAULT_LEVELS = ((4, 384), (16, 256), (64, 128))
 DEFAULT_LARGE = 64
 
