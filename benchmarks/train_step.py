@@ -252,8 +252,7 @@ def bench_sd(args, base: dict) -> None:
     for dtype_name in args.sd_dtypes:
       for phi_base in args.phi_bases:
         for n in args.sd_particles:
-          config = load_config(args.sd_config, args.set)
-          config.guidance.mode = "vsd"
+          config = load_config(args.sd_config, args.set)  # its guidance mode (stage 2: SDS)
           config.prior.dtype = dtype_name
           config.n_particles = n
           config.render.resolution = res
@@ -267,11 +266,12 @@ def bench_sd(args, base: dict) -> None:
           sd = frozen["prior"]["sd"]
           row = dict(
             bench="sd_step",
+            representation=config.representation,
             size=f"{res}x{res}",
             value=None,
             unit="s/step",
             **base,
-            mode="vsd",
+            mode=config.guidance.mode,
             n_particles=n,
             resolution=res,
             latent=models.prior.model.unet.sample_size,

@@ -6,6 +6,9 @@ the renders, view-dependent prompts with CFG, eps_phi = LoRA + camera MLP on a
 v-prediction base, both optimiser steps in one compiled call.
 """
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +19,7 @@ from experiments import sds, vsd, vsd_geometry, vsd_texture
 from tiny_sd import tiny_sd, tiny_sd_v  # noqa: F401 (fixtures)
 from vsdjax import checks, train
 from vsdjax.prior import stable_diffusion as sd_lib
-from vsdjax.training import models, train_step
+from vsdjax.training import models, stages, train_step
 
 
 def _tiny(c, prior_dir):
@@ -163,28 +166,22 @@ def _moved(a, b) -> float:
 @pytest.mark.slow
 @pytest.mark.torch
 def test_geometry_and_texture_stages_on_tiny_stable_diffusion(tiny_sd, tiny_sd_v, tmp_path):
-  # Stage 2: SDS on normal maps (a sphere start: no stage-1 run needed), one compile.
+  # Stage 2: SDS on normal maps from a sphere (no stage-1 run needed), through the trainer.
   c2 = _tiny_mesh(vsd_geometry.get_config(), tiny_sd.path)
-  c2.init_from, c2.steps = "", 2
-  c2.n_particles = 2
-  m, frozen = models.build(c2, jax.random.PRNGKey(0))
-  state = train_step.init_state(c2, m, frozen, jax.random.PRNGKey(1))
-  sdf0 = np.asarray(state["particles"]["sdf"])
-  step = train_step.make_train_step(c2, m, frozen, 64)
-  for _ in range(2):
-    state, metrics = step(state, jax.random.PRNGKey(2))
-  assert step.jitted._cache_size() == 1
-  assert all(np.isfinite(float(v)) for v in metrics.values())
-  assert metrics["mesh_faces"] > 0 and float(metrics["loss_normal_consistency"]) > 0
-  assert _moved(state["particles"]["sdf"], sdf0) > 0
-
-  # Stage 3 from a geometry run's work directory: VSD with LoRA eps_phi, both steps in one call.
+  c2.init_from, c2.steps, c2.n_particles = "", 2, 2
   geometry = str(tmp_path / "geometry")
-  train.train_and_evaluate(c2, geometry)
+  state = train.train_and_evaluate(c2, geometry)
+  sdf0 = np.asarray(models.build(c2, jax.random.PRNGKey(0))[0].representation.sdf0)
+  assert all(np.abs(np.asarray(state["particles"]["sdf"][i]) - sdf0[i]).max() > 0 for i in (0, 1))
+  with open(os.path.join(geometry, "metrics.jsonl")) as f:
+    metrics = json.loads(f.read().splitlines()[-1])
+  assert all(np.isfinite(v) for v in metrics.values())
+  assert metrics["mesh_faces"] > 0 and metrics["loss_normal_consistency"] > 0
+  assert os.path.getsize(os.path.join(geometry, "final", "particle_1", "mesh.obj")) > 0
+
+  # Stage 3 from that work directory: VSD with LoRA eps_phi, both steps in one compiled call.
   c3 = _tiny_mesh(_tiny(vsd_texture.get_config(), tiny_sd.path), tiny_sd.path)
   c3.init_from, c3.eps_phi.base = geometry, tiny_sd_v.path
-  from vsdjax.training import stages
-
   stages.inherit(c3)
   assert c3.n_particles == 2
   checks.validate_config(c3)
