@@ -180,3 +180,15 @@ def test_solid_fills_cavities_and_drops_small_pieces():
   untouched = np.ones_like(sdf, bool)
   untouched[4, 4, 4] = untouched[0, 0, 0] = False
   np.testing.assert_array_equal(out[untouched], sdf[untouched].astype(np.float32))
+
+
+def test_a_face_budget_too_small_is_a_metric_in_training_and_an_error_on_export():
+  rep = dataclasses.replace(_sphere_dmtet(16), max_faces=100)
+  data = rep.data()
+  params = rep.init(None, {"shared": data["shared"], "particle": {"sdf0": rep.sdf0[0]}})
+  cam = cameras.from_spherical(1.4, 10.0, 0.0, 50.0)
+  out = jax.jit(lambda p: rep.render(p, {"shared": data["shared"]}, cam, 16, None))(params)
+  assert int(out["metrics"]["mesh_face_overflow"]) == 1
+  assert int(out["metrics"]["mesh_faces"]) > 100
+  with pytest.raises(ValueError, match="max_faces"):
+    rep.host_mesh(params, data["shared"])

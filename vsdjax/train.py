@@ -184,6 +184,12 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
             + "\n"
           )
           log.flush()
+          for name in sorted(k for k, v in metrics.items() if k.endswith("_overflow") and v > 0):
+            # A fixed budget (faces, tile candidates) was exceeded: the render dropped faces.
+            console.say(
+              f"warning: step {done}: {name} = {metrics[name]:.3g} (a static budget was "
+              "exceeded and faces were dropped; see the config's mesh section)"
+            )
         if (
           done % config.checkpoint_every == 0 or done == config.steps or stop["signum"] is not None
         ):
