@@ -3,7 +3,8 @@
 Argument checks (`check_int`, `check_number`, `check_range`, `check_finite`)
 raise ValueError naming the argument; the array ones skip traced values (they
 check concrete inputs at public entry points and cost nothing under jit).
-Every settings dataclass types its int and float fields with `coerce_fields`.
+Every settings dataclass checks and normalises its fields with `check_fields`, using
+the rules (`integer`, `number`, `interval`, `choice`, ...) that the config fields use.
 
 `validate_config(config)` runs before anything is built or written: every field
 of `defaults.py` with a closed set of values or a range is checked here, the
