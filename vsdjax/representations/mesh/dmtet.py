@@ -38,7 +38,7 @@ from vsdjax.representations.nerf import field as field_lib, scene
 
 # Points per surface in the chamfer distance, and the grid of the exact surfaces.
 _CHAMFER_POINTS = 20_000
-_TRUE_SURFACE_RESOLUTION = 96
+_TRUE_SURFACE_RESOLUTION = 64
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
