@@ -30,19 +30,16 @@ also give samples_per_ray and ray_batch.
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from vsdjax import cameras
 from vsdjax.representations.nerf import hashgrid, scene
-from xla_memory import memory
+from xla_memory import measure
 
 # The benchmark camera: outside the scene cube, looking at the blob at the origin.
 _CAMERA = dict(radius=1.3, elevation=15.0, azimuth=30.0, fovy=50.0)
-_GIB = 2.0**30
 
 
 def parse_args():
@@ -83,28 +80,6 @@ def parse_args():
   if args.quick:
     args.repeats = 1
   return args
-
-
-def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
-  """Compiles jit(fn) for args; unless too big, times it (median seconds)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  result = {"compile_s": round(time.perf_counter() - start, 2)}
-  temp_gib = compiled.memory_analysis().temp_size_in_bytes / _GIB
-  if max_temp_gib is not None and temp_gib > max_temp_gib:
-    result.update(
-      seconds=None, memory=memory(compiled), skipped=f"temp {temp_gib:.2f} GiB > --max-temp-gib"
-    )
-    return result
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  result.update(seconds=statistics.median(times), memory=memory(compiled))
-  return result
 
 
 def emit(base: dict, bench: str, size, count: int, unit: str, result: dict, **extra) -> None:

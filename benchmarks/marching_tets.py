@@ -26,7 +26,6 @@ temp exceeds --max-temp-gib is compiled but not run (value null, `skipped`).
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
@@ -34,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsdjax.representations.mesh import geometry, marching_tets as mt, tetgrid
-from xla_memory import memory
+from xla_memory import measure
 
-_GIB = 2.0**30
 _RADIUS = 0.6
 
 
@@ -58,28 +56,6 @@ def parse_args():
   if args.warmup < 0:
     p.error("--warmup must be >= 0")
   return args
-
-
-def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
-  """Compiles jit(fn) for args; unless too big, times it (median seconds)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  result = {"compile_s": round(time.perf_counter() - start, 2)}
-  temp_gib = compiled.memory_analysis().temp_size_in_bytes / _GIB
-  if max_temp_gib is not None and temp_gib > max_temp_gib:
-    result.update(
-      seconds=None, memory=memory(compiled), skipped=f"temp {temp_gib:.2f} GiB > --max-temp-gib"
-    )
-    return result
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  result.update(seconds=statistics.median(times), memory=memory(compiled))
-  return result
 
 
 def programs(max_faces: int, cotangent):

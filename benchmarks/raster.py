@@ -27,8 +27,6 @@ not run (value null, `skipped`).
 import argparse
 import json
 import math
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +34,11 @@ import numpy as np
 
 from vsdjax import cameras
 from vsdjax.representations.mesh import raster
-from xla_memory import memory
+from xla_memory import measure
 
 _CAMERA = dict(radius=1.3, elevation=15.0, azimuth=30.0, fovy=50.0)
 _RADIUS = 0.5
 _BUMP = 0.15
-_GIB = 2.0**30
 
 
 def parse_args():
@@ -124,28 +121,6 @@ def bumpy_sphere(n_faces: int, rng):
   phase = rng.uniform(0, 2 * math.pi, 8)
   scale = 1.0 + _BUMP * np.mean(np.sin(verts @ waves.T + phase), axis=-1, keepdims=True)
   return (_RADIUS * scale * verts).astype(np.float32), faces
-
-
-def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
-  """Compiles jit(fn) for args; unless too big, times it (median seconds)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  result = {"compile_s": round(time.perf_counter() - start, 2)}
-  temp_gib = compiled.memory_analysis().temp_size_in_bytes / _GIB
-  if max_temp_gib is not None and temp_gib > max_temp_gib:
-    result.update(
-      seconds=None, memory=memory(compiled), skipped=f"temp {temp_gib:.2f} GiB > --max-temp-gib"
-    )
-    return result
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  result.update(seconds=statistics.median(times), memory=memory(compiled))
-  return result
 
 
 def programs(size: int, cull_back: bool, cotangent):

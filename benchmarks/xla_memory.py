@@ -1,6 +1,11 @@
-"""XLA's memory analysis of a compiled program, in bytes, for the benchmarks."""
+"""XLA's memory analysis of a compiled program, in bytes, and a timed run, for the benchmarks."""
+
+import statistics
+import time
 
 import jax
+
+_GIB = 2.0**30
 
 
 def memory(compiled, shared: int = 0) -> dict:
@@ -30,3 +35,25 @@ def memory(compiled, shared: int = 0) -> dict:
   if stats and "peak_bytes_in_use" in stats:
     out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
   return out
+
+
+def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
+  """Compiles jit(fn) for args; unless too big, times it (median seconds)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  result = {"compile_s": round(time.perf_counter() - start, 2)}
+  temp_gib = compiled.memory_analysis().temp_size_in_bytes / _GIB
+  if max_temp_gib is not None and temp_gib > max_temp_gib:
+    result.update(
+      seconds=None, memory=memory(compiled), skipped=f"temp {temp_gib:.2f} GiB > --max-temp-gib"
+    )
+    return result
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  result.update(seconds=statistics.median(times), memory=memory(compiled))
+  return result
