@@ -259,6 +259,7 @@ RULES = {
   "mesh.init_shape": nonempty_string,
   "mesh.normal_consistency": NONNEGATIVE,
   "mesh.laplacian": NONNEGATIVE,
+  "mesh.supersample": integer(1, 8),
   "render.resolution": integer(1),
   "render.resolution_after": integer(1),
   "render.resolution_step": integer(0),

@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.init_shape = "sphere"  # without init_from: the analytic shape the sdf starts from
   c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges
   c.mesh.laplacian = 10_000.0  # weight of the uniform Laplacian smoothness
+  c.mesh.supersample = 1  # texture stage: s x s texture lookups per pixel, averaged
 
   # --- render ---
   c.render = ml_collections.ConfigDict()

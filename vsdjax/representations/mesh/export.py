@@ -121,7 +121,7 @@ def dilate(image: np.ndarray, filled: np.ndarray, rings: int = _DILATE_RINGS) ->
   return image
 
 
-def export_textured(params, mesh, spec, folder: str, export_config) -> None:
+def export_textured(params, mesh, spec, folder: str, export_config, supersample: int = 1) -> None:
   """The texture stage's exports of one particle (mesh: its padded data['particle'] slice)."""
   from vsdjax.representations.mesh import textured  # Deferred: textured imports this module.
 
@@ -151,7 +151,7 @@ def export_textured(params, mesh, spec, folder: str, export_config) -> None:
   @jax.jit
   def draw(params, mesh, c2w, fovy):
     cam = cameras.Cameras(c2w=c2w, fovy=fovy, radius=0.0, elevation=0.0, azimuth=0.0)
-    return textured.render_textured(params, mesh, cam, size, spec, None)["rgb"]
+    return textured.render_textured(params, mesh, cam, size, spec, None, supersample)["rgb"]
 
   draw_one = functools.partial(draw, params, jmesh)
   _views_and_video(draw_one, folder, "view", "video.mp4", export_config)

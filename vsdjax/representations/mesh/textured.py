@@ -40,12 +40,14 @@ class TexturedMesh(Representation):
     meshes: {'verts': [n, V, 3], 'faces': [n, F, 3], 'face_mask': [n, F]} host
       arrays, the fixed mesh of each particle.
     start: the stage-1 NeRF particles [n, ...] to start the texture from, or None.
+    supersample: s, texture lookups per pixel along each axis (s x s, averaged).
   """
 
   spec: scene.SceneSpec
   camera_ranges: cameras.CameraRanges
   meshes: dict
   start: dict | None = None
+  supersample: int = 1
 
   @classmethod
   def from_config(cls, config, previous=()) -> "TexturedMesh":
@@ -63,6 +65,7 @@ class TexturedMesh(Representation):
       camera_ranges=scene.camera_ranges_from_config(config),
       meshes=pad_meshes(meshes),
       start=start,
+      supersample=config.mesh.supersample,
     )
 
   def data(self):
@@ -80,7 +83,9 @@ class TexturedMesh(Representation):
     return jax.tree.map(lambda v: v[0], cameras.sample(key, self.camera_ranges, 1))
 
   def render(self, params, data, camera, resolution, key):
-    return render_textured(params, data["particle"], camera, resolution, self.spec, key)
+    return render_textured(
+      params, data["particle"], camera, resolution, self.spec, key, self.supersample
+    )
 
   def param_labels(self, params):
     labels = jax.tree.map(lambda _: "rest", params)
@@ -92,9 +97,8 @@ class TexturedMesh(Representation):
     for i in range(n):
       console.say(f"exporting particle {i + 1}/{n} (textured mesh, video, views) to {folder} ...")
       params, mesh = (jax.tree.map(lambda v, i=i: v[i], t) for t in (particles, data["particle"]))
-      export.export_textured(
-        params, mesh, self.spec, os.path.join(folder, f"particle_{i}"), export_config
-      )
+      folder_i = os.path.join(folder, f"particle_{i}")
+      export.export_textured(params, mesh, self.spec, folder_i, export_config, self.supersample)
 
   def evaluate(self, particles, data, references, sigma_ref, export_config, size):
     del sigma_ref
@@ -108,6 +112,7 @@ class TexturedMesh(Representation):
         size,
         self.spec,
         None,
+        self.supersample,
       )["rgb"]
     )
     mse = []
@@ -133,12 +138,19 @@ def pad_meshes(meshes) -> dict:
   return {"verts": verts, "faces": faces, "face_mask": mask}
 
 
-def render_textured(params, mesh, camera, size: int, spec, key) -> dict:
+def render_textured(params, mesh, camera, size: int, spec, key, supersample: int = 1) -> dict:
   """One particle's render: 'rgb' [H, W, 3], 'opacity' [H, W] and raster 'metrics'.
 
   key None: deterministic (the background MLP); otherwise the background is
-  a random solid colour with probability spec.random_bg_prob.
+  a random solid colour with probability spec.random_bg_prob. With
+  supersample s > 1 the image is drawn at s times the size and each s x s
+  block averaged (a box filter over the texture lookups).
   """
+  s = supersample
+  if s > 1:
+    out = render_textured(params, mesh, camera, size * s, spec, key)
+    pool = lambda x: x.reshape(size, s, size, s, *x.shape[2:]).mean(axis=(1, 3))
+    return {"rgb": pool(out["rgb"]), "opacity": pool(out["opacity"]), "metrics": out["metrics"]}
   faces, face_mask = mesh["faces"], mesh["face_mask"]
   v = view.draw(mesh["verts"], faces, face_mask, camera.c2w, camera.fovy, size)
   x = view.attribute(v, mesh["verts"], faces)  # [H, W, 3] surface points
