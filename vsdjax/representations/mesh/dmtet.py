@@ -263,13 +263,7 @@ def evaluate_geometry(meshes, start_meshes, references, n_views: int, size: int)
   for mesh, start in zip(meshes, start_meshes):
     chamfer.append([_chamfer(mesh, s, key) for s in surfaces])
     init_chamfer.append([_chamfer(start, s, key) for s in surfaces])
-    m = marching_tets.Mesh(
-      verts=jnp.asarray(mesh[0]),
-      faces=jnp.asarray(mesh[1], jnp.int32),
-      face_mask=jnp.ones(len(mesh[1]), bool),
-      n_faces=jnp.int32(len(mesh[1])),
-      overflow=jnp.bool_(False),
-    )
+    m = marching_tets.from_host(*mesh)
     rgb = np.stack([np.asarray(draw(m, c, f)) for c, f in zip(cams.c2w, cams.fovy)])  # [V, H, W, 3]
     mse = np.mean(np.square(rgb[:, None] - ref), axis=(0, 2, 3, 4))  # [K]
     psnr.append(evaluate.psnr(mse))

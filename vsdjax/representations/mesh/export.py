@@ -24,7 +24,7 @@ import numpy as np
 import trimesh
 
 from vsdjax import cameras
-from vsdjax.representations.mesh import raster
+from vsdjax.representations.mesh import marching_tets, raster
 from vsdjax.representations.nerf import export as nerf_export, field as field_lib
 
 # Orbit of the videos and views (as the NeRF exports).
@@ -59,22 +59,10 @@ def export_mesh(mesh, folder: str, export_config) -> None:
   tm = trimesh.Trimesh(vertices=verts, faces=faces, process=False)
   tm.export(os.path.join(folder, "mesh.obj"))
   tm.export(os.path.join(folder, "mesh.glb"))
-  jm = _jax_mesh(verts, faces)
+  jm = marching_tets.from_host(verts, faces)
   size = export_config.resolution
   draw = jax.jit(lambda m, c2w, fovy: dmtet.render_normals(m, c2w, fovy, size)["rgb"])
   _views_and_video(functools.partial(draw, jm), folder, "normals", "normals.mp4", export_config)
-
-
-def _jax_mesh(verts, faces):
-  from vsdjax.representations.mesh import marching_tets
-
-  return marching_tets.Mesh(
-    verts=jnp.asarray(verts, jnp.float32),
-    faces=jnp.asarray(faces, jnp.int32),
-    face_mask=jnp.ones(len(faces), bool),
-    n_faces=jnp.int32(len(faces)),
-    overflow=jnp.bool_(False),
-  )
 
 
 def uv_atlas(verts: np.ndarray, faces: np.ndarray):

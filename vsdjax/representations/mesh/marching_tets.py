@@ -245,3 +245,14 @@ def used_mesh(mesh: Mesh):
   faces = np.asarray(mesh.faces)[np.asarray(mesh.face_mask)]  # [f, 3]
   used, inverse = np.unique(faces, return_inverse=True)
   return np.asarray(mesh.verts)[used], inverse.reshape(faces.shape).astype(np.int64)
+
+
+def from_host(verts, faces) -> Mesh:
+  """A host mesh (verts [v, 3], faces [f, 3]) as a Mesh of jax arrays, every face valid."""
+  return Mesh(
+    verts=jnp.asarray(verts, jnp.float32),
+    faces=jnp.asarray(faces, jnp.int32),
+    face_mask=jnp.ones(len(faces), bool),
+    n_faces=jnp.int32(len(faces)),
+    overflow=jnp.bool_(False),
+  )
