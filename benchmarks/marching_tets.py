@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsdjax.representations.mesh import geometry, marching_tets as mt, tetgrid
-from xla_memory import measure
+from xla_memory import measure, run_info
 
 _RADIUS = 0.6
 
@@ -125,12 +125,7 @@ def bench(args, base: dict, n: int) -> None:
 
 def main():
   args = parse_args()
-  base = {
-    "device": jax.devices()[0].device_kind,
-    "backend": jax.default_backend(),
-    "jax": jax.__version__,
-    "repeats": args.repeats,
-  }
+  base = run_info(args.repeats)
   for n in args.resolutions:
     bench(args, base, n)
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from vsdjax import cameras
 from vsdjax.representations.mesh import raster
-from xla_memory import measure
+from xla_memory import measure, run_info
 
 _CAMERA = dict(radius=1.3, elevation=15.0, azimuth=30.0, fovy=50.0)
 _RADIUS = 0.5
@@ -152,12 +152,7 @@ def programs(size: int, cull_back: bool, cotangent):
 
 def main():
   args = parse_args()
-  base = {
-    "device": jax.devices()[0].device_kind,
-    "backend": jax.default_backend(),
-    "jax": jax.__version__,
-    "repeats": args.repeats,
-  }
+  base = run_info(args.repeats)
   cam = cameras.from_spherical(**_CAMERA)
   rng = np.random.default_rng(0)
   for size in args.sizes:

@@ -58,7 +58,7 @@ import numpy as np
 from random_weights import random_like
 from vsdjax import checks
 from vsdjax.training import models as models_lib, train_step
-from xla_memory import memory
+from xla_memory import memory, run_info
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DTYPES = ("float32", "bfloat16")
@@ -304,12 +304,7 @@ def bench_sd(args, base: dict) -> None:
 
 def main():
   args = parse_args()
-  base = {
-    "device": jax.devices()[0].device_kind,
-    "backend": jax.default_backend(),
-    "jax": jax.__version__,
-    "repeats": args.repeats,
-  }
+  base = run_info(args.repeats)
   if args.sd:
     bench_sd(args, base)
   else:

@@ -37,6 +37,16 @@ def memory(compiled, shared: int = 0) -> dict:
   return out
 
 
+def run_info(repeats: int) -> dict:
+  """The fields every result row of a run carries: device, backend, jax version, repeats."""
+  return {
+    "device": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "repeats": repeats,
+  }
+
+
 def measure(fn, args, repeats: int, warmup: int, max_temp_gib) -> dict:
   """Compiles jit(fn) for args; unless too big, times it (median seconds)."""
   start = time.perf_counter()

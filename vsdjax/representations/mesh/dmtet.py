@@ -126,7 +126,7 @@ class DMTet(Representation):
 
   def host_mesh(self, params, shared):
     """One particle's used mesh on the host: (verts [n, 3], faces [f, 3]); raises on overflow."""
-    mesh = jax.jit(self.mesh)(params, shared)
+    mesh = _jitted_mesh(self, params, shared)
     marching_tets.check_overflow(mesh)
     return marching_tets.used_mesh(mesh)
 
@@ -142,18 +142,15 @@ class DMTet(Representation):
     return evaluate_geometry(meshes[:n], meshes[n:], references, export_config.eval_views, size)
 
 
+# Compiled once per representation (DMTet hashes by identity), not once per call.
+_jitted_mesh = jax.jit(DMTet.mesh, static_argnums=0)
+
+
 def meshes_of(config, particles) -> list:
   """The host meshes [(verts [v, 3], faces [f, 3])] of a geometry-stage run's particles."""
-  m = config.mesh
-  rep = DMTet(
-    grid=tetgrid.kuhn_grid(m.grid_resolution, config.scene.bound),
-    max_faces=m.max_faces,
-    camera_ranges=scene.camera_ranges_from_config(config),
-    sdf0=np.asarray(particles["sdf"]),
-  )
-  rep = dataclasses.replace(rep, max_faces=m.max_faces or marching_tets.default_max_faces(rep.grid))
+  rep = DMTet.from_config(config)  # Its start shape is unused: the particles' sdf replaces it.
   shared = rep.data()["shared"]
-  n = rep.sdf0.shape[0]
+  n = np.shape(particles["sdf"])[0]
   return [rep.host_mesh(jax.tree.map(lambda v, i=i: v[i], particles), shared) for i in range(n)]
 
 

@@ -34,20 +34,18 @@ _DILATE_RINGS = 8
 
 
 def _orbit_frames(draw, n: int):
-  """uint8 frames [H, W, 3] of draw(c2w, fovy) -> rgb over an n-view orbit."""
+  """rgb [H, W, 3] in [0, 1] of draw(c2w, fovy) -> rgb over an n-view orbit."""
   cams = cameras.orbit(n, **_ORBIT)
   for c2w, fovy in zip(cams.c2w, cams.fovy):
-    yield np.asarray(np.clip(np.asarray(draw(c2w, fovy)) * 255.0 + 0.5, 0, 255), np.uint8)
+    yield np.asarray(draw(c2w, fovy))
 
 
 def _views_and_video(draw, folder: str, stem: str, video: str, export_config) -> None:
   e = export_config
-  for k, frame in enumerate(_orbit_frames(draw, e.views) if e.views else ()):
-    nerf_export.save_png(frame / 255.0, os.path.join(folder, f"{stem}_{k}.png"))
-  if e.video_frames:
-    nerf_export.write_video(
-      _orbit_frames(draw, e.video_frames), os.path.join(folder, video), nerf_export.VIDEO_FPS
-    )
+  for k, rgb in enumerate(_orbit_frames(draw, e.views)):
+    nerf_export.save_png(rgb, os.path.join(folder, f"{stem}_{k}.png"))
+  frames = (nerf_export.to_uint8(rgb) for rgb in _orbit_frames(draw, e.video_frames))
+  nerf_export.write_video(frames, os.path.join(folder, video), nerf_export.VIDEO_FPS)
 
 
 def export_mesh(mesh, folder: str, export_config) -> None:
@@ -124,7 +122,7 @@ def export_textured(params, mesh, spec, folder: str, export_config, supersample:
     return field_lib.density_and_albedo(params["field"], x, spec.field)[1]
 
   texture = bake(albedo, verts, vmapping, atlas_faces, uv, export_config.texture_size)
-  image = np.asarray(np.clip(texture * 255.0 + 0.5, 0, 255), np.uint8)
+  image = nerf_export.to_uint8(texture)
   nerf_export.save_png(texture, os.path.join(folder, "texture.png"))
   _write_obj(os.path.join(folder, "mesh.obj"), verts[vmapping], uv, atlas_faces)
   visual = trimesh.visual.TextureVisuals(

@@ -70,6 +70,12 @@ def _safe_normalize(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(nonzero, x * jax.lax.rsqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
 
 
+def _masked_mean(values, mask) -> jnp.ndarray:
+  """Mean of values [N] where mask [N]; 0 where nothing is masked in."""
+  total = jnp.sum(jnp.where(mask, values, 0.0))
+  return total / jnp.maximum(jnp.sum(mask), 1).astype(total.dtype)
+
+
 def _face_cross(verts, faces, face_mask) -> jnp.ndarray:
   """[M, 3] (v1 - v0) x (v2 - v0) per face (twice the area times the unit normal), 0 if masked."""
   tri = verts[faces]  # [M, 3 corners, 3]
@@ -150,8 +156,7 @@ def normal_consistency(verts, faces, face_mask) -> jnp.ndarray:
   normals = vertex_normals(verts, faces, face_mask)  # [V, 3]
   edges, edge_mask = unique_edges(faces, face_mask)  # [3M, 2], [3M]
   cos = jnp.sum(normals[edges[:, 0]] * normals[edges[:, 1]], axis=-1)  # [3M]
-  total = jnp.sum(jnp.where(edge_mask, 1.0 - cos, 0.0))
-  return total / jnp.maximum(jnp.sum(edge_mask), 1).astype(total.dtype)
+  return _masked_mean(1.0 - cos, edge_mask)
 
 
 def uniform_laplacian(verts, faces, face_mask):
@@ -191,8 +196,7 @@ def laplacian_smoothness(verts, faces, face_mask) -> jnp.ndarray:
     [] float, 0 for a mesh without valid faces.
   """
   laplacian, used = uniform_laplacian(verts, faces, face_mask)  # [V, 3], [V]
-  total = jnp.sum(jnp.where(used, _safe_norm(laplacian), 0.0))
-  return total / jnp.maximum(jnp.sum(used), 1).astype(total.dtype)
+  return _masked_mean(_safe_norm(laplacian), used)
 
 
 def sample_surface(key: jax.Array, verts, faces, face_mask, n: int) -> jnp.ndarray:

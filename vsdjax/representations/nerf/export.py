@@ -88,7 +88,7 @@ def save_png(rgb, path) -> str:
   checks.check_finite("rgb", rgb)
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  iio.imwrite(path, _to_uint8(rgb), extension=".png")
+  iio.imwrite(path, to_uint8(rgb), extension=".png")
   return path
 
 
@@ -108,7 +108,7 @@ def export_image(x0, path) -> str:
   return save_png(0.5 * (np.moveaxis(x0, 0, -1) + 1.0), path)
 
 
-def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
   """[..., 3] floats in [0, 1] -> uint8 0..255 (clipped, rounded)."""
   return np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -328,7 +328,7 @@ def export_particle(
 
   # Video: one frame rendered (same compiled render) and written at a time.
   orbit = cameras.orbit(video_frames, radius, elevation, fovy)
-  frames = (_to_uint8(frame) for frame in _renders(params, orbit, spec, resolution, ray_batch))
+  frames = (to_uint8(frame) for frame in _renders(params, orbit, spec, resolution, ray_batch))
   video_path = os.path.join(out_dir, "video.mp4")
   write_video(frames, video_path, fps)
 
@@ -352,7 +352,7 @@ def export_particle(
     )
   else:
     colors = np.concatenate(
-      [_to_uint8(mesh["colors"]), np.full((n_vertices, 1), 255, np.uint8)], axis=-1
+      [to_uint8(mesh["colors"]), np.full((n_vertices, 1), 255, np.uint8)], axis=-1
     )  # [V, 4] RGBA
     trimesh.Trimesh(
       vertices=mesh["vertices"], faces=mesh["faces"], vertex_colors=colors, process=False
