@@ -182,6 +182,21 @@ def test_solid_fills_cavities_and_drops_small_pieces():
   np.testing.assert_array_equal(out[untouched], sdf[untouched].astype(np.float32))
 
 
+def test_solid_closes_a_shell_with_a_hole_and_keeps_its_outer_surface():
+  n = 15
+  i, j, k = np.mgrid[:n, :n, :n]
+  r = np.sqrt((i - 7.0) ** 2 + (j - 7.0) ** 2 + (k - 7.0) ** 2)
+  sdf = np.clip(np.abs(r - 5.0) - 0.8, -1.0, 1.0)  # a hollow shell: inside only near r = 5
+  sdf[7, 7, 10:] = 1.0  # a one-vertex-wide hole from the outside into the cavity
+  flat = sdf.reshape(-1).astype(np.float32)
+  assert dmtet.solid(flat).reshape(n, n, n)[7, 7, 7] == 1.0  # open: not a cavity
+  out = dmtet.solid(flat, close=1).reshape(n, n, n)
+  assert np.all(out[r < 4.0] == -1.0)  # the cavity is filled
+  assert out[7, 7, 12] == -1.0  # and the hole in the shell (r = 5) closed
+  outer = r > 6.0
+  np.testing.assert_array_equal(out[outer], flat.reshape(n, n, n)[outer])  # outside untouched
+
+
 def test_a_face_budget_too_small_is_a_metric_in_training_and_an_error_on_export():
   rep = dataclasses.replace(_sphere_dmtet(16), max_faces=100)
   data = rep.data()

@@ -256,6 +256,7 @@ RULES = {
   "mesh.grid_resolution": integer(2, 512),
   "mesh.max_faces": integer(0),
   "mesh.iso": number(),
+  "mesh.close_holes": integer(0, 16),
   "mesh.init_shape": nonempty_string,
   "mesh.normal_consistency": NONNEGATIVE,
   "mesh.laplacian": NONNEGATIVE,

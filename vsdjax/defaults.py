@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the size of the reference "128" grid)
   c.mesh.max_faces = 0  # marching-tets face budget; 0: 64 * grid_resolution^2
   c.mesh.iso = 10.0  # NeRF density that becomes the surface when starting from stage 1
+  c.mesh.close_holes = 1  # fill cavities reached through openings < ~2k cells (k; 0: off)
   c.mesh.init_shape = "sphere"  # without init_from: the analytic shape the sdf starts from
   c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges
   c.mesh.laplacian = 10_000.0  # weight of the uniform Laplacian smoothness

@@ -68,7 +68,7 @@ class DMTet(Representation):
       sdf = np.asarray(shapes.sdf(m.init_shape, jnp.asarray(grid.verts)), np.float32)
       sdf0 = np.tile(sdf[None], (config.n_particles, 1))
     elif previous[0][0].representation == "nerf":
-      sdf0 = nerf_sdf(previous[0], grid.verts, m.iso)
+      sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
     else:
       raise ValueError(
         f"representation 'dmtet' starts from a 'nerf' run, not {previous[0][0].representation!r}"
@@ -154,8 +154,13 @@ def meshes_of(config, particles) -> list:
   return [rep.host_mesh(jax.tree.map(lambda v, i=i: v[i], particles), shared) for i in range(n)]
 
 
-def nerf_sdf(previous, points: np.ndarray, iso: float, batch: int = 65_536) -> np.ndarray:
-  """[n, V] sdf = clip(iso - density, -1, 1) of the previous stage's NeRF particles at points."""
+def nerf_sdf(
+  previous, points: np.ndarray, iso: float, close: int = 0, batch: int = 65_536
+) -> np.ndarray:
+  """[n, V] sdf = clip(iso - density, -1, 1) of the previous stage's NeRF particles at points.
+
+  Made solid (see `solid`, which `close` is passed to).
+  """
   prev_config, particles = previous
   spec = scene.spec_from_config(prev_config).field
   density = jax.jit(lambda p, x: field_lib.density(p, x, spec))
@@ -165,20 +170,42 @@ def nerf_sdf(previous, points: np.ndarray, iso: float, batch: int = 65_536) -> n
     dens = np.concatenate(
       [np.asarray(density(params, points[s : s + batch])) for s in range(0, len(points), batch)]
     )
-    out.append(solid(np.clip(iso - dens, -1.0, 1.0).astype(np.float32)))
+    out.append(solid(np.clip(iso - dens, -1.0, 1.0).astype(np.float32), close))
   return np.stack(out)
 
 
-def solid(sdf: np.ndarray, min_piece: float = 0.01) -> np.ndarray:
+def solid(sdf: np.ndarray, close: int = 0, min_piece: float = 0.01) -> np.ndarray:
   """sdf [V] on a Kuhn grid's vertex lattice with its cavities filled and small pieces dropped.
 
   Outside (sdf > 0) regions not connected to the grid's boundary become
-  inside (-1); inside regions (6-connected) with fewer vertices than
-  min_piece times the largest one's become outside (+1).
+  inside (-1). With close = k > 0, so do those connected to it only through
+  openings narrower than about 2k vertices: the inside is dilated k times,
+  its cavities filled, and the result eroded k times (3 x 3 x 3 cubes), so a hollow NeRF shell
+  with holes becomes a solid while the outer surface stays where it was.
+  Then inside regions (6-connected) with fewer vertices than min_piece times
+  the largest one's become outside (+1).
   """
   n = round(len(sdf) ** (1.0 / 3.0))
   grid = sdf.reshape(n, n, n)
-  outside, _ = ndimage.label(grid > 0)
+  inside = grid <= 0
+  filled = _fill_cavities(inside)
+  if close:
+    cube = np.ones((3, 3, 3), bool)
+    dilated = ndimage.binary_dilation(inside, cube, iterations=close)
+    closed = ~ndimage.binary_dilation(~_fill_cavities(dilated), cube, iterations=close)
+    filled |= closed
+  grid = np.where(filled & ~inside, -1.0, grid)
+  pieces, count = ndimage.label(grid <= 0)
+  if count > 1:
+    sizes = np.bincount(pieces.ravel())[1:]  # [count]
+    small = np.concatenate([[False], sizes < min_piece * sizes.max()])
+    grid = np.where(small[pieces], 1.0, grid)
+  return grid.reshape(-1).astype(np.float32)
+
+
+def _fill_cavities(inside: np.ndarray) -> np.ndarray:
+  """inside [n, n, n] bool with the outside regions that do not reach the boundary added."""
+  outside, _ = ndimage.label(~inside)
   faces = (
     outside[0],
     outside[-1],
@@ -188,14 +215,7 @@ def solid(sdf: np.ndarray, min_piece: float = 0.01) -> np.ndarray:
     outside[:, :, -1],
   )
   border = np.unique(np.concatenate([f.ravel() for f in faces]))
-  enclosed = (outside > 0) & ~np.isin(outside, border[border > 0])
-  grid = np.where(enclosed, -1.0, grid)
-  inside, count = ndimage.label(grid <= 0)
-  if count > 1:
-    sizes = np.bincount(inside.ravel())[1:]  # [count]
-    small = np.concatenate([[False], sizes < min_piece * sizes.max()])
-    grid = np.where(small[inside], 1.0, grid)
-  return grid.reshape(-1).astype(np.float32)
+  return inside | ((outside > 0) & ~np.isin(outside, border[border > 0]))
 
 
 def render_normals(mesh, c2w, fovy, size: int) -> dict:
