@@ -218,15 +218,18 @@ def _fill_cavities(inside: np.ndarray) -> np.ndarray:
   return inside | ((outside > 0) & ~np.isin(outside, border[border > 0]))
 
 
-def render_normals(mesh, c2w, fovy, size: int) -> dict:
-  """The normal map of a mesh: 'rgb' (n + 1) / 2 on black, 'opacity', and the mesh arrays."""
+def render_normals(mesh, c2w, fovy, size: int, antialias: bool = True) -> dict:
+  """The normal map of a mesh: 'rgb' (n + 1) / 2 on black, 'opacity', and the mesh arrays.
+
+  antialias False: sampled at the pixel centres only (view.finish).
+  """
   faces, face_mask = mesh.faces, mesh.face_mask
   normals = geometry.vertex_normals(mesh.verts, faces, face_mask)  # [E, 3]
   v = view.draw(mesh.verts, faces, face_mask, c2w, fovy, size)
   n = view.attribute(v, normals, faces)  # [H, W, 3]
   n = n * jax.lax.rsqrt(jnp.maximum(jnp.sum(n * n, axis=-1, keepdims=True), 1e-12))
   rgb = v.mask[..., None] * 0.5 * (n + 1.0)  # [H, W, 3], black background
-  rgb, opacity = view.finish(v, rgb, faces, face_mask)
+  rgb, opacity = view.finish(v, rgb, faces, face_mask, antialias)
   return {
     "rgb": rgb,
     "opacity": opacity,
@@ -266,8 +269,9 @@ def evaluate_geometry(meshes, start_meshes, references, n_views: int, size: int)
 
   Per particle i, against each reference k: `chamfer` [n, K] (scene units,
   mesh vs exact surface), `init_chamfer` [n, K] (the mesh the stage started
-  from) and `normal_psnr` [n, K] (held-out normal maps); `nearest` [n] is the
-  reference of the best normal PSNR.
+  from) and `normal_psnr` [n, K] (held-out normal maps, sampled at the pixel
+  centres as the references are); `nearest` [n] is the reference of the best
+  normal PSNR.
   """
   names = evaluate.unique_names([r.shape for r in references])
   key = jax.random.PRNGKey(0)
@@ -275,7 +279,7 @@ def evaluate_geometry(meshes, start_meshes, references, n_views: int, size: int)
   cams = evaluate.heldout_cameras(n_views)
   ref = shapes.render_views(references, cams.c2w, cams.fovy, size, size)["normal_rgb"]
   ref = np.asarray(ref, np.float64)  # [V, K, H, W, 3]
-  draw = jax.jit(lambda m, c2w, fovy: render_normals(m, c2w, fovy, size)["rgb"])
+  draw = jax.jit(lambda m, c2w, fovy: render_normals(m, c2w, fovy, size, False)["rgb"])
   chamfer, init_chamfer, psnr = [], [], []
   for mesh, start in zip(meshes, start_meshes):
     chamfer.append([_chamfer(mesh, s, key) for s in surfaces])

@@ -101,6 +101,8 @@ class TexturedMesh(Representation):
       export.export_textured(params, mesh, self.spec, folder_i, export_config, self.supersample)
 
   def evaluate(self, particles, data, references, sigma_ref, export_config, size):
+    """Held-out PSNR of renders sampled at the pixel centres (one texture lookup per pixel, no
+    antialiasing), as the references and stage 1's volume renders are."""
     del sigma_ref
     cams = evaluate.heldout_cameras(export_config.eval_views)
     ref = np.asarray(shapes.render_views(references, cams.c2w, cams.fovy, size, size)["rgb"])
@@ -112,7 +114,7 @@ class TexturedMesh(Representation):
         size,
         self.spec,
         None,
-        self.supersample,
+        antialias=False,
       )["rgb"]
     )
     mse = []
@@ -138,13 +140,16 @@ def pad_meshes(meshes) -> dict:
   return {"verts": verts, "faces": faces, "face_mask": mask}
 
 
-def render_textured(params, mesh, camera, size: int, spec, key, supersample: int = 1) -> dict:
+def render_textured(
+  params, mesh, camera, size: int, spec, key, supersample: int = 1, antialias: bool = True
+) -> dict:
   """One particle's render: 'rgb' [H, W, 3], 'opacity' [H, W] and raster 'metrics'.
 
   key None: deterministic (the background MLP); otherwise the background is
   a random solid colour with probability spec.random_bg_prob. With
   supersample s > 1 the image is drawn at s times the size and each s x s
-  block averaged (a box filter over the texture lookups).
+  block averaged (a box filter over the texture lookups). antialias False:
+  sampled at the pixel centres only (view.finish).
   """
   s = supersample
   if s > 1:
@@ -163,5 +168,5 @@ def render_textured(params, mesh, camera, size: int, spec, key, supersample: int
   if key is not None and spec.random_bg_prob > 0:
     bg = background.solid_or_mlp(key, bg, spec.random_bg_prob)
   m = v.mask[..., None]
-  rgb, opacity = view.finish(v, m * albedo + (1.0 - m) * bg, faces, face_mask)
+  rgb, opacity = view.finish(v, m * albedo + (1.0 - m) * bg, faces, face_mask, antialias)
   return {"rgb": rgb, "opacity": opacity, "metrics": {"raster_tile_overflow": v.overflow}}

@@ -46,8 +46,14 @@ def attribute(view: View, attr, faces) -> jax.Array:
   return raster.interpolate(attr, faces, view.tri_id, view.bary)
 
 
-def finish(view: View, rgb, faces, face_mask) -> tuple:
-  """(rgb [H, W, 3], opacity [H, W]): the composited rgb and the mask, antialiased together."""
+def finish(view: View, rgb, faces, face_mask, antialias: bool = True) -> tuple:
+  """(rgb [H, W, 3], opacity [H, W]): the composited rgb and the mask, antialiased together.
+
+  antialias False: as sampled at the pixel centres (how the analytic
+  references and the volume renders are sampled; the evaluations compare so).
+  """
+  if not antialias:
+    return rgb, view.mask
   rgba = jnp.concatenate([rgb, view.mask[..., None]], axis=-1)  # [H, W, 4]
   out = raster.antialias(rgba, view.clip, faces, face_mask, view.tri_id)
   return out[..., :3], out[..., 3]
