@@ -5,6 +5,14 @@ The published settings: SD 2.1-base at CFG 100, t in [0.02, 0.98] then
 the sdf and the deformation, normal consistency and Laplacian smoothness
 at 1e4 each; a Kuhn grid of 64 cells (the size of the reference "128" grid).
 
+Where vsdjax differs from threestudio's prolificdreamer-geometry config: the
+grid is a Kuhn split of cubes (threestudio loads a precomputed tet file);
+the NeRF's density 10 is the surface as there, but the solid is made in
+code (`mesh.close_holes`: openings of about 2 cells into a hollow NeRF are
+sealed and cavities filled, small pieces dropped; threestudio removes small
+components only), once at the start; no "auto" iso level and no tightening
+of the grid to the object's box.
+
   python -m vsdjax.main --config experiments/vsd_geometry.py --workdir workdirs/burger_geometry \\
       --config.init_from=workdirs/burger --config.prompt="a delicious hamburger"
 """
