@@ -19,7 +19,7 @@ import pytest
 
 from helpers import get, walk
 from vsdjax.guidance import eps_phi, lora
-from vsdjax.prior import schedule
+from vsdjax.prior import schedule, stable_diffusion
 
 BATCH, CHANNELS, HEIGHT, WIDTH = 4, 4, 8, 16  # Non-square latents.
 TEXT_LEN, TEXT_DIM = 3, 32
@@ -113,8 +113,9 @@ def fns(setup):
 
   @jax.jit
   def references(params, x, t, emb, t_emb_shift):
-    plain = unet.apply({"params": params}, x, t, emb, return_dict=False)[0]
-    manual = unet.apply({"params": params}, x, t, emb, t_emb_shift, method=manual_forward)
+    with nn.intercept_methods(stable_diffusion.exact_geglu):  # eps_phi's GELU is the prior's
+      plain = unet.apply({"params": params}, x, t, emb, return_dict=False)[0]
+      manual = unet.apply({"params": params}, x, t, emb, t_emb_shift, method=manual_forward)
     return plain, manual
 
   def make_step(spec, unet, base, prediction_type, optimizer):

@@ -192,7 +192,7 @@ def test_geglu_uses_exact_gelu_like_torch():
     }
   }
   module = FlaxGEGLU(32)
-  with nn.intercept_methods(sdm._exact_geglu):  # pylint: disable=protected-access
+  with nn.intercept_methods(sdm.exact_geglu):
     ours = module.apply({"params": params}, x)
   assert rel_err(ours, expected) <= 1e-6
   assert rel_err(module.apply({"params": params}, x), expected) > 1e-5

@@ -21,10 +21,15 @@ from vsdjax.training import models, train_step
 
 @pytest.mark.slow
 def test_run_workdir_and_resume(tmp_path):
-  full = train.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
+  # With the occupancy grid (updated at steps 0 and 2): state['aux'] resumes bit-exact too.
+  cfg = lambda **kw: tiny_config(  # noqa: E731
+    **{"render.occupancy_grid": 8, "render.occupancy_every": 2, **kw}
+  )
+  full = train.train_and_evaluate(cfg(), str(tmp_path / "full"))
+  assert np.asarray(full["aux"]["occupancy"]).max() > 0
   # Interrupted after 2 steps (checkpointed), then the same config again.
-  train.train_and_evaluate(tiny_config(steps=2), str(tmp_path / "resumed"))
-  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "resumed"))
+  train.train_and_evaluate(cfg(steps=2), str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(cfg(), str(tmp_path / "resumed"))
   for a, b in zip(leaves(full), leaves(resumed)):
     np.testing.assert_array_equal(a, b)
   run = tmp_path / "resumed"

@@ -6,6 +6,8 @@ Defaults are the published ProlificDreamer stage-1 settings, so
 `experiments/vsd.py` changes little.
 """
 
+import os
+
 import ml_collections
 
 
@@ -38,7 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.prior = ml_collections.ConfigDict()
   c.prior.kind = "stable_diffusion"  # "stable_diffusion" or "analytic"
   c.prior.name = "stabilityai/stable-diffusion-2-1-base"  # hub id or local diffusers folder
-  c.prior.dtype = "float32"  # "float32" or "bfloat16" for the frozen UNet / VAE
+  c.prior.dtype = "auto"  # the frozen UNet / VAE: "float32", "bfloat16", or "auto" = bfloat16 on
+  # a GPU / TPU and float32 on the CPU (per backend: a run resumed on another kind of device
+  # switches; set it explicitly to pin it). Trainable state stays float32; bfloat16's error:
+  # benchmarks/README.md "precision.py"
+  c.prior.attention = "fused"  # the UNets' attention (prior and eps_phi): "fused"
+  # (jax.nn.dot_product_attention, cuDNN on a GPU in bfloat16, XLA elsewhere), "xla" or
+  # "diffusers" (diffusers' own einsums); stable_diffusion.intercept_attention
   c.prior.references = "sphere:#d04040"  # analytic: "shape:#rrggbb,..." components (shapes.py)
   c.prior.sigma_ref = 0.0  # analytic: std of each component around its reference (x0 units)
   c.prior.reference_size = 32  # analytic: render size of the references (= render size)
@@ -94,6 +102,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.render.resolution_step = 5_000  # step of the resolution switch (one recompilation)
   c.render.n_samples = 64  # samples per ray
   c.render.chunk = 16  # samples per lax.scan step (rematerialised)
+  # Empty-space skipping (nerf): an occupancy grid of G^3 cells per particle (0: off); the
+  # n_samples of a ray are spread over its occupied cells only, in training renders, exports and
+  # eval.json (the grid is part of the scene, as in threestudio). Cells are occupied while
+  # the moving maximum (decay per update, updated every `occupancy_every` steps) of their
+  # opacity over one cell exceeds occupancy_threshold (or the grid's mean, if lower).
+  c.render.occupancy_grid = 0
+  c.render.occupancy_threshold = 0.01
+  c.render.occupancy_decay = 0.95
+  c.render.occupancy_every = 16
   c.render.ray_batch = 32_768  # >0: render in batches of this many rays (lax.map);
   # bounds memory at 512x512 (benchmarks/README.md); 0: one batch
 
@@ -123,6 +140,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every = 50  # metrics.jsonl interval (steps)
   c.checkpoint_every = 1_000  # orbax checkpoint interval (steps)
   c.keep_checkpoints = 2  # checkpoints kept
+  # JAX's persistent compilation cache: a rerun or resume reads its compiled steps from this
+  # folder instead of compiling again; "" leaves JAX's own settings (by default no cache)
+  c.compile_cache = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vsdjax", "jax"
+  )
   c.export = ml_collections.ConfigDict()
   c.export.views = 8  # PNG views per particle
   c.export.video_frames = 60  # frames of the 360-degree orbit video

@@ -23,6 +23,7 @@ import threading
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import tqdm
@@ -112,6 +113,34 @@ def _stop_on_signals():
       signal.signal(s, h)
 
 
+# Compiles shorter than this are not cached: eager ops take milliseconds, train
+# steps seconds (the 2D toy's on cpu-2) to minutes (Stable Diffusion).
+CACHE_MIN_COMPILE_SECONDS = 0.5
+
+
+def use_compile_cache(path: str) -> None:
+  """Points JAX's persistent compilation cache at `path` for the rest of the process.
+
+  Compiles of CACHE_MIN_COMPILE_SECONDS or more are written there and read
+  back by any later process that compiles the same program with the same jax
+  and device. "" leaves JAX's own settings (JAX_COMPILATION_CACHE_DIR); a
+  folder that cannot be created turns the cache off with a message.
+  """
+  if not path:
+    return
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    console.say(f"compile_cache {path} cannot be created ({e.strerror}); compiling without it")
+    return
+  if jax.config.jax_compilation_cache_dir != path:
+    compilation_cache.reset_cache()  # JAX opens its cache folder once per process.
+    jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # Any size.
+
+
 def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   """Trains (resuming from the latest checkpoint), then exports; returns the state.
 
@@ -126,6 +155,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   if config.mode == "export" and not resumed:
     raise checks.UserError(f"mode=export: no checkpoint in {workdir_lib.checkpoint_dir(workdir)}")
   workdir_lib.record_config(config, workdir, resumed)
+  use_compile_cache(config.compile_cache)
   key = jax.random.PRNGKey(config.seed)
   k_models, k_init, k_steps = jax.random.split(key, 3)
   models, frozen = models_lib.build(config, k_models)
@@ -213,7 +243,7 @@ def export_all(config, models, frozen, state, workdir: str) -> None:
   """Writes DIR/final/: per-particle exports and, where the prior knows the answer, eval.json."""
   final = os.path.join(workdir, "final")
   particles = jax.device_get(state["particles"])
-  data = frozen["representation"]
+  data = dict(frozen["representation"], aux=jax.device_get(state.get("aux", {})))
   models.representation.export(particles, data, final, config.export)
   result = models.prior.evaluate(models.representation, particles, data, config)
   if result is not None:

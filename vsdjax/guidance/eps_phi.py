@@ -40,7 +40,7 @@ import numpy as np
 
 from vsdjax import checks, mlp
 from vsdjax.guidance import lora as lora_lib
-from vsdjax.prior import schedule
+from vsdjax.prior import schedule, stable_diffusion
 
 CAMERA_DIM = 16  # Flattened 4x4 camera-to-world matrix.
 _MODES = ("lora", "full")
@@ -59,6 +59,8 @@ class EpsPhiSpec:
       zeros.
     camera_hidden: hidden width of the camera MLP; None uses the UNet's
       time-embedding dim.
+    attention: the UNet's attention, one of stable_diffusion.ATTENTIONS (see
+      stable_diffusion.intercept_attention).
   """
 
   mode: str = "lora"
@@ -66,6 +68,7 @@ class EpsPhiSpec:
   alpha: float = 4.0
   camera_dropout: float = 0.1
   camera_hidden: int | None = None
+  attention: str = "fused"
 
   def __post_init__(self):
     checks.check_fields(
@@ -75,6 +78,7 @@ class EpsPhiSpec:
       alpha=checks.number(),
       camera_dropout=checks.UNIT,
       camera_hidden=checks.optional(checks.integer(1)),
+      attention=checks.choice(*stable_diffusion.ATTENTIONS),
     )
 
   @property
@@ -226,7 +230,11 @@ class EpsPhi:
         out = out + cam_emb.astype(out.dtype)  # [B, D]
       return out
 
-    with nn.intercept_methods(add_camera):
+    with (
+      stable_diffusion.intercept_attention(self.spec.attention),
+      nn.intercept_methods(stable_diffusion.exact_geglu),  # as the prior's UNet
+      nn.intercept_methods(add_camera),
+    ):
       out = self.unet.apply({"params": params}, x_t, t, emb, return_dict=False)[0]
     if len(calls) != 1:  # Guards against a diffusers change of the module tree.
       raise ValueError(

@@ -23,11 +23,19 @@ diffusers' Flax GEGLU uses the tanh approximation of GELU while the PyTorch
 models (and so the published weights) use the exact one; the UNet is applied
 with a method interceptor that restores the exact GELU, which is what makes the
 outputs match PyTorch to float32 precision. The Flax attention does not honour
-`upcast_attention` (SD 2.1 768): irrelevant in float32; in bfloat16 the
+`upcast_attention` (SD 2.1 768): irrelevant in float32; in bfloat16 diffusers'
 softmax runs in bfloat16 (no overflow, bfloat16 has float32's range).
+
+The UNet's attention (diffusers' `FlaxAttention`) is by default replaced, with
+another method interceptor (`intercept_attention`), by `jax.nn.dot_product_attention`
+on the module's own projections: cuDNN's fused kernel on a GPU in bfloat16,
+XLA's attention elsewhere; its logits and softmax are float32 in bfloat16 too.
+`StableDiffusion.attention` chooses it ("fused", "xla" or "diffusers", see
+`ATTENTIONS`); eps_phi's UNet takes the same interceptor.
 """
 
 from collections.abc import Mapping, Sequence
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -47,7 +55,7 @@ for _handler in diffusers.utils.logging.get_logger("diffusers").handlers:
   )
 
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models.attention_flax import FlaxGEGLU
+from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU
 import flax.linen as nn
 import flax.serialization
 import huggingface_hub
@@ -66,6 +74,9 @@ BUILTIN_CONFIGS = ("stable-diffusion-2-1-base", "stable-diffusion-2-1")
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 DTYPES = (jnp.float32, jnp.bfloat16)
+# The UNet's attention: jax.nn.dot_product_attention with cuDNN where it runs
+# (GPU, bfloat16 / float16) and XLA elsewhere; XLA's always; diffusers' own.
+ATTENTIONS = ("fused", "xla", "diffusers")
 # What to download for a hub id: configs, tokenizer, full-precision safetensors.
 _HUB_PATTERNS = (
   "model_index.json",
@@ -161,7 +172,7 @@ class Modules:
 @functools.partial(
   jax.tree_util.register_dataclass,
   data_fields=("unet_params", "vae_params", "text_params", "alphas_cumprod"),
-  meta_fields=("modules", "prediction_type", "scaling_factor", "dtype", "name"),
+  meta_fields=("modules", "prediction_type", "scaling_factor", "dtype", "name", "attention"),
 )
 @dataclasses.dataclass(frozen=True, eq=False)
 class StableDiffusion:
@@ -186,6 +197,7 @@ class StableDiffusion:
     scaling_factor: latent scale of the VAE config.
     dtype: compute and param dtype, jnp.float32 or jnp.bfloat16.
     name: the folder or hub id it was loaded from.
+    attention: the UNet's attention, one of ATTENTIONS (see intercept_attention).
   """
 
   modules: Modules
@@ -197,6 +209,7 @@ class StableDiffusion:
   scaling_factor: float
   dtype: Any
   name: str
+  attention: str = "fused"
 
   @property
   def unet(self) -> FlaxUNet2DConditionModel:
@@ -544,13 +557,78 @@ def load_stable_diffusion(
 # Pure functions.
 
 
-def _exact_geglu(next_fun, args, kwargs, context):
+def exact_geglu(next_fun, args, kwargs, context):
   """Method interceptor: diffusers' Flax GEGLU with PyTorch's exact GELU."""
   if isinstance(context.module, FlaxGEGLU) and context.method_name == "__call__":
     hidden = context.module.proj(args[0])  # [B, L, 8 C]
     linear, gate = jnp.split(hidden, 2, axis=-1)  # [B, L, 4 C] each
     return linear * nn.gelu(gate, approximate=False)
   return next_fun(*args, **kwargs)
+
+
+def _attention_implementation(query: jax.Array, attention: str) -> str:
+  """The jax.nn.dot_product_attention implementation of `attention`: "cudnn" or "xla"."""
+  half = query.dtype in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if attention == "fused" and half and jax.default_backend() == "gpu" else "xla"
+
+
+def _dot_product_attention(module: FlaxAttention, attention: str, hidden, context=None, **kwargs):
+  """FlaxAttention.__call__ through jax.nn.dot_product_attention.
+
+  The module's own projections (query, key, value, proj_attn: LoRA-merged
+  params apply as they are) and dropout; softmax(q k^T * scale) v with heads
+  split as [B, T, N, H], whatever the module's split_head_dim.
+
+  Args:
+    module: the bound FlaxAttention.
+    attention: "fused" (cuDNN where jax accepts it, else XLA) or "xla".
+    hidden: [B, T, C] queries' input.
+    context: [B, S, D] keys' and values' input (None: hidden, self-attention).
+    **kwargs: `deterministic` (dropout), as FlaxAttention takes it.
+
+  Returns:
+    [B, T, C] in the module's dtype.
+  """
+  context = hidden if context is None else context
+  batch, heads = hidden.shape[0], (module.heads, module.dim_head)
+  q = module.query(hidden).reshape(batch, -1, *heads)  # [B, T, N, H]
+  k = module.key(context).reshape(batch, -1, *heads)  # [B, S, N, H]
+  v = module.value(context).reshape(batch, -1, *heads)  # [B, S, N, H]
+  implementation = _attention_implementation(q, attention)
+  try:
+    out = jax.nn.dot_product_attention(q, k, v, scale=module.scale, implementation=implementation)
+  except NotImplementedError:  # Shapes or a GPU that jax's cuDNN checks refuse.
+    out = jax.nn.dot_product_attention(q, k, v, scale=module.scale, implementation="xla")
+  out = module.proj_attn(out.reshape(batch, -1, module.heads * module.dim_head))  # [B, T, C]
+  return module.dropout_layer(out, deterministic=kwargs.get("deterministic", True))
+
+
+def intercept_attention(attention: str) -> contextlib.AbstractContextManager:
+  """A context in which diffusers' Flax UNets run the chosen attention.
+
+  Wrap a UNet's `apply` in it (`with intercept_attention("fused"): unet.apply(...)`);
+  nests with other method interceptors.
+
+  Args:
+    attention: "fused" (jax.nn.dot_product_attention: cuDNN on a GPU in
+      bfloat16 / float16 where jax accepts the shapes, XLA elsewhere), "xla"
+      (jax.nn.dot_product_attention's XLA version) or "diffusers" (the
+      module's own einsums, unchanged).
+
+  Raises:
+    ValueError: for another name.
+  """
+  if attention not in ATTENTIONS:
+    raise ValueError(f"attention={attention!r} is unknown; expected one of {ATTENTIONS}")
+  if attention == "diffusers":
+    return contextlib.nullcontext()
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, FlaxAttention) and context.method_name == "__call__":
+      return _dot_product_attention(context.module, attention, *args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+  return nn.intercept_methods(interceptor)
 
 
 def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str]) -> jax.Array:
@@ -627,7 +705,7 @@ def predict_raw(
   """
   x_t, t, emb = jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(emb)
   _check_unet_inputs(sd, x_t, t, emb)
-  with nn.intercept_methods(_exact_geglu):
+  with intercept_attention(sd.attention), nn.intercept_methods(exact_geglu):
     out = sd.unet.apply({"params": unet_params}, x_t.astype(sd.dtype), t, emb.astype(sd.dtype))
   return out.sample.astype(jnp.float32)
 

@@ -18,6 +18,12 @@ particle, 'particle': stacked [n, ...]}. They travel to the jitted step as an
 argument (frozen['representation']), never as constants, and `init` and
 `render` see {'shared': ..., 'particle': this particle's slice}.
 
+A representation may also keep per-particle state that is not trained (the
+NeRF's occupancy grid): `init_aux` makes it, `update_aux` advances it at the
+start of each step, and `render` finds it in data['aux'] ([n, ...] in
+`export` and `evaluate`, which render with it too). It is checkpointed with
+the rest of the train state (state['aux']).
+
 A stage that starts from another run (config.init_from) gets `previous`, the
 (config, particles) of the runs it starts from, nearest first.
 
@@ -58,6 +64,16 @@ class Representation(abc.ABC):
     An optional 'metrics' entry {name: []} is averaged over the particles
     into the step's metrics.
     """
+
+  def init_aux(self, params: Any, data: dict) -> Any:
+    """One particle's untrained state (see the module docstring; none by default)."""
+    del params, data
+    return {}
+
+  def update_aux(self, aux: Any, params: Any, data: dict, step: jax.Array, key: jax.Array) -> Any:
+    """The untrained state for this step, from the parameters before its update."""
+    del params, data, step, key
+    return aux
 
   def regularisers(self, out: dict) -> dict:
     """Weighted regulariser terms {name: []} of one render (none by default)."""

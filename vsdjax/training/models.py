@@ -73,9 +73,22 @@ def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
   }
 
 
+def prior_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+  """The frozen prior's dtype for config field prior.dtype ("auto", "float32", "bfloat16").
+
+  "auto" is float32 on the CPU and bfloat16 on accelerators (GPU, TPU), decided
+  by `backend` (default jax.default_backend()): the same on every run of one
+  backend, so a resumed run gets the dtype it started with unless it moved to
+  another kind of device.
+  """
+  if name == "auto":
+    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return jnp.dtype(name)
+
+
 def _load(field: str, name: str, dtype) -> stable_diffusion.StableDiffusion:
   """Loads the model that config field `field` names, or raises ModelLoadError."""
-  console.say(f"loading {name} ({field}) ...")
+  console.say(f"loading {name} ({field}, {jnp.dtype(dtype).name}) ...")
   try:
     return prior_lib.load_stable_diffusion(name, dtype=dtype)
   except (OSError, ValueError) as e:
@@ -95,7 +108,11 @@ def _phi(config, unet, alphas_cumprod, prediction_type: str) -> eps_phi_lib.EpsP
   """eps_phi on `unet` (LoRA + camera MLP, or all weights) with its base's schedule."""
   e = config.eps_phi
   spec = eps_phi_lib.EpsPhiSpec(
-    mode=e.mode, rank=e.rank, alpha=e.alpha, camera_dropout=e.camera_dropout
+    mode=e.mode,
+    rank=e.rank,
+    alpha=e.alpha,
+    camera_dropout=e.camera_dropout,
+    attention=config.prior.attention,
   )
   return eps_phi_lib.EpsPhi(
     unet=unet, spec=spec, alphas_cumprod=np.asarray(alphas_cumprod), prediction_type=prediction_type
@@ -113,9 +130,9 @@ def build(config, key: jax.Array):
   frozen = {"phi_base": {}, "representation": representation.data()}
   phi = None
   if config.prior.kind == "stable_diffusion":
-    sd = _load("prior.name", config.prior.name, jnp.dtype(config.prior.dtype))
+    sd = _load("prior.name", config.prior.name, prior_dtype(config.prior.dtype))
     emb = prior_lib.encode_prompts(sd, _view_prompts(config) + [""])  # [5, 77, D]
-    sd = dataclasses.replace(sd, text_params={})
+    sd = dataclasses.replace(sd, text_params={}, attention=config.prior.attention)
     frozen.update(prior={"sd": sd, "emb_cond": emb[:-1], "emb_uncond": emb[-1]}, phi_emb=emb[:-1])
     # The static copy keeps the modules and the schedule, not the weights.
     prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
@@ -167,8 +184,9 @@ def build_abstract(config):
   if config.prior.kind != "stable_diffusion":
     raise checks.ConfigError("config field prior.kind: build_abstract is for 'stable_diffusion'")
   sd = stable_diffusion.abstract_model(
-    _builtin("prior.name", config.prior.name), jnp.dtype(config.prior.dtype)
+    _builtin("prior.name", config.prior.name), prior_dtype(config.prior.dtype)
   )
+  sd = dataclasses.replace(sd, attention=config.prior.attention)
   n_views, n_tokens, width = len(cameras.VIEW_NAMES), 77, sd.unet.cross_attention_dim
   emb = jax.ShapeDtypeStruct((n_views, n_tokens, width), jnp.float32)
   frozen = {

@@ -5,11 +5,16 @@ particle axis [n, ...]):
   'step':         [] int32
   'particles':    the representation's init pytree per particle
   'particle_opt': Adam states of the particles
+  'aux':          the representation's untrained state per particle (the NeRF's
+                  occupancy grid); only when it has one, so that the runs without
+                  keep the state layout (and checkpoints) they had before
   'phi':          eps_phi's trainable pytree (LoRA + camera MLP); {} for SDS
   'phi_opt':      its AdamW state
 
 One step, for key k = fold_in(key, step):
-  vmap over particles i: the representation's camera c_i and render
+  vmap over particles i: aux_i = update_aux(aux_i, theta_i) (before the
+    particle update, so that this step renders with it);
+    the representation's camera c_i and render
     g(theta_i, c_i), x0 = the prior's encoding (pixels; or the VAE after a
     bilinear resize to the prior's own image size, so that both UNets always
     see their native latents), t ~ U[t_min, t_max(step)], eps, x_t;
@@ -64,13 +69,19 @@ def init_state(config, models, frozen, key: jax.Array) -> dict:
   phi = {}
   if models.eps_phi is not None:
     phi = models.eps_phi.init(k_phi, frozen["phi_base"])
-  return {
+  aux = jax.vmap(
+    lambda p, own: models.representation.init_aux(p, {"shared": data["shared"], "particle": own})
+  )(particles, data["particle"])
+  state = {
     "step": jnp.zeros((), jnp.int32),
     "particles": particles,
     "particle_opt": jax.vmap(particle_optimizer(config, models.representation).init)(particles),
     "phi": phi,
     "phi_opt": phi_optimizer(config).init(phi),
   }
+  if jax.tree.leaves(aux):
+    state["aux"] = aux
+  return state
 
 
 def make_train_step(config, models, frozen, resolution: int) -> Callable:
@@ -87,10 +98,10 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
   num_t = prior.alphas_cumprod.shape[0]
   alphas_cumprod = jnp.asarray(prior.alphas_cumprod)
 
-  def particle_loss(params, own, key, phi, frozen, t_lo, t_hi):
+  def particle_loss(params, own, aux, key, phi, frozen, t_lo, t_hi):
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
-    data = {"shared": frozen["representation"]["shared"], "particle": own}
+    data = {"shared": frozen["representation"]["shared"], "particle": own, "aux": aux}
     out = rep.render(params, data, cam, resolution, k_render)
     x0 = prior.encode(frozen["prior"], out["rgb"][None], jax.random.fold_in(key, 1))  # [1, C, h, w]
     label = cameras.view_label(cam.elevation, cam.azimuth)
@@ -140,10 +151,20 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       t_anneal_steps=g.t_anneal_steps,
     )
     keys = jax.random.split(k_particles, config.n_particles)
-    grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
-    (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, None, None, None, None))(
+    shared = frozen["representation"]["shared"]
+    rep_aux = jax.vmap(
+      lambda a, p, own, k: rep.update_aux(a, p, {"shared": shared, "particle": own}, step, k)
+    )(
+      state.get("aux", {}),
       state["particles"],
       frozen["representation"]["particle"],
+      jax.random.split(jax.random.fold_in(key, 7), config.n_particles),
+    )
+    grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
+    (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, 0, None, None, None, None))(
+      state["particles"],
+      frozen["representation"]["particle"],
+      rep_aux,
       keys,
       state["phi"],
       frozen,
@@ -185,6 +206,8 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       "phi": phi,
       "phi_opt": phi_state,
     }
+    if "aux" in state:
+      new_state["aux"] = rep_aux
     return new_state, metrics
 
   jitted = jax.jit(step_fn, donate_argnums=0)

@@ -27,8 +27,17 @@ import orbax.checkpoint as ocp
 
 from vsdjax import checks, console
 
-# Fields that may differ on resume: how long, how often to log and save, exports.
-MAY_CHANGE = ("steps", "mode", "log_every", "checkpoint_every", "keep_checkpoints", "export.")
+# Fields that may differ on resume: how long, how often to log and save, where the
+# compile cache is, exports.
+MAY_CHANGE = (
+  "steps",
+  "mode",
+  "log_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "compile_cache",
+  "export.",
+)
 # Fields that set the shapes of the saved state: a run cannot continue with others.
 NEVER_CHANGE = (
   "seed",

@@ -134,6 +134,7 @@ def evaluate_3d(
   n_views: int = 8,
   size: int = 64,
   ray_batch: int = 4096,
+  occupied=None,
 ) -> dict:
   """Held-out-view PSNR of each 3D particle to each reference.
 
@@ -144,6 +145,7 @@ def evaluate_3d(
     n_views: number of held-out cameras (`heldout_cameras`).
     size: render size (square), pixels.
     ray_batch: rays rendered at a time (bounds memory).
+    occupied: [n, G, G, G] bool occupancy grids of the particles, or None.
 
   Returns:
     The dict of the module docstring, with "n_views" and "size".
@@ -173,9 +175,9 @@ def evaluate_3d(
   mse = []
   for i in range(tables[0]):
     particle = jax.tree.map(lambda v, i=i: v[i], particles)
-    rgb = export.render_views(particle, cams, spec, size, ray_batch).astype(
-      np.float64
-    )  # [V, H, W, 3]
+    grid = None if occupied is None else occupied[i]
+    rgb = export.render_views(particle, cams, spec, size, ray_batch, grid)  # [V, H, W, 3]
+    rgb = rgb.astype(np.float64)
     err = np.square(rgb[:, None] - ref_rgb)  # [V, K, H, W, 3]
     mse.append(np.mean(np.mean(err, axis=(2, 3, 4)), axis=0))  # [K]
   out = summary(np.stack(mse), unique_names([r.shape for r in refs]))

@@ -114,14 +114,20 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "size", "ray_batch"))
-def _render_rgb(params, c2w, fovy, spec, size, ray_batch):
+def _render_rgb(params, c2w, fovy, spec, size, ray_batch, occupied):
   """[size, size, 3] deterministic render of one particle from one camera."""
-  return scene.render_camera(params, c2w, fovy, size, size, spec, key=None, ray_batch=ray_batch)[
-    "rgb"
-  ]
+  out = scene.render_camera(params, c2w, fovy, size, size, spec, None, ray_batch, occupied)
+  return out["rgb"]
 
 
-def _renders(params: dict, cams: cameras.Cameras, spec: scene.SceneSpec, size: int, ray_batch: int):
+def _renders(
+  params: dict,
+  cams: cameras.Cameras,
+  spec: scene.SceneSpec,
+  size: int,
+  ray_batch: int,
+  occupied=None,
+):
   """Yields the [size, size, 3] float32 render of each camera of cams [V]."""
   size = checks.check_int("size", size)
   ray_batch = min(checks.check_int("ray_batch", ray_batch), size * size)
@@ -133,11 +139,16 @@ def _renders(params: dict, cams: cameras.Cameras, spec: scene.SceneSpec, size: i
       f"fovy [V]), got c2w {c2w.shape}, fovy {fovy.shape}"
     )
   for v in range(c2w.shape[0]):
-    yield np.asarray(_render_rgb(params, c2w[v], fovy[v], spec, size, ray_batch))
+    yield np.asarray(_render_rgb(params, c2w[v], fovy[v], spec, size, ray_batch, occupied))
 
 
 def render_views(
-  params: dict, cams: cameras.Cameras, spec: scene.SceneSpec, size: int, ray_batch: int = 4096
+  params: dict,
+  cams: cameras.Cameras,
+  spec: scene.SceneSpec,
+  size: int,
+  ray_batch: int = 4096,
+  occupied=None,
 ) -> np.ndarray:
   """Deterministic renders of one particle from a batch of cameras.
 
@@ -150,11 +161,12 @@ def render_views(
     spec: the particle's SceneSpec.
     size: image height and width.
     ray_batch: rays rendered at a time (bounds memory).
+    occupied: the particle's [G, G, G] bool occupancy grid, or None (render.render).
 
   Returns:
     [V, size, size, 3] float32 rgb.
   """
-  return np.stack(list(_renders(params, cams, spec, size, ray_batch)))
+  return np.stack(list(_renders(params, cams, spec, size, ray_batch, occupied)))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -281,6 +293,7 @@ def export_particle(
   fovy: float = 45.0,
   ray_batch: int = 4096,
   fps: int = VIDEO_FPS,
+  occupied=None,
 ) -> dict:
   """Writes the views, the orbit video and the mesh of one 3D particle.
 
@@ -297,6 +310,8 @@ def export_particle(
     ray_batch: rays per render batch; the mesh grid is evaluated
       ray_batch * spec.render.n_samples points at a time.
     fps: frames per second of the video.
+    occupied: the particle's [G, G, G] bool occupancy grid: views and video
+      render with it, as training did (the mesh is the field's alone).
 
   Returns:
     {'views': [V paths], 'video': path, 'mesh': path or None,
@@ -319,7 +334,7 @@ def export_particle(
 
   # Views.
   rgb = render_views(
-    params, cameras.orbit(views, radius, elevation, fovy), spec, resolution, ray_batch
+    params, cameras.orbit(views, radius, elevation, fovy), spec, resolution, ray_batch, occupied
   )  # [V, H, W, 3]
   view_paths = [
     save_png(image, os.path.join(out_dir, "views", f"view_{i:02d}.png"))
@@ -328,7 +343,8 @@ def export_particle(
 
   # Video: one frame rendered (same compiled render) and written at a time.
   orbit = cameras.orbit(video_frames, radius, elevation, fovy)
-  frames = (to_uint8(frame) for frame in _renders(params, orbit, spec, resolution, ray_batch))
+  frames = _renders(params, orbit, spec, resolution, ray_batch, occupied)
+  frames = (to_uint8(frame) for frame in frames)
   video_path = os.path.join(out_dir, "video.mp4")
   write_video(frames, video_path, fps)
 

@@ -131,6 +131,42 @@ def init(key: jax.Array, spec: GridSpec) -> dict:
   return {"tables": tables}
 
 
+def corners(x: jnp.ndarray, spec: GridSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The 8 cell corners of every point and level: their rows and trilinear weights.
+
+  Args:
+    x: [N, 3] positions in the unit cube [0, 1]^3 (clamped to it), float.
+    spec: grid settings.
+
+  Returns:
+    row: [N, L, 8] int32, each corner's row within its level (< size_l).
+    weights: [N, L, 8] in the dtype of `x`, summing to 1 over the corners.
+  """
+  lv = levels(spec)
+  x = jnp.clip(x[:, None, :], 0.0, 1.0)  # [N, 1, 3]
+  scale = jnp.asarray(lv.scale[:, None], x.dtype)  # [L, 1]
+  pos = x * scale + 0.5  # [N, L, 3]
+  cell = jnp.floor(pos)  # [N, L, 3]
+  frac = pos - cell  # [N, L, 3]
+
+  # Integer corners and their table rows, all levels at once.
+  corner = cell.astype(jnp.uint32)[:, :, None, :] + jnp.asarray(_CORNERS)  # [N, L, 8, 3]
+  c0, c1, c2 = corner[..., 0], corner[..., 1], corner[..., 2]  # [N, L, 8]
+  res = jnp.asarray(lv.resolution[:, None], jnp.uint32)  # [L, 1]
+  dense_row = c0 + c1 * res + c2 * (res * res)  # [N, L, 8]
+  hashed_row = (
+    c0 * jnp.uint32(_PRIMES[0]) ^ c1 * jnp.uint32(_PRIMES[1]) ^ c2 * jnp.uint32(_PRIMES[2])
+  )  # [N, L, 8]
+  row = jnp.where(lv.dense[:, None], dense_row, hashed_row)  # [N, L, 8]
+  row = row % jnp.asarray(lv.size[:, None], jnp.uint32)  # [N, L, 8]
+
+  # Trilinear weights: product over dims of frac (offset 1) or 1 - frac.
+  upper = jnp.asarray(_CORNERS, bool)  # [8, 3]
+  f = frac[:, :, None, :]  # [N, L, 1, 3]
+  weights = jnp.prod(jnp.where(upper, f, 1.0 - f), axis=-1)  # [N, L, 8]
+  return row.astype(jnp.int32), weights
+
+
 def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
   """Encodes positions with the multiresolution hash grid.
 
@@ -147,37 +183,16 @@ def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
   tables = jnp.asarray(params["tables"])  # [L, T, F]
   n_levels, t, n_features = spec.n_levels, spec.table_size, spec.n_features
   x = jnp.asarray(x)
-  lv = levels(spec)
   dtype = jnp.promote_types(x.dtype, tables.dtype)
   batch_shape = x.shape[:-1]
-  x = jnp.clip(x.astype(dtype).reshape(-1, 1, 3), 0.0, 1.0)  # [N, 1, 3]
-  scale = jnp.asarray(lv.scale[:, None], dtype)  # [L, 1]
-  pos = x * scale + 0.5  # [N, L, 3]
-  cell = jnp.floor(pos)  # [N, L, 3]
-  frac = pos - cell  # [N, L, 3]
-
-  # Integer corners and their table rows, all levels at once.
-  corner = cell.astype(jnp.uint32)[:, :, None, :] + jnp.asarray(_CORNERS)  # [N, L, 8, 3]
-  c0, c1, c2 = corner[..., 0], corner[..., 1], corner[..., 2]  # [N, L, 8]
-  res = jnp.asarray(lv.resolution[:, None], jnp.uint32)  # [L, 1]
-  dense_row = c0 + c1 * res + c2 * (res * res)  # [N, L, 8]
-  hashed_row = (
-    c0 * jnp.uint32(_PRIMES[0]) ^ c1 * jnp.uint32(_PRIMES[1]) ^ c2 * jnp.uint32(_PRIMES[2])
-  )  # [N, L, 8]
-  row = jnp.where(lv.dense[:, None], dense_row, hashed_row)  # [N, L, 8]
-  row = row % jnp.asarray(lv.size[:, None], jnp.uint32)  # [N, L, 8]
+  row, weights = corners(x.astype(dtype).reshape(-1, 3), spec)  # [N, L, 8] each
   level_start = jnp.asarray(np.arange(n_levels)[:, None] * t, jnp.int32)
-  flat_row = row.astype(jnp.int32) + level_start  # [N, L, 8]
+  flat_row = row + level_start  # [N, L, 8]
   feats = (
     tables.astype(dtype)
     .reshape(n_levels * t, n_features)
     .at[flat_row]
     .get(mode="promise_in_bounds")
   )  # [N, L, 8, F]
-
-  # Trilinear weights: product over dims of frac (offset 1) or 1 - frac.
-  upper = jnp.asarray(_CORNERS, bool)  # [8, 3]
-  f = frac[:, :, None, :]  # [N, L, 1, 3]
-  weights = jnp.prod(jnp.where(upper, f, 1.0 - f), axis=-1)  # [N, L, 8]
   out = jnp.sum(weights[..., None] * feats, axis=-2)  # [N, L, F]
   return out.reshape(*batch_shape, n_levels * n_features)

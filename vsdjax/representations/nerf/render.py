@@ -27,9 +27,10 @@ depth sum_{j<i} tau_j and the running sums, and each step evaluates point_fn on
 pass recomputes point_fn chunk by chunk instead of storing the field's
 activations for all samples.
 
-Empty-space skipping (an occupancy grid) is not implemented. It fits in as a
-per-sample mask that zeroes tau_i before compositing (`step` below), and, for
-speed, as a change of how `stratified_t` places samples; nothing else changes.
+Empty-space skipping: given an occupancy grid (occupancy.py), the S samples
+of a ray are spread over the occupied part of [near, far] instead (all with
+the same width delta = L / S, L the occupied length; occupancy.sample_t), and
+compositing is as above.
 
 Regularisers are pure functions of the output dict, each a scalar averaged over
 rays: `opacity_sparsity`, `opaque`, `orientation` (needs normals) and
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from vsdjax import cameras, checks
+from vsdjax.representations.nerf import occupancy as occupancy_lib
 
 PointFn = Callable[[jnp.ndarray, jnp.ndarray], Dict[str, jnp.ndarray]]
 
@@ -150,6 +152,7 @@ def render(
   background: jnp.ndarray,
   spec: RenderSpec,
   key: Optional[jax.Array] = None,
+  occupied: Optional[jnp.ndarray] = None,
 ) -> Dict[str, jnp.ndarray]:
   """Volume-renders R rays through a field (see the module docstring).
 
@@ -163,6 +166,8 @@ def render(
     spec: RenderSpec.
     key: PRNG key for jittered (stratified random) samples; None for bin
       centres.
+    occupied: [G, G, G] bool occupancy grid (occupancy.occupied): samples
+      only where it is set; None: stratified over the whole of [near, far].
 
   Returns:
     dict with
@@ -185,11 +190,18 @@ def render(
   has_normal = "normal" in jax.eval_shape(point_fn, points, points)
 
   near, far, hit = ray_aabb(origins, directions, spec.bound, spec.near_min)
-  t_vals = stratified_t(near, far, spec.n_samples, key)  # [R, S]
+  if occupied is None:
+    t_vals = stratified_t(near, far, spec.n_samples, key)  # [R, S]
+    sampled = far - near  # [R]
+  else:
+    n_candidates = 4 * occupied.shape[0]  # bins of at most half a cell along any ray
+    t_vals, sampled = occupancy_lib.sample_t(
+      occupied, origins, directions, near, far, spec.bound, spec.n_samples, n_candidates, key
+    )  # [R, S], [R]
   length = jnp.linalg.norm(directions, axis=-1)  # [R]
   unit_d = directions / length[:, None]  # [R, 3]
   # World-space length of one bin; zero on rays that miss the cube.
-  delta = jnp.where(hit, (far - near) / spec.n_samples * length, 0.0)  # [R]
+  delta = jnp.where(hit, sampled / spec.n_samples * length, 0.0)  # [R]
   view_d = jnp.broadcast_to(unit_d[:, None, :], (n_rays, chunk, 3))
   view_d = view_d.reshape(-1, 3)  # [R * chunk, 3]
 
@@ -251,6 +263,7 @@ def render_image(
   spec: RenderSpec,
   key: Optional[jax.Array] = None,
   ray_batch: Optional[int] = None,
+  occupied: Optional[jnp.ndarray] = None,
 ) -> Dict[str, jnp.ndarray]:
   """Renders one camera's image (see `render` and `cameras.rays`).
 
@@ -266,6 +279,7 @@ def render_image(
     ray_batch: if given, render the H * W rays in batches of this many with
       lax.map (the last batch padded), so memory is bounded by one batch.
       With a key, each batch draws its jitter from its own split of the key.
+    occupied: [G, G, G] bool occupancy grid, or None (see `render`).
 
   Returns:
     `render`'s dict with leading [H, W]: 'rgb' [H, W, 3], 'opacity' [H, W],
@@ -278,7 +292,7 @@ def render_image(
   n_rays = height * width
 
   def render_rays(o, d, k):
-    return render(point_fn, o, d, background_fn(d), spec, k)
+    return render(point_fn, o, d, background_fn(d), spec, k, occupied)
 
   if ray_batch is None:
     out = render_rays(origins, directions, key)

@@ -108,6 +108,7 @@ def render_camera(
   spec: SceneSpec,
   key: Optional[jax.Array] = None,
   ray_batch: Optional[int] = None,
+  occupied: Optional[jnp.ndarray] = None,
 ) -> dict:
   """Renders one particle from one camera.
 
@@ -121,6 +122,7 @@ def render_camera(
       background; None renders deterministically (bin centres, no random
       background, a light from above the camera for shaded modes).
     ray_batch: render in batches of this many rays (bounded memory).
+    occupied: [G, G, G] bool occupancy grid: samples only in occupied cells.
 
   Returns:
     render_lib.render_image's dict: 'rgb' [H, W, 3], 'opacity' [H, W], 'depth',
@@ -151,5 +153,5 @@ def render_camera(
     return background.solid_or_mlp(k_bg, bg, spec.random_bg_prob)
 
   return render_lib.render_image(
-    point_fn, c2w, fovy, height, width, background_fn, spec.render, k_sample, ray_batch
+    point_fn, c2w, fovy, height, width, background_fn, spec.render, k_sample, ray_batch, occupied
   )
