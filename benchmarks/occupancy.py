@@ -19,6 +19,7 @@ cells), and `rmse` of the image against a --reference-samples plain render
 (the best estimate of the true image).
 
   python benchmarks/occupancy.py --workdir workdirs/toy --repeats 3 --warmup 1
+  python benchmarks/occupancy.py --workdir workdirs/toy --sizes 512 --benches render_forward
 """
 
 import argparse
@@ -44,8 +45,11 @@ def parse_args():
   p.add_argument("--samples", default="32,16", help="comma-separated samples per ray S")
   p.add_argument("--grid", type=int, default=32, help="occupancy grid cells per axis")
   p.add_argument("--updates", type=int, default=8, help="grid updates before rendering")
-  p.add_argument("--reference-samples", type=int, default=512)
+  p.add_argument("--reference-samples", type=int, default=512, help="0: no reference, no rmse")
   p.add_argument("--ray-batch", type=int, default=32768, help="rays per lax.map batch")
+  p.add_argument(
+    "--benches", default="render_forward,render_forward_backward", help="comma-separated"
+  )
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--max-temp-gib", type=float, default=None)
@@ -74,14 +78,19 @@ def main():
     )
 
   for size in (int(s) for s in args.sizes.split(",")):
-    ref = jax.jit(lambda p, size=size: image(p, size, args.reference_samples, False, None))(params)
+    ref = None
+    if args.reference_samples:
+      ref = jax.jit(lambda p, s=size: image(p, s, args.reference_samples, False, None))(params)
     for samples in (int(s) for s in args.samples.split(",")):
       for skip in (False, True):
         row = dict(info, size=size, samples=samples, skipping=skip)
         row.update(sample_use(cam, spec, occ, size, samples, skip))
-        out = jax.jit(lambda p, a=(size, samples, skip): image(p, *a, None))(params)
-        row["rmse"] = round(float(jnp.sqrt(jnp.mean(jnp.square(out["rgb"] - ref["rgb"])))), 5)
+        if ref is not None:
+          out = jax.jit(lambda p, a=(size, samples, skip): image(p, *a, None))(params)
+          row["rmse"] = round(float(jnp.sqrt(jnp.mean(jnp.square(out["rgb"] - ref["rgb"])))), 5)
         for bench, fn in benches(image, size, samples, skip):
+          if bench not in args.benches.split(","):
+            continue
           r = measure(fn, (params,), args.repeats, args.warmup, args.max_temp_gib)
           rays = None if r["seconds"] is None else round(size * size / r["seconds"], 1)
           print(json.dumps(dict(row, bench=bench, rays_per_s=rays, **r)), flush=True)

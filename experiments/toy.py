@@ -47,7 +47,9 @@ def get_config():
 
   c.render.resolution = 32  # render = prior size; no resolution switch
   c.render.resolution_after = 32
-  c.render.n_samples = 32
+  # 16 samples over each ray's occupied cells (the default 32^3 occupancy grid): 2.5x faster
+  # steps than 32 over the whole ray, and finer spacing on the object (benchmarks/README.md)
+  c.render.n_samples = 16
   c.render.chunk = 16
   c.render.ray_batch = 0  # 32x32: one batch
 

@@ -69,6 +69,7 @@ def tiny_config(**overrides):
   c.render.resolution_after = 8
   c.render.n_samples = 8
   c.render.chunk = 8
+  c.render.occupancy_grid = 8  # small: the grid update evaluates G^3 points
   c.render.ray_batch = 32  # two batches of the 8x8 rays: exercises lax.map
   c.log_every = 1
   c.checkpoint_every = 2

@@ -175,6 +175,6 @@ def test_train_step_updates_each_particles_grid_every_k_steps():
   np.testing.assert_array_equal(grids[1], grids[0])  # step 1: no update
   assert not np.array_equal(grids[2], grids[1])  # step 2: updated
   # Without the grid the state keeps its former layout (older checkpoints restore).
-  plain = tiny_config()
+  plain = tiny_config(**{"render.occupancy_grid": 0})
   m, frozen = models.build(plain, jax.random.key(0))
   assert "aux" not in train_step.init_state(plain, m, frozen, jax.random.key(1))
