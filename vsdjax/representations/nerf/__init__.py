@@ -20,6 +20,24 @@ _REGULARISERS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class OccupancySpec:
+  """Empty-space skipping (occupancy.py): training renders, exports and evaluations.
+
+  Attributes:
+    resolution: G, cells per axis of the grid (0: off, samples over whole rays).
+    threshold: a cell is occupied when its opacity's moving maximum exceeds
+      min(threshold, the grid's mean).
+    decay: the moving maximum's decay per update.
+    every: steps between updates (the first at step 0).
+  """
+
+  resolution: int = 0
+  threshold: float = 0.01
+  decay: float = 0.95
+  every: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
 class NeRF(Representation):
   """One particle = scene.init's {'field': ..., 'background': ...}.
 
@@ -28,14 +46,14 @@ class NeRF(Representation):
     camera_ranges: cameras.CameraRanges the training cameras are drawn from.
     loss_weights: (name, weight) of the regularisers with weight > 0.
     ray_batch: rays per lax.map batch at training renders (0: one batch).
-    occupancy: OccupancySpec of the training renders' empty-space skipping.
+    occupancy: OccupancySpec of the empty-space skipping (resolution 0: off).
   """
 
   spec: scene.SceneSpec
   camera_ranges: cameras.CameraRanges
   loss_weights: tuple = ()
   ray_batch: int = 0
-  occupancy: "OccupancySpec" = None
+  occupancy: OccupancySpec = OccupancySpec()
 
   @classmethod
   def from_config(cls, config, previous=()) -> "NeRF":
@@ -59,7 +77,7 @@ class NeRF(Representation):
 
   def init_aux(self, params, data):
     del params, data
-    if not self.occupancy or not self.occupancy.resolution:
+    if not self.occupancy.resolution:
       return {}
     return {"occupancy": occupancy.init(self.occupancy.resolution)}
 
@@ -139,21 +157,3 @@ class NeRF(Representation):
       size=size,
       occupied=self._occupied(data),
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class OccupancySpec:
-  """Empty-space skipping of the training renders (occupancy.py).
-
-  Attributes:
-    resolution: G, cells per axis of the grid (0: off, samples over whole rays).
-    threshold: a cell is occupied when its opacity's moving maximum exceeds
-      min(threshold, the grid's mean).
-    decay: the moving maximum's decay per update.
-    every: steps between updates (the first at step 0).
-  """
-
-  resolution: int = 0
-  threshold: float = 0.01
-  decay: float = 0.95
-  every: int = 16
