@@ -11,6 +11,9 @@ Work directory:
   DIR/metrics.jsonl    one JSON object per logged step
   DIR/checkpoints/     orbax checkpoints (atomic); a rerun resumes from the latest
                        that restores (training/workdir.py)
+  DIR/previews/        every particle from fixed cameras, every preview_every steps
+                       (training/previews.py)
+  DIR/events.out.tfevents.*  TensorBoard: the metrics, previews, config (training/summaries.py)
   DIR/final/           exports (particle_<i>/...) and, for the analytic prior, eval.json
 """
 
@@ -30,7 +33,15 @@ import tqdm
 
 from vsdjax import checks, console
 from vsdjax.prior.analytic import evaluate
-from vsdjax.training import models as models_lib, stages, train_step, workdir as workdir_lib
+from vsdjax.training import (
+  models as models_lib,
+  previews,
+  sharding,
+  stages,
+  summaries,
+  train_step,
+  workdir as workdir_lib,
+)
 
 
 class NonFiniteLossError(checks.UserError, FloatingPointError):
@@ -154,33 +165,48 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   resumed = workdir_lib.check_resume(config, workdir, tuple(allow_changes))
   if config.mode == "export" and not resumed:
     raise checks.UserError(f"mode=export: no checkpoint in {workdir_lib.checkpoint_dir(workdir)}")
-  workdir_lib.record_config(config, workdir, resumed)
+  mesh = sharding.make_mesh(config)
+  if sharding.is_writer():
+    workdir_lib.record_config(config, workdir, resumed)
+  sharding.barrier("record_config")
   use_compile_cache(config.compile_cache)
   key = jax.random.PRNGKey(config.seed)
   k_models, k_init, k_steps = jax.random.split(key, 3)
   models, frozen = models_lib.build(config, k_models)
-  init = lambda: train_step.init_state(config, models, frozen, k_init)
-  state, mngr = workdir_lib.restore(config, workdir, jax.eval_shape(init))
+  frozen = sharding.put(frozen, sharding.frozen_shardings(mesh, frozen))
+  init = lambda f: train_step.init_state(config, models, f, k_init)
+  state_sh = sharding.state_shardings(mesh, jax.eval_shape(init, frozen))
+  init = jax.jit(init, out_shardings=state_sh)
+  abstract = sharding.abstract(jax.eval_shape(init, frozen), state_sh)
+  state, mngr = workdir_lib.restore(config, workdir, abstract)
   if state is None:
-    state = init()
+    state = init(frozen)
   else:
     console.say(f"resuming the run in {workdir} from step {int(state['step'])}")
   if config.mode == "export":
     export_all(config, models, frozen, state, workdir)
     return state
-  state = _train(config, workdir, models, frozen, state, mngr, k_steps)
+  k_steps = sharding.put(k_steps, sharding.replicated(mesh))
+  state = _train(config, workdir, models, frozen, state, mngr, k_steps, mesh)
   export_all(config, models, frozen, state, workdir)
   return state
 
 
-def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
+def _train(config, workdir, models, frozen, state, mngr, key, mesh) -> dict:
   """The loop: steps, metrics.jsonl, checkpoints, the non-finite and signal stops."""
   start = int(state["step"])
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  _truncate_metrics(metrics_path, start)
+  writer = sharding.is_writer()  # Every process steps and saves; process 0 writes the rest.
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if writer else os.devnull
+  if writer:
+    _truncate_metrics(metrics_path, start)
   steps, bar, saved = {}, None, start
   t0 = time.time()
-  with open(metrics_path, "a") as log, _stop_on_signals() as stop:
+  preview = previews.make(config, models, frozen)
+  with (
+    open(metrics_path, "a") as log,
+    _stop_on_signals() as stop,
+    summaries.Writer(config, workdir, start) as board,
+  ):
     try:
       for step in range(start, config.steps):
         res = resolution_at(config, step)
@@ -190,7 +216,7 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
           console.say(
             f"compiling the train step for {res}x{res} renders (minutes for Stable Diffusion) ..."
           )
-          steps[res] = train_step.make_train_step(config, models, frozen, res)
+          steps[res] = train_step.make_train_step(config, models, frozen, res, mesh)
           t_compile = time.time()
         state, metrics = steps[res](state, key)
         done = step + 1
@@ -200,26 +226,33 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
         if compiling:
           console.say(f"step {done} (compile and run) took {time.time() - t_compile:.1f} s")
           bar = tqdm.tqdm(
-            total=config.steps, initial=done, desc="vsdjax", unit="step", dynamic_ncols=True
+            total=config.steps,
+            initial=done,
+            desc="vsdjax",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not writer,
           )
         else:
           bar.update(1)
         if done % config.log_every == 0 or done == config.steps:
           metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", res=res)
-          log.write(
-            json.dumps(
-              {"step": done, **metrics, "resolution": res, "seconds": round(time.time() - t0, 3)}
-            )
-            + "\n"
-          )
+          record = {"step": done, **metrics, "resolution": res}
+          record["seconds"] = round(time.time() - t0, 3)
+          log.write(json.dumps(record) + "\n")
           log.flush()
+          board.scalars(record)
           for name in sorted(k for k, v in metrics.items() if k.endswith("_overflow") and v > 0):
             # A fixed budget (faces, tile candidates) was exceeded: the render dropped faces.
             console.say(
               f"warning: step {done}: {name} = {metrics[name]:.3g} (a static budget was "
               "exceeded and faces were dropped; see the config's mesh section)"
             )
+        if previews.due(config, done):
+          image = preview(state)  # In every process: the particles may be sharded.
+          previews.save(workdir, done, image)
+          board.image("previews", done, image)
         if (
           done % config.checkpoint_every == 0 or done == config.steps or stop["signum"] is not None
         ):
@@ -242,12 +275,16 @@ def _train(config, workdir, models, frozen, state, mngr, key) -> dict:
 def export_all(config, models, frozen, state, workdir: str) -> None:
   """Writes DIR/final/: per-particle exports and, where the prior knows the answer, eval.json."""
   final = os.path.join(workdir, "final")
-  particles = jax.device_get(state["particles"])
-  data = dict(frozen["representation"], aux=jax.device_get(state.get("aux", {})))
-  models.representation.export(particles, data, final, config.export)
-  result = models.prior.evaluate(models.representation, particles, data, config)
-  if result is not None:
-    evaluate.write_json(result, os.path.join(final, "eval.json"))
+  particles, aux, rep_data = sharding.fetch(
+    (state["particles"], state.get("aux", {}), frozen["representation"])
+  )  # Every process takes part in the gather; process 0 writes.
+  if sharding.is_writer():
+    data = dict(rep_data, aux=aux)
+    models.representation.export(particles, data, final, config.export)
+    result = models.prior.evaluate(models.representation, particles, data, config)
+    if result is not None:
+      evaluate.write_json(result, os.path.join(final, "eval.json"))
+  sharding.barrier("export")
 
 
 # Fields a chained stage takes from the first stage's config (the same object, seed and prior).

@@ -14,16 +14,20 @@ particle axis [n, ...]):
 One step, for key k = fold_in(key, step):
   vmap over particles i: aux_i = update_aux(aux_i, theta_i) (before the
     particle update, so that this step renders with it);
-    the representation's camera c_i and render
-    g(theta_i, c_i), x0 = the prior's encoding (pixels; or the VAE after a
-    bilinear resize to the prior's own image size, so that both UNets always
-    see their native latents), t ~ U[t_min, t_max(step)], eps, x_t;
-    eps_hat = CFG(prior, x_t, view-dependent prompt of c_i);
-    target = eps_phi(x_t, t, c_i) (VSD) or eps (SDS);
+    vmap over its V = views_per_step views j: the representation's camera
+    c_ij and render g(theta_i, c_ij), x0 = the prior's encoding (pixels; or
+    the VAE after a bilinear resize to the prior's own image size, so that
+    both UNets always see their native latents), t ~ U[t_min, t_max(step)],
+    eps, x_t; eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
+    target = eps_phi(x_t, t, c_ij) (VSD) or eps (SDS);
     grad = w(t) (eps_hat - target); loss = surrogate(x0, grad) + regularisers;
-    Adam step of theta_i.
-  eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all particles at a
-    fresh t', camera dropout; AdamW step of phi.
+    the particle's loss is the mean over its views; Adam step of theta_i.
+  eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all n x V renders
+    at a fresh t', camera dropout; AdamW step of phi.
+
+The step is compiled for a device mesh (training/sharding.py): particle state
+split over its 'particles' axis, each particle's views over 'views', the rest
+replicated; on one device the mesh is 1 x 1.
 """
 
 import functools
@@ -36,6 +40,7 @@ import optax
 from vsdjax import cameras
 from vsdjax.guidance import distill
 from vsdjax.prior import schedule
+from vsdjax.training import sharding
 
 
 def particle_optimizer(config, representation) -> optax.GradientTransformation:
@@ -84,21 +89,26 @@ def init_state(config, models, frozen, key: jax.Array) -> dict:
   return state
 
 
-def make_train_step(config, models, frozen, resolution: int) -> Callable:
+def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Callable:
   """Returns train_step(state, key) -> (state, metrics), jit-compiled once.
 
   `frozen` (models.build) is bound as a jit argument, not a constant. The state
   is donated. `resolution` is the render size this function compiles for; the
-  trainer makes one per resolution of the schedule. The compiled function is
+  trainer makes one per resolution of the schedule. `mesh` (sharding.make_mesh;
+  default: the config's) sets where the state, frozen data and metrics live;
+  the trainer puts them there first (sharding.put). The compiled function is
   `train_step.jitted` (its cache size counts compilations).
   """
+  mesh = sharding.make_mesh(config) if mesh is None else mesh
+  n, n_views = config.n_particles, config.views_per_step
   g = config.guidance
   rep, prior, phi_model = models.representation, models.prior, models.eps_phi
   p_opt, phi_opt = particle_optimizer(config, rep), phi_optimizer(config)
   num_t = prior.alphas_cumprod.shape[0]
   alphas_cumprod = jnp.asarray(prior.alphas_cumprod)
 
-  def particle_loss(params, own, aux, key, phi, frozen, t_lo, t_hi):
+  def view_loss(params, own, aux, key, phi, frozen, t_lo, t_hi):
+    """One render of one particle: (loss, its parts for the metrics and eps_phi)."""
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
     data = {"shared": frozen["representation"]["shared"], "particle": own, "aux": aux}
@@ -138,6 +148,13 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     }
     return loss, aux
 
+  def particle_loss(params, own, aux, keys, phi, frozen, t_lo, t_hi):
+    """keys [V, 2]: the mean loss of one particle's V views; the parts per view."""
+    loss, parts = jax.vmap(view_loss, in_axes=(None, None, None, 0, None, None, None, None))(
+      params, own, aux, keys, phi, frozen, t_lo, t_hi
+    )
+    return jnp.mean(loss), parts
+
   def step_fn(state, key, frozen):
     step = state["step"]
     key = jax.random.fold_in(key, step)
@@ -150,7 +167,10 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       t_switch_step=g.t_switch_step,
       t_anneal_steps=g.t_anneal_steps,
     )
-    keys = jax.random.split(k_particles, config.n_particles)
+    keys = jax.random.split(k_particles, n)  # [n, 2]
+    # [n, V, 2]; one view keeps the particle's own key (the runs before views_per_step).
+    keys = keys[:, None] if n_views == 1 else jax.vmap(lambda k: jax.random.split(k, n_views))(keys)
+    keys = jax.lax.with_sharding_constraint(keys, sharding.view_keys(mesh))
     shared = frozen["representation"]["shared"]
     rep_aux = jax.vmap(
       lambda a, p, own, k: rep.update_aux(a, p, {"shared": shared, "particle": own}, step, k)
@@ -158,7 +178,7 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       state.get("aux", {}),
       state["particles"],
       frozen["representation"]["particle"],
-      jax.random.split(jax.random.fold_in(key, 7), config.n_particles),
+      jax.random.split(jax.random.fold_in(key, 7), n),
     )
     grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
     (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, 0, None, None, None, None))(
@@ -190,11 +210,12 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
     metrics.update(rep.step_metrics(particles))
     phi, phi_state = state["phi"], state["phi_opt"]
     if phi_model is not None:
-      emb = frozen["phi_emb"][aux["label"]]  # [n, L, D]
+      flat = lambda x: x.reshape((n * n_views,) + x.shape[2:])  # [n, V, ...] -> [n V, ...]
+      emb = frozen["phi_emb"][flat(aux["label"])]  # [n V, L, D]
       phi_loss_fn = functools.partial(phi_model.loss, frozen["phi_base"])
       for i in range(config.eps_phi.steps_per_step):
         (phi_loss, _), phi_grads = jax.value_and_grad(phi_loss_fn, has_aux=True)(
-          phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i)
+          phi, flat(aux["x0"]), emb, flat(aux["camera"]), jax.random.fold_in(k_phi, i)
         )
         phi_updates, phi_state = phi_opt.update(phi_grads, phi_state, phi)
         phi = optax.apply_updates(phi, phi_updates)
@@ -210,10 +231,21 @@ def make_train_step(config, models, frozen, resolution: int) -> Callable:
       new_state["aux"] = rep_aux
     return new_state, metrics
 
-  jitted = jax.jit(step_fn, donate_argnums=0)
+  state_shapes = jax.eval_shape(lambda f: init_state(config, models, f, jax.random.PRNGKey(0)), frozen)
+  state_sh = sharding.state_shardings(mesh, state_shapes)
+  replicated = sharding.replicated(mesh)
+  frozen_sh = sharding.frozen_shardings(mesh, frozen)
+  jitted = jax.jit(
+    step_fn,
+    donate_argnums=0,
+    in_shardings=(state_sh, replicated, frozen_sh),
+    out_shardings=(state_sh, replicated),
+  )
+  frozen = sharding.put(frozen, frozen_sh)
 
   def train_step(state, key):
-    return jitted(state, key, frozen)
+    # Inputs placed elsewhere (a state from init_state) would compile a second program.
+    return jitted(sharding.put(state, state_sh), sharding.put(key, replicated), frozen)
 
   train_step.jitted = jitted
   return train_step

@@ -27,12 +27,14 @@ import orbax.checkpoint as ocp
 
 from vsdjax import checks, console
 
-# Fields that may differ on resume: how long, how often to log and save, where the
-# compile cache is, exports.
+# Fields that may differ on resume: how long, how often to log, preview and save, where the
+# compile cache is, how the devices are used, exports.
 MAY_CHANGE = (
   "steps",
+  "sharding.",
   "mode",
   "log_every",
+  "preview_every",
   "checkpoint_every",
   "keep_checkpoints",
   "compile_cache",
