@@ -5,8 +5,23 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The compile cache (config compile_cache, under XDG_CACHE_HOME) goes to a folder of this
 # session, removed at exit, never to the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vsdjax-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(work directory, config, final state) of one tiny 3D run with previews at steps 2, 4
+  and 5 (the last), shared by the preview, TensorBoard and report tests."""
+  from helpers import tiny_config
+  from vsdjax import train
+
+  config = tiny_config(steps=5, preview_every=2)
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  state = train.train_and_evaluate(config, workdir)
+  return workdir, config, state

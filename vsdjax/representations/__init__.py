@@ -39,6 +39,9 @@ import jax
 
 from vsdjax import cameras
 
+# The previews' ring of cameras: the exports' orbit (radius, degrees).
+PREVIEW_ORBIT = dict(radius=1.5, elevation=15.0, fovy=45.0)
+
 
 class Representation(abc.ABC):
   """The interface of a particle representation (instances are static under jit)."""
@@ -64,6 +67,11 @@ class Representation(abc.ABC):
     An optional 'metrics' entry {name: []} is averaged over the particles
     into the step's metrics.
     """
+
+  def preview_cameras(self, n: int) -> cameras.Cameras:
+    """The fixed cameras [V] of the training previews (training/previews.py): n on the
+    exports' orbit by default."""
+    return cameras.orbit(n, **PREVIEW_ORBIT)
 
   def init_aux(self, params: Any, data: dict) -> Any:
     """One particle's untrained state (see the module docstring; none by default)."""

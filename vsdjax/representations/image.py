@@ -41,6 +41,10 @@ class Image(Representation):
     del key
     return cameras.from_spherical(**CAMERA)
 
+  def preview_cameras(self, n):
+    del n  # Every camera sees the same image: the fixed one alone.
+    return jax.tree.map(lambda v: jnp.asarray(v)[None], self.sample_camera(None))
+
   def render(self, params, data, camera, resolution, key):
     del data, camera, resolution, key  # The image is its own render.
     return {"rgb": 0.5 * (jnp.transpose(params["image"], (1, 2, 0)) + 1.0)}  # [h, w, 3]

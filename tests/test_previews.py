@@ -1,0 +1,177 @@
+"""Previews and TensorBoard events of a run (training/previews.py, training/summaries.py).
+
+The previews are checked against renders of single particles from single
+cameras through Representation.render; the event files are read back with
+TensorBoard's own reader and compared with metrics.jsonl, the preview PNGs
+and config.json.
+"""
+
+import json
+import os
+
+import imageio.v3 as iio
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+import trimesh
+
+from helpers import random_particle, tiny_config
+from vsdjax import cameras, checks, grid
+from vsdjax.prior.analytic import shapes
+from vsdjax.representations import image
+from vsdjax.representations.mesh import dmtet, marching_tets, tetgrid, textured
+from vsdjax.representations.nerf import NeRF, export, scene
+from vsdjax.training import models, previews, summaries, workdir as workdir_lib
+
+
+def _tile(picture, r, c, size):
+  """Tile (r, c) [size, size, 3] of a grid.tile picture."""
+  s = size + grid.PAD
+  return picture[r * s : r * s + size, c * s : c * s + size]
+
+
+def _check_against_direct_renders(rep, particles, data, size, channels):
+  """Every tile of the preview of `particles` against a render of one particle from one camera."""
+  render = previews.make_render(rep, size)
+  picture = previews.to_grid(jax.device_get(render(particles, data)))
+  cams = rep.preview_cameras(previews.VIEWS)
+  n, views = jax.tree.leaves(particles)[0].shape[0], cams.c2w.shape[0]
+  s = size + grid.PAD
+  assert picture.shape == (n * s - grid.PAD, len(channels) * views * s - grid.PAD, 3)
+  one = jax.jit(lambda p, d, c: rep.render(p, d, c, size, None))
+  for i in range(n):
+    params, own, aux = (
+      jax.tree.map(lambda x: x[i], t) for t in (particles, data["particle"], data["aux"])
+    )
+    for v in range(views):
+      cam = jax.tree.map(lambda x: x[v], cams)
+      out = one(params, {"shared": data["shared"], "particle": own, "aux": aux}, cam)
+      for k, name in enumerate(channels):
+        expected = {"opacity": lambda x: x[..., None], "normal": lambda x: 0.5 * (x + 1.0)}.get(
+          name, lambda x: x
+        )(np.asarray(out[name]))
+        tile = _tile(picture, i, k * views + v, size)
+        np.testing.assert_allclose(tile, np.broadcast_to(expected, tile.shape), atol=1e-5)
+  return picture
+
+
+def test_previews_are_written_at_their_steps_and_are_the_particles_renders(tiny_run):
+  workdir, config, state = tiny_run
+  names = sorted(os.listdir(os.path.join(workdir, "previews")))
+  assert names == ["000002.png", "000004.png", "000005.png"]  # every 2 steps, and the last
+  m, frozen = models.build(config, jax.random.PRNGKey(0))
+  preview = previews.make(config, m, frozen)
+  picture = preview(state)  # The final state is step 5's.
+  png = iio.imread(os.path.join(workdir, "previews", "000005.png"))
+  assert np.abs(export.to_uint8(picture).astype(int) - png).max() <= 1
+  preview(state)
+  assert preview.render._cache_size() == 1
+  # Rows: the 2 particles; columns: rgb, then opacity (albedo shading renders no normals).
+  data = dict(frozen["representation"], aux=state["aux"])
+  _check_against_direct_renders(
+    m.representation, state["particles"], data, config.render.resolution, ("rgb", "opacity")
+  )
+
+
+def test_previews_of_nerf_normals_images_dmtets_and_textured_meshes():
+  # A NeRF that renders normals (shaded): rgb, normal, opacity.
+  spec = scene.spec_from_config(tiny_config(**{"scene.shading": "diffuse"}))
+  nerf = NeRF(spec=spec, camera_ranges=cameras.CameraRanges())
+  particles = jax.tree.map(lambda *x: np.stack(x), *(random_particle(spec, s) for s in (0, 1)))
+  data = {"shared": {}, "particle": {}, "aux": {}}
+  _check_against_direct_renders(nerf, particles, data, 8, ("rgb", "normal", "opacity"))
+
+  # Image particles: one column, the image itself.
+  x0 = np.random.default_rng(0).uniform(-1, 1, (3, 3, 8, 8)).astype(np.float32)
+  picture = _check_against_direct_renders(image.Image(size=8), {"image": x0}, data, 8, ("rgb",))
+  np.testing.assert_allclose(_tile(picture, 2, 0, 8), 0.5 * (x0[2].transpose(1, 2, 0) + 1))
+
+  # DMTet spheres (the normal map is its rgb).
+  grid_ = tetgrid.kuhn_grid(12, 1.0)
+  sdf = np.asarray(shapes.sdf("sphere", jnp.asarray(grid_.verts)))
+  rep = dmtet.DMTet(
+    grid=grid_,
+    max_faces=marching_tets.default_max_faces(grid_),
+    camera_ranges=cameras.CameraRanges(),
+    sdf0=np.stack([sdf, sdf + 0.1]),
+  )
+  particles = {"sdf": rep.sdf0, "deformation": np.zeros(rep.sdf0.shape + (3,), np.float32)}
+  picture = _check_against_direct_renders(
+    rep, particles, dict(rep.data(), aux={}), 16, ("rgb", "opacity")
+  )
+  assert _tile(picture, 0, previews.VIEWS, 16)[8, 8, 0] == 1.0  # The sphere covers the centre.
+
+  # Textured meshes: fixed icospheres, random texture fields.
+  ico = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+  verts, faces = np.asarray(ico.vertices, np.float32), np.asarray(ico.faces)
+  rep = textured.TexturedMesh(
+    spec=spec,
+    camera_ranges=cameras.CameraRanges(),
+    meshes=textured.pad_meshes([(verts, faces), (0.8 * verts, faces)]),
+  )
+  particles = jax.tree.map(lambda *x: np.stack(x), *(random_particle(spec, s) for s in (2, 3)))
+  _check_against_direct_renders(rep, particles, dict(rep.data(), aux={}), 16, ("rgb", "opacity"))
+
+
+def _events(workdir):
+  acc = event_accumulator.EventAccumulator(
+    workdir,
+    size_guidance={
+      event_accumulator.SCALARS: 0,
+      event_accumulator.IMAGES: 0,
+      event_accumulator.TENSORS: 0,
+    },
+  )
+  return acc.Reload()
+
+
+def test_tensorboard_has_the_metrics_the_previews_and_the_config(tiny_run):
+  workdir = tiny_run[0]
+  events = _events(workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(l) for l in f]
+  names = sorted(set(records[0]) - {"step"})
+  assert sorted(events.Tags()["scalars"]) == names
+  for name in names:
+    logged = [(e.step, e.value) for e in events.Scalars(name)]
+    assert logged == [(r["step"], np.float32(r[name])) for r in records]  # float32 in events
+  shown = events.Images("previews")
+  assert [e.step for e in shown] == [2, 4, 5]
+  for e in shown:
+    png = iio.imread(os.path.join(workdir, "previews", f"{e.step:06d}.png"))
+    np.testing.assert_array_equal(iio.imread(e.encoded_image_string), png)
+  (text,) = events.Tensors("config/text_summary")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.loads(text.tensor_proto.string_val[0].decode()) == json.load(f)
+
+
+def test_a_resumed_segment_replaces_the_events_after_its_start(tmp_path):
+  config = tiny_config()
+  with summaries.Writer(config, str(tmp_path)) as board:  # An interrupted segment: 1..4.
+    for step in range(1, 5):
+      board.scalars({"step": step, "loss": float(step)})
+  with summaries.Writer(config, str(tmp_path), start=2) as board:  # Resumed from 2.
+    for step in (3, 4):
+      board.scalars({"step": step, "loss": 10.0 * step})
+  assert [(e.step, e.value) for e in _events(str(tmp_path)).Scalars("loss")] == [
+    (1, 1.0),
+    (2, 2.0),
+    (3, 30.0),
+    (4, 40.0),
+  ]
+
+
+def test_preview_every_is_checked_and_may_change_on_resume(tmp_path):
+  with pytest.raises(checks.ConfigError, match="preview_every"):
+    checks.validate_config(tiny_config(preview_every=-1))
+  config = tiny_config(steps=7, preview_every=3)
+  assert [s for s in range(1, 8) if previews.due(config, s)] == [3, 6, 7]
+  assert not any(previews.due(tiny_config(preview_every=0), s) for s in range(1, 8))
+  # A run recorded before the field existed resumes without --allow_change.
+  saved = json.loads(config.to_json_best_effort())
+  del saved["preview_every"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+  assert workdir_lib.check_resume(config, str(tmp_path))

@@ -1,0 +1,122 @@
+"""Preview renders while training: every particle from a few fixed cameras, one PNG grid.
+
+Every `preview_every` steps (and at the last step) the trainer writes
+DIR/previews/<step, 6 digits>.png: row i is particle i; the columns are the
+representation's preview cameras (`preview_cameras`: VIEWS on the exports'
+orbit, or the 2D experiment's one camera), once for each channel its render
+has, in the order of CHANNELS:
+
+  rgb       the render the prior sees (a DMTet's is its normal map)
+  normal    (n + 1) / 2 of the rendered normals (a NeRF that computes them)
+  opacity   grey
+
+Renders are deterministic (key None: no random background) at the first
+training size `render.resolution`, at most MAX_SIZE, and take the state as
+the train step leaves it: one jit (compiled once) vmaps over the particles
+and the cameras, so it follows the particles' sharding (n x V forward renders
+of at most MAX_SIZE^2 pixels); the small images are then gathered to every
+process.
+
+Cost on cpu-2, experiments/toy.py (one NeRF particle, 4 views of 32x32 at 16
+samples per ray), timed beside its train step under a load of ~4.5 on the two
+cores: 0.76 s a preview (2.9 s the first, with its compile) against 0.48 s a
+step, so preview_every = 100 adds ~1.6% to a run. vmapping over the particle
+axis doubles this on the CPU (batched hash-table gathers: 0.32 s with a loop
+over the particles), but keeps the render where the particles' shards are.
+toy2d.py (8 image particles): 0.2 ms a preview against 0.2 s a step.
+"""
+
+import os
+from typing import Callable
+
+import imageio.v3 as iio
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from vsdjax import grid
+from vsdjax.representations import Representation
+from vsdjax.representations.nerf import export
+
+# Preview cameras of a 3D representation, and the render entries shown, in column order.
+VIEWS = 4
+CHANNELS = ("rgb", "normal", "opacity")
+# Largest preview render (stages 2-3 train at 512: their previews render at this size).
+MAX_SIZE = 128
+
+
+def due(config, step: int) -> bool:
+  """Whether the trainer writes a preview after `step` steps (preview_every 0: never)."""
+  return config.preview_every > 0 and (step % config.preview_every == 0 or step == config.steps)
+
+
+def make_render(representation: Representation, size: int, n_views: int = VIEWS) -> Callable:
+  """render(particles, data) -> {channel: [n, V, size, size, 3] in [0, 1]} (device arrays).
+
+  `particles` are stacked [n, ...]; `data` is {'shared': ..., 'particle':
+  [n, ...], 'aux': [n, ...]} as in Representation.export. Channels are those
+  of CHANNELS that the render returns, as colours (see the module docstring).
+  """
+  cams = representation.preview_cameras(n_views)  # [V]
+
+  def one(params, own, aux, shared, cam):
+    data = {"shared": shared, "particle": own, "aux": aux}
+    out = representation.render(params, data, cam, size, None)
+    images = {}
+    for name in CHANNELS:
+      if name in out:
+        x = out[name]
+        if name == "normal":
+          x = 0.5 * (x + 1.0)
+        if x.ndim == 2:  # [H, W] -> grey [H, W, 3]
+          x = jnp.repeat(x[..., None], 3, axis=-1)
+        images[name] = x
+    return images
+
+  @jax.jit
+  def render(particles, data):
+    every_camera = jax.vmap(one, in_axes=(None, None, None, None, 0))  # [V, ...]
+    return jax.vmap(every_camera, in_axes=(0, 0, 0, None, None))(
+      particles, data["particle"], data.get("aux", {}), data["shared"], cams
+    )  # {channel: [n, V, H, W, 3]}
+
+  return render
+
+
+def to_grid(images: dict) -> np.ndarray:
+  """{channel: [n, V, H, W, 3]} -> the preview image (grid.tile of [n, C V] tiles) in [0, 1]."""
+  tiles = np.concatenate([np.asarray(images[c]) for c in CHANNELS if c in images], axis=1)
+  return grid.tile(np.nan_to_num(tiles.astype(np.float32)))
+
+
+def make(config, models, frozen) -> Callable:
+  """preview(state) -> the preview image [rows, cols, 3] of a train state, in every process.
+
+  `preview.render` is the jitted render (make_render).
+  """
+  render = make_render(models.representation, min(config.render.resolution, MAX_SIZE))
+
+  def preview(state):
+    data = dict(frozen["representation"], aux=state.get("aux", {}))
+    images = render(state["particles"], data)
+    if jax.process_count() > 1:  # Particles sharded over hosts: every process gathers.
+      return to_grid(multihost_utils.process_allgather(images, tiled=True))
+    return to_grid(jax.device_get(images))
+
+  preview.render = render
+  return preview
+
+
+def path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "previews", f"{step:06d}.png")
+
+
+def save(workdir: str, step: int, image: np.ndarray) -> None:
+  """Writes DIR/previews/<step>.png atomically (process 0 only); image [H, W, 3] in [0, 1]."""
+  if jax.process_index() != 0:
+    return
+  target = path(workdir, step)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  iio.imwrite(target + ".tmp", export.to_uint8(image), extension=".png")
+  os.replace(target + ".tmp", target)
