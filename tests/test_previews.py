@@ -20,7 +20,6 @@ import trimesh
 from helpers import random_particle, tiny_config
 from vsdjax import cameras, checks, grid
 from vsdjax.prior.analytic import shapes
-from vsdjax.representations import image
 from vsdjax.representations.mesh import dmtet, marching_tets, tetgrid, textured
 from vsdjax.representations.nerf import NeRF, export, scene
 from vsdjax.training import models, previews, summaries, workdir as workdir_lib
@@ -60,36 +59,49 @@ def _check_against_direct_renders(rep, particles, data, size, channels):
 def test_previews_are_written_at_their_steps_and_are_the_particles_renders(tiny_run):
   workdir, config, state = tiny_run
   names = sorted(os.listdir(os.path.join(workdir, "previews")))
-  assert names == ["000002.png", "000004.png", "000005.png"]  # every 2 steps, and the last
+  assert names == ["000002.png", "000004.png"]
   m, frozen = models.build(config, jax.random.PRNGKey(0))
   preview = previews.make(config, m, frozen)
-  picture = preview(state)  # The final state is step 5's.
-  png = iio.imread(os.path.join(workdir, "previews", "000005.png"))
+  picture = preview(state)  # The final state is step 4's.
+  png = iio.imread(os.path.join(workdir, "previews", "000004.png"))
   assert np.abs(export.to_uint8(picture).astype(int) - png).max() <= 1
   preview(state)
   assert preview.render._cache_size() == 1
-  # Rows: the 2 particles; columns: rgb, then opacity (albedo shading renders no normals).
-  data = dict(frozen["representation"], aux=state["aux"])
-  _check_against_direct_renders(
-    m.representation, state["particles"], data, config.render.resolution, ("rgb", "opacity")
+  # Image particles: a row each, one column (their one camera), rgb only.
+  data = dict(frozen["representation"], aux={})
+  size = config.render.resolution
+  _check_against_direct_renders(m.representation, state["particles"], data, size, ("rgb",))
+  x0 = np.asarray(state["particles"]["image"][1])  # [3, h, w]
+  np.testing.assert_allclose(
+    _tile(picture, 1, 0, size), 0.5 * (x0.transpose(1, 2, 0) + 1), atol=1e-6
   )
 
 
-def test_previews_of_nerf_normals_images_dmtets_and_textured_meshes():
-  # A NeRF that renders normals (shaded): rgb, normal, opacity.
+def test_previews_of_every_3d_representation_are_its_renders():
+  # The NeRF's against direct renders (rows: particles; columns: rgb, normal, opacity x views).
   spec = scene.spec_from_config(tiny_config(**{"scene.shading": "diffuse"}))
-  nerf = NeRF(spec=spec, camera_ranges=cameras.CameraRanges())
+  rep = NeRF(spec=spec, camera_ranges=cameras.CameraRanges())
   particles = jax.tree.map(lambda *x: np.stack(x), *(random_particle(spec, s) for s in (0, 1)))
   data = {"shared": {}, "particle": {}, "aux": {}}
-  _check_against_direct_renders(nerf, particles, data, 8, ("rgb", "normal", "opacity"))
+  picture = _check_against_direct_renders(rep, particles, data, 8, ("rgb", "normal", "opacity"))
+  assert np.ptp(picture) > 0.1  # Not a blank image.
 
-  # Image particles: one column, the image itself.
-  x0 = np.random.default_rng(0).uniform(-1, 1, (3, 3, 8, 8)).astype(np.float32)
-  picture = _check_against_direct_renders(image.Image(size=8), {"image": x0}, data, 8, ("rgb",))
-  np.testing.assert_allclose(_tile(picture, 2, 0, 8), 0.5 * (x0[2].transpose(1, 2, 0) + 1))
 
-  # DMTet spheres (the normal map is its rgb).
-  grid_ = tetgrid.kuhn_grid(12, 1.0)
+def _channels(rep, particles, size=8) -> dict:
+  """{channel: [n, V, size, size, 3]} of a preview, after the layout check."""
+  images = jax.device_get(previews.make_render(rep, size)(particles, dict(rep.data(), aux={})))
+  n, views = len(jax.tree.leaves(particles)[0]), previews.VIEWS
+  s = size + grid.PAD
+  assert previews.to_grid(images).shape == (n * s - grid.PAD, 2 * views * s - grid.PAD, 3)
+  assert sorted(images) == ["opacity", "rgb"]
+  return images
+
+
+@pytest.mark.slow
+def test_previews_of_meshes():
+  # Layout and content only: a direct render to compare with would compile each again (~10 s).
+  # DMTet spheres: the normal map on black, opacity covering the centre.
+  grid_ = tetgrid.kuhn_grid(8, 1.0)
   sdf = np.asarray(shapes.sdf("sphere", jnp.asarray(grid_.verts)))
   rep = dmtet.DMTet(
     grid=grid_,
@@ -97,14 +109,14 @@ def test_previews_of_nerf_normals_images_dmtets_and_textured_meshes():
     camera_ranges=cameras.CameraRanges(),
     sdf0=np.stack([sdf, sdf + 0.1]),
   )
-  particles = {"sdf": rep.sdf0, "deformation": np.zeros(rep.sdf0.shape + (3,), np.float32)}
-  picture = _check_against_direct_renders(
-    rep, particles, dict(rep.data(), aux={}), 16, ("rgb", "opacity")
-  )
-  assert _tile(picture, 0, previews.VIEWS, 16)[8, 8, 0] == 1.0  # The sphere covers the centre.
-
-  # Textured meshes: fixed icospheres, random texture fields.
-  ico = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+  zeros = np.zeros(rep.sdf0.shape + (3,), np.float32)
+  images = _channels(rep, {"sdf": rep.sdf0, "deformation": zeros})
+  opacity = images["opacity"][..., 0]  # [n, V, H, W]
+  assert np.all(opacity[:, :, 4, 4] == 1.0) and np.all(opacity[:, :, 0, 0] == 0.0)
+  assert np.all(images["rgb"][opacity == 0] == 0.0)
+  # Textured icospheres: the texture on white.
+  spec = scene.spec_from_config(tiny_config())
+  ico = trimesh.creation.icosphere(subdivisions=1, radius=0.5)
   verts, faces = np.asarray(ico.vertices, np.float32), np.asarray(ico.faces)
   rep = textured.TexturedMesh(
     spec=spec,
@@ -112,7 +124,10 @@ def test_previews_of_nerf_normals_images_dmtets_and_textured_meshes():
     meshes=textured.pad_meshes([(verts, faces), (0.8 * verts, faces)]),
   )
   particles = jax.tree.map(lambda *x: np.stack(x), *(random_particle(spec, s) for s in (2, 3)))
-  _check_against_direct_renders(rep, particles, dict(rep.data(), aux={}), 16, ("rgb", "opacity"))
+  images = _channels(rep, particles)
+  opacity = images["opacity"][..., 0]
+  assert np.all(opacity[:, :, 4, 4] == 1.0)
+  np.testing.assert_allclose(images["rgb"][opacity == 0], 1.0)
 
 
 def _events(workdir):
@@ -138,7 +153,7 @@ def test_tensorboard_has_the_metrics_the_previews_and_the_config(tiny_run):
     logged = [(e.step, e.value) for e in events.Scalars(name)]
     assert logged == [(r["step"], np.float32(r[name])) for r in records]  # float32 in events
   shown = events.Images("previews")
-  assert [e.step for e in shown] == [2, 4, 5]
+  assert [e.step for e in shown] == [2, 4]
   for e in shown:
     png = iio.imread(os.path.join(workdir, "previews", f"{e.step:06d}.png"))
     np.testing.assert_array_equal(iio.imread(e.encoded_image_string), png)
@@ -167,7 +182,7 @@ def test_preview_every_is_checked_and_may_change_on_resume(tmp_path):
   with pytest.raises(checks.ConfigError, match="preview_every"):
     checks.validate_config(tiny_config(preview_every=-1))
   config = tiny_config(steps=7, preview_every=3)
-  assert [s for s in range(1, 8) if previews.due(config, s)] == [3, 6, 7]
+  assert [s for s in range(1, 8) if previews.due(config, s)] == [3, 6]
   assert not any(previews.due(tiny_config(preview_every=0), s) for s in range(1, 8))
   # A run recorded before the field existed resumes without --allow_change.
   saved = json.loads(config.to_json_best_effort())

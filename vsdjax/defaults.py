@@ -147,8 +147,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- logging, checkpoints, export ---
   c.log_every = 50  # metrics.jsonl interval (steps)
   c.preview_every = 100  # DIR/previews/<step>.png and TensorBoard: every particle from fixed
-  # cameras (training/previews.py; 0: off). experiments/toy.py on a 2-core CPU: 0.76 s a
-  # preview against 0.48 s a step (+1.6% at 100)
+  # cameras (training/previews.py; 0: off). experiments/toy.py on a 2-core CPU: 0.69 s a
+  # preview against 0.42 s a step (+1.7% at 100)
   c.checkpoint_every = 1_000  # orbax checkpoint interval (steps)
   c.keep_checkpoints = 2  # checkpoints kept
   # JAX's persistent compilation cache: a rerun or resume reads its compiled steps from this

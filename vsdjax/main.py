@@ -23,7 +23,7 @@ of them on the command line, e.g. --config.steps=100 --config.n_particles=4
 
 Resume: run the same command again; it continues from the newest checkpoint in
 DIR/checkpoints (Ctrl-C or SIGTERM saves one first). Only steps, logging,
-checkpoint, export and compile_cache fields may change on resume;
+preview, checkpoint, export and compile_cache fields may change on resume;
 --allow_change=FIELD accepts another (e.g. prior.name for a moved model folder).
 Export: --config.mode=export writes DIR/final/ again from the latest checkpoint.
 Errors print one line; --debug prints the traceback.

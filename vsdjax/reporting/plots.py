@@ -3,7 +3,7 @@
   losses.png      'loss' and its terms 'loss_*'
   grad_norms.png  the guidance, particle (min-max band over the particles) and
                   eps_phi gradient norms, and the particles' update norms
-  t.png           the sampled t (mean over the particles) and t_max
+  t.png           the sampled t (mean over the particles) and t_max (x 1000)
   phi_loss.png    eps_phi's diffusion loss (VSD)
   spread.png      the 2D experiment's per-pixel std across particles, with
                   prior.sigma_ref when config.json has one > 0
@@ -29,10 +29,13 @@ PANELS = (
     ("guidance_grad_norm", "particle_grad_norm", "particle_update_norm", "phi_grad_norm"),
     "log",
   ),
-  ("t", "t (fraction of the diffusion steps)", ("t", "t_max"), "linear"),
+  ("t", "t (diffusion step, mean over the particles) and t_max", ("t", "t_max"), "linear"),
   ("phi_loss", "eps_phi loss", ("phi_loss",), "log"),
   ("spread", "particle spread (per-pixel std across particles)", ("particle_spread",), "linear"),
 )
+# Series drawn times a factor to share their panel's axis: t_max is a fraction of the
+# 1000 diffusion steps of both priors' schedules, t a step.
+FACTORS = {"t_max": 1000}
 # Points from which a moving average (window: a twentieth of them) is drawn too.
 SMOOTH_MIN = 40
 
@@ -83,8 +86,11 @@ def _panel(records: list, names: list, title: str, yscale: str, path: str, hline
   positive = True
   for name in names:
     steps, values = _values(records, name)
+    factor = FACTORS.get(name, 1)
+    values = factor * values
+    label = f"{name} x {factor}" if factor != 1 else name
     smooth = len(steps) > SMOOTH_MIN
-    line = ax.plot(steps, values, lw=1, alpha=0.5 if smooth else 1.0, label=name)[0]
+    line = ax.plot(steps, values, lw=1, alpha=0.5 if smooth else 1.0, label=label)[0]
     if smooth:
       w = len(steps) // 20
       ax.plot(steps[w - 1 :], _moving_average(values, w), color=line.get_color(), lw=2)
