@@ -101,9 +101,9 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def view_keys(mesh) -> NamedSharding:
-  """Sharding of the per-view keys [n, V, ...]: particles and views both split."""
-  return NamedSharding(mesh, P(PARTICLES, VIEWS))
+def by_render(mesh) -> NamedSharding:
+  """Sharding of per-render arrays [n V, ...] (view j of particle i at i V + j)."""
+  return NamedSharding(mesh, P((PARTICLES, VIEWS)))
 
 
 def state_shardings(mesh, state) -> dict:

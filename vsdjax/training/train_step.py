@@ -14,14 +14,14 @@ particle axis [n, ...]):
 One step, for key k = fold_in(key, step):
   vmap over particles i: aux_i = update_aux(aux_i, theta_i) (before the
     particle update, so that this step renders with it);
-    vmap over its V = views_per_step views j: the representation's camera
-    c_ij and render g(theta_i, c_ij), x0 = the prior's encoding (pixels; or
-    the VAE after a bilinear resize to the prior's own image size, so that
-    both UNets always see their native latents), t ~ U[t_min, t_max(step)],
-    eps, x_t; eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
+  vmap over the n x V renders, V = views_per_step (view j of particle i):
+    the representation's camera c_ij and render g(theta_i, c_ij), x0 = the
+    prior's encoding (pixels; or the VAE after a bilinear resize to the
+    prior's own image size, so that both UNets always see their native
+    latents), t ~ U[t_min, t_max(step)], eps, x_t; eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
     target = eps_phi(x_t, t, c_ij) (VSD) or eps (SDS);
     grad = w(t) (eps_hat - target); loss = surrogate(x0, grad) + regularisers;
-    the particle's loss is the mean over its views; Adam step of theta_i.
+    theta_i's gradient is the mean over its views; Adam step of theta_i.
   eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all n x V renders
     at a fresh t', camera dropout; AdamW step of phi.
 
@@ -107,7 +107,7 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
   num_t = prior.alphas_cumprod.shape[0]
   alphas_cumprod = jnp.asarray(prior.alphas_cumprod)
 
-  def view_loss(params, own, aux, key, phi, frozen, t_lo, t_hi):
+  def particle_loss(params, own, aux, key, phi, frozen, t_lo, t_hi):
     """One render of one particle: (loss, its parts for the metrics and eps_phi)."""
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
@@ -148,13 +148,6 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     }
     return loss, aux
 
-  def particle_loss(params, own, aux, keys, phi, frozen, t_lo, t_hi):
-    """keys [V, 2]: the mean loss of one particle's V views; the parts per view."""
-    loss, parts = jax.vmap(view_loss, in_axes=(None, None, None, 0, None, None, None, None))(
-      params, own, aux, keys, phi, frozen, t_lo, t_hi
-    )
-    return jnp.mean(loss), parts
-
   def step_fn(state, key, frozen):
     step = state["step"]
     key = jax.random.fold_in(key, step)
@@ -168,9 +161,10 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
       t_anneal_steps=g.t_anneal_steps,
     )
     keys = jax.random.split(k_particles, n)  # [n, 2]
-    # [n, V, 2]; one view keeps the particle's own key (the runs before views_per_step).
-    keys = keys[:, None] if n_views == 1 else jax.vmap(lambda k: jax.random.split(k, n_views))(keys)
-    keys = jax.lax.with_sharding_constraint(keys, sharding.view_keys(mesh))
+    if n_views > 1:  # [n V, 2]: view j of particle i at i V + j
+      keys = jax.vmap(lambda k: jax.random.split(k, n_views))(keys)
+      keys = keys.reshape((n * n_views,) + keys.shape[2:])
+    keys = jax.lax.with_sharding_constraint(keys, sharding.by_render(mesh))
     shared = frozen["representation"]["shared"]
     rep_aux = jax.vmap(
       lambda a, p, own, k: rep.update_aux(a, p, {"shared": shared, "particle": own}, step, k)
@@ -180,17 +174,27 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
       frozen["representation"]["particle"],
       jax.random.split(jax.random.fold_in(key, 7), n),
     )
+    # Each particle's arrays once per view ([n, ...] -> [n V, ...]); the particle's gradient
+    # is the mean of its views'. (Not a vmap over views inside the particle's gradient: that
+    # program crashes XLA:CPU's YNN transpose in jaxlib 0.10.2.)
+    per_render = lambda tree: jax.tree.map(lambda x: jnp.repeat(x, n_views, axis=0), tree)
+    over_views = lambda tree: jax.tree.map(
+      lambda x: jnp.mean(x.reshape((n, n_views) + x.shape[1:]), axis=1), tree
+    )
+    if n_views == 1:
+      per_render = over_views = lambda tree: tree
     grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
     (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, 0, None, None, None, None))(
-      state["particles"],
-      frozen["representation"]["particle"],
-      rep_aux,
+      per_render(state["particles"]),
+      per_render(frozen["representation"]["particle"]),
+      per_render(rep_aux),
       keys,
       state["phi"],
       frozen,
       t_lo,
       t_hi,
     )
+    loss, grads = over_views((loss, grads))  # [n], [n, ...]
     updates, particle_opt = jax.vmap(p_opt.update)(grads, state["particle_opt"], state["particles"])
     particles = jax.vmap(optax.apply_updates)(state["particles"], updates)
     metrics = {
@@ -210,12 +214,11 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     metrics.update(rep.step_metrics(particles))
     phi, phi_state = state["phi"], state["phi_opt"]
     if phi_model is not None:
-      flat = lambda x: x.reshape((n * n_views,) + x.shape[2:])  # [n, V, ...] -> [n V, ...]
-      emb = frozen["phi_emb"][flat(aux["label"])]  # [n V, L, D]
+      emb = frozen["phi_emb"][aux["label"]]  # [n V, L, D]
       phi_loss_fn = functools.partial(phi_model.loss, frozen["phi_base"])
       for i in range(config.eps_phi.steps_per_step):
         (phi_loss, _), phi_grads = jax.value_and_grad(phi_loss_fn, has_aux=True)(
-          phi, flat(aux["x0"]), emb, flat(aux["camera"]), jax.random.fold_in(k_phi, i)
+          phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i)
         )
         phi_updates, phi_state = phi_opt.update(phi_grads, phi_state, phi)
         phi = optax.apply_updates(phi, phi_updates)
