@@ -155,7 +155,7 @@ def test_tensorboard_has_the_metrics_the_previews_and_the_config(tiny_run):
   shown = events.Images("previews")
   assert [e.step for e in shown] == [2, 4]
   for e in shown:
-    png = iio.imread(os.path.join(workdir, "previews", f"{e.step:06d}.png"))
+    png = iio.imread(previews.path(workdir, e.step))
     np.testing.assert_array_equal(iio.imread(e.encoded_image_string), png)
   (text,) = events.Tensors("config/text_summary")
   with open(os.path.join(workdir, "config.json")) as f:

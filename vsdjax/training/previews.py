@@ -31,13 +31,13 @@ from typing import Callable
 
 import imageio.v3 as iio
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
 from vsdjax import grid
 from vsdjax.representations import Representation
 from vsdjax.representations.nerf import export
+from vsdjax.training import sharding
 
 # Preview cameras of a 3D representation, and the render entries shown, in column order.
 VIEWS = 4
@@ -103,22 +103,20 @@ def make(config, models, frozen) -> Callable:
 
   def preview(state):
     data = dict(frozen["representation"], aux=state.get("aux", {}))
-    images = render(state["particles"], data)
-    if jax.process_count() > 1:  # Particles sharded over hosts: every process gathers.
-      return to_grid(multihost_utils.process_allgather(images, tiled=True))
-    return to_grid(jax.device_get(images))
+    return to_grid(sharding.fetch(render(state["particles"], data)))  # Every process gathers.
 
   preview.render = render
   return preview
 
 
 def path(workdir: str, step: int) -> str:
+  """DIR/previews/<step, 6 digits>.png."""
   return os.path.join(workdir, "previews", f"{step:06d}.png")
 
 
 def save(workdir: str, step: int, image: np.ndarray) -> None:
   """Writes DIR/previews/<step>.png atomically (process 0 only); image [H, W, 3] in [0, 1]."""
-  if jax.process_index() != 0:
+  if not sharding.is_writer():
     return
   target = path(workdir, step)
   os.makedirs(os.path.dirname(target), exist_ok=True)

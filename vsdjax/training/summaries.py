@@ -1,7 +1,7 @@
 """TensorBoard event files in the work directory (tensorboardX): `tensorboard --logdir DIR`.
 
-What a run segment writes to DIR/events.out.tfevents.<time>.<host>.step<first step>
-(process 0 only):
+What a run segment writes to DIR/events.out.tfevents.<time>.<host>.step<s>, s the
+step it starts from (process 0 only, sharding.is_writer):
   scalars   every field of each metrics.jsonl line but 'step', under its own
             name, at that line's step (metrics.jsonl itself is unchanged)
   images    'previews': each preview grid (training/previews.py), at its step
@@ -15,11 +15,11 @@ flushed as they are written, so TensorBoard follows the run as it goes.
 
 import json
 
-import jax
 import numpy as np
 import tensorboardX
 
 from vsdjax.representations.nerf import export
+from vsdjax.training import sharding
 
 
 class Writer:
@@ -31,7 +31,7 @@ class Writer:
   def __init__(self, config, workdir: str, start: int = 0):
     """Opens an event file in `workdir` for a segment starting after step `start`."""
     self._writer = None
-    if jax.process_index() != 0:
+    if not sharding.is_writer():
       return
     self._writer = tensorboardX.SummaryWriter(
       workdir,
