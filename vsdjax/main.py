@@ -26,6 +26,8 @@ DIR/checkpoints (Ctrl-C or SIGTERM saves one first). Only steps, logging,
 preview, checkpoint, export and compile_cache fields may change on resume;
 --allow_change=FIELD accepts another (e.g. prior.name for a moved model folder).
 Export: --config.mode=export writes DIR/final/ again from the latest checkpoint.
+Devices: one run uses every device it sees (particles x views, config sharding.*);
+a multi-host run starts the same command on every host with --distributed.
 Errors print one line; --debug prints the traceback.
 """
 
@@ -39,6 +41,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vsdjax import checks, train
+from vsdjax.training import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (experiments/*.py).", lock_config=True
@@ -58,6 +61,14 @@ _CHAIN = flags.DEFINE_list(
   [],
   "Config files of later stages: --config runs into DIR/stage1, each of these "
   "into the next DIR/stage<k> from the one before (init_from).",
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "A multi-host run (TPU pod slice, several GPU nodes): start this command once per host; "
+  "calls jax.distributed.initialize(), which finds the cluster on Cloud TPU, SLURM, Open MPI "
+  "and Kubernetes; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0), "
+  "JAX_NUM_PROCESSES and JAX_PROCESS_ID.",
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "Print the traceback of errors.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -117,6 +128,8 @@ def main(argv):
       f"{str(e).splitlines()[-1].strip()}"
     )
   try:
+    if _DISTRIBUTED.value:
+      sharding.initialize_distributed()
     if _CHAIN.value:
       chain = [config] + [_load_config(path) for path in _CHAIN.value]
       train.train_chain(chain, _WORKDIR.value, allow_changes=_ALLOW.value)

@@ -19,11 +19,12 @@ and exports are written by process 0 only (`is_writer`).
 """
 
 import math
+import os
 
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
 
 from vsdjax import checks, console
 
@@ -33,7 +34,15 @@ PARTICLE_STATE = ("particles", "particle_opt", "aux")
 
 
 def initialize_distributed(**kwargs) -> None:
-  """jax.distributed.initialize(**kwargs), once, before anything touches a device."""
+  """jax.distributed.initialize(**kwargs), once, before anything touches a device.
+
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, when set, give num_processes and
+  process_id (jax reads JAX_COORDINATOR_ADDRESS itself); on clusters that jax
+  detects (Cloud TPU, SLURM, Open MPI, Kubernetes) none is needed.
+  """
+  for name, field in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(name):
+      kwargs.setdefault(field, int(os.environ[name]))
   jax.distributed.initialize(**kwargs)
   console.say(
     f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
@@ -108,11 +117,12 @@ def by_render(mesh) -> NamedSharding:
 
 def state_shardings(mesh, state) -> dict:
   """A sharding per leaf of the train state (arrays or ShapeDtypeStructs)."""
-  by_particle = NamedSharding(mesh, P(PARTICLES))
-  return {
-    k: jax.tree.map(lambda _: by_particle if k in PARTICLE_STATE else replicated(mesh), v)
-    for k, v in state.items()
-  }
+
+  def part(name, tree):
+    s = NamedSharding(mesh, P(PARTICLES)) if name in PARTICLE_STATE else replicated(mesh)
+    return jax.tree.map(lambda _: s, tree)
+
+  return {k: part(k, v) for k, v in state.items()}
 
 
 def frozen_shardings(mesh, frozen) -> dict:

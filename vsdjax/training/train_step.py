@@ -234,7 +234,9 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
       new_state["aux"] = rep_aux
     return new_state, metrics
 
-  state_shapes = jax.eval_shape(lambda f: init_state(config, models, f, jax.random.PRNGKey(0)), frozen)
+  state_shapes = jax.eval_shape(
+    lambda f: init_state(config, models, f, jax.random.PRNGKey(0)), frozen
+  )
   state_sh = sharding.state_shardings(mesh, state_shapes)
   replicated = sharding.replicated(mesh)
   frozen_sh = sharding.frozen_shardings(mesh, frozen)
