@@ -87,6 +87,18 @@ def tiny_config(**overrides):
   return c
 
 
+def sharded_config(representation: str, steps: int, particles: int = 0, views: int = 0):
+  """tiny_config for the sharding tests: 4 particles, 2 views per step, checkpoint at 2."""
+  return tiny_config(
+    representation=representation,
+    n_particles=4,
+    views_per_step=2,
+    steps=steps,
+    checkpoint_every=2,
+    **{"sharding.particles": particles, "sharding.views": views, "export.eval_views": 1},
+  )
+
+
 def leaves(state):
   """The arrays of a state as numpy, in tree order."""
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
