@@ -4,8 +4,10 @@
   (two processes: add --processes 2 --process_id I --port PORT to each)
 
 Trains tiny_config(--representation) with 4 particles and 2 views per step
-on the mesh (`PxV`, or `auto` for the config's default), with or without the
-final exports (--no-export), then process 0 writes OUT.npz:
+on the mesh (`PxV`, or `auto` for the config's default) to each of --steps in
+turn (a later one resumes from the checkpoint of the one before, as a rerun
+would), with or without the exports (--no-export), then process 0 writes
+OUT.npz:
 the final state's leaves (`leaf_<i>`, tree order) and, for every particle,
 the devices holding it (`particle_devices` [n, devices] bool) and whether
 eps_phi is replicated on every device.
@@ -23,7 +25,9 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
   parser.add_argument("--mesh", default="auto")
-  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument(
+    "--steps", default="3", help="comma-separated: train to each in turn (each resumes)"
+  )
   parser.add_argument("--processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
@@ -50,10 +54,11 @@ def main():
   import helpers  # pylint: disable=import-outside-toplevel
 
   p_size, v_size = (0, 0) if args.mesh == "auto" else map(int, args.mesh.split("x"))
-  config = helpers.sharded_config(args.representation, args.steps, p_size, v_size)
   if not args.export:
     train.export_all = lambda *args: None
-  state = train.train_and_evaluate(config, args.workdir, allow_changes=("steps",))
+  for steps in map(int, args.steps.split(",")):
+    config = helpers.sharded_config(args.representation, steps, p_size, v_size)
+    state = train.train_and_evaluate(config, args.workdir, allow_changes=("steps",))
   leaf = jax.tree.leaves(state["particles"])[0]
   column = {d: i for i, d in enumerate(jax.devices())}
   holders = np.zeros((config.n_particles, jax.device_count()), bool)

@@ -1,7 +1,7 @@
 """Runs over a device mesh (training/sharding.py).
 
-The device count is fixed when JAX starts, so the runs on 4 and 8 host CPU
-devices and the two-process run (jax.distributed over localhost) are
+The device count is fixed when JAX starts, so the run on 8 host CPU devices
+and the two-process run (2 x 2 devices, jax.distributed over localhost) are
 subprocesses of tests/sharded_run.py; each is compared with the same tiny run
 (4 particles, 2 views per step: helpers.sharded_config) on this process's one
 device. The particles are images (the 2D experiment) trained with VSD: the
@@ -113,18 +113,12 @@ def _assert_placement(result, devices_per_particle: int, particles_per_device: i
   assert bool(result["phi_replicated"])
 
 
-@pytest.mark.parametrize(
-  "devices,mesh,placement",
-  [
-    (4, "2x2", (2, 2)),  # 2 particles per device pair, their 2 views split over the pair
-    (8, "auto", (2, 1)),  # 4 x 2: one render per device
-  ],
-)
-def test_sharded_run_matches_one_device(tmp_path, one_device, devices, mesh, placement):
-  args = ("--representation", "image", "--mesh", mesh, "--no-export")
-  result = _run(tmp_path / "run", tmp_path / "out.npz", devices, *args)
+def test_eight_devices_match_one(tmp_path, one_device):
+  # A 4 x 2 mesh: one render per device, each particle on its pair of devices.
+  args = ("--representation", "image", "--no-export")
+  result = _run(tmp_path / "run", tmp_path / "out.npz", 8, *args)
   _assert_same_state(result, one_device)
-  _assert_placement(result, *placement)
+  _assert_placement(result, devices_per_particle=2, particles_per_device=1)
 
 
 def _free_port() -> int:
@@ -138,16 +132,21 @@ def _free_port() -> int:
   reason="jax's CPU collectives (gloo) bind to the hostname's address, which is not loopback",
 )
 def test_two_processes_checkpoint_resume_and_match_one(tmp_path, one_device):
-  # 2 processes x 2 devices: a 4 x 1 mesh; steps 1-2, a checkpoint, then a resumed step 3
-  # and the exports.
+  # 2 processes x 2 devices, a 2 x 2 mesh (2 particles per device pair, their views split
+  # over it); steps 1-2 and their checkpoint, then a rerun that resumes for step 3.
   workdir, out = tmp_path / "run", tmp_path / "out.npz"
-  args = ("--representation", "image")
-  _run(workdir, out, 2, *args, "--steps", "2", processes=2, port=_free_port())
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
-  result = _run(workdir, out, 2, *args, "--steps", str(STEPS), processes=2, port=_free_port())
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
+  args = ("--representation", "image", "--mesh", "2x2", "--steps", f"2,{STEPS}")
+  result = _run(workdir, out, 2, *args, processes=2, port=_free_port())
+  assert len(list(workdir.glob("config.resume-*.json"))) == 1  # The second segment resumed.
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", str(STEPS)]
   with open(workdir / "metrics.jsonl") as f:  # Written once, by process 0.
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
   assert os.path.isfile(workdir / "final" / "eval.json")  # Process 0 exported.
   _assert_same_state(result, one_device)
-  _assert_placement(result, 1, 1)
+  _assert_placement(result, devices_per_particle=2, particles_per_device=2)
+  # The checkpoint of 4 devices in 2 processes restores onto this process's one device.
+  config = helpers.sharded_config("image", STEPS + 1)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(train, "export_all", lambda *args: None)
+    state = train.train_and_evaluate(config, str(workdir), allow_changes=("steps",))
+  assert int(state["step"]) == STEPS + 1

@@ -148,11 +148,12 @@ def put(tree, shardings):
   """`tree` (the same values in every process) as global arrays with `shardings`.
 
   Arrays already placed so are returned as they are (a no-op for the train
-  state between steps).
+  state between steps), and so are ShapeDtypeStructs (a step traced or
+  compiled without weights: models.build_abstract).
   """
 
   def one(x, s):
-    if isinstance(x, jax.Array) and x.sharding == s:
+    if isinstance(x, jax.ShapeDtypeStruct) or (isinstance(x, jax.Array) and x.sharding == s):
       return x
     if jax.process_count() == 1:
       return jax.device_put(x, s)

@@ -26,6 +26,7 @@ import time
 import orbax.checkpoint as ocp
 
 from vsdjax import checks, console
+from vsdjax.training import sharding
 
 # Fields that may differ on resume: how long, how often to log, preview and save, where the
 # compile cache is, how the devices are used, exports.
@@ -241,7 +242,7 @@ def restore(config, workdir: str, abstract_state):
     finally:
       log.close()
     os.remove(log.name)
-    if failures:
+    if failures and sharding.is_writer():  # One process moves them (multi-host runs).
       damaged = os.path.join(os.path.abspath(workdir), "checkpoints-damaged")
       os.makedirs(damaged, exist_ok=True)
       for bad, _, details in failures:
@@ -253,6 +254,8 @@ def restore(config, workdir: str, abstract_state):
           f"moved the damaged checkpoint {bad} to {target} (its restore errors "
           f"are in {details}); resuming from step {step}"
         )
+    if failures:
+      sharding.barrier("moved damaged checkpoints")
       mngr = checkpoint_manager(config, workdir)  # Forget the moved steps.
     return state, mngr
   if failures:
