@@ -18,7 +18,8 @@ One step, for key k = fold_in(key, step):
     the representation's camera c_ij and render g(theta_i, c_ij), x0 = the
     prior's encoding (pixels; or the VAE after a bilinear resize to the
     prior's own image size, so that both UNets always see their native
-    latents), t ~ U[t_min, t_max(step)], eps, x_t; eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
+    latents), t ~ U[t_min, t_max(step)], eps, x_t;
+    eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
     target = eps_phi(x_t, t, c_ij) (VSD) or eps (SDS);
     grad = w(t) (eps_hat - target); loss = surrogate(x0, grad) + regularisers;
     theta_i's gradient is the mean over its views; Adam step of theta_i.
