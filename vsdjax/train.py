@@ -175,10 +175,10 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   models, frozen = models_lib.build(config, k_models)
   frozen = sharding.put(frozen, sharding.frozen_shardings(mesh, frozen))
   init = lambda f: train_step.init_state(config, models, f, k_init)
-  state_sh = sharding.state_shardings(mesh, jax.eval_shape(init, frozen))
+  shapes = jax.eval_shape(init, frozen)
+  state_sh = sharding.state_shardings(mesh, shapes)
   init = jax.jit(init, out_shardings=state_sh)
-  abstract = sharding.abstract(jax.eval_shape(init, frozen), state_sh)
-  state, mngr = workdir_lib.restore(config, workdir, abstract)
+  state, mngr = workdir_lib.restore(config, workdir, sharding.abstract(shapes, state_sh))
   if state is None:
     state = init(frozen)
   else:

@@ -129,11 +129,9 @@ def frozen_shardings(mesh, frozen) -> dict:
   """A sharding per leaf of models.build's frozen data: per-particle data split, rest replicated."""
   by_particle = NamedSharding(mesh, P(PARTICLES))
   shardings = jax.tree.map(lambda _: replicated(mesh), frozen)
-  rep = frozen["representation"]
-  shardings["representation"] = {
-    "shared": jax.tree.map(lambda _: replicated(mesh), rep["shared"]),
-    "particle": jax.tree.map(lambda _: by_particle, rep["particle"]),
-  }
+  shardings["representation"]["particle"] = jax.tree.map(
+    lambda _: by_particle, frozen["representation"]["particle"]
+  )
   return shardings
 
 
