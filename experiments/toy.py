@@ -22,7 +22,7 @@ def get_config():
   c = defaults.get_config()
   c.steps = 400  # a few minutes on 2 CPU cores
   c.n_particles = 1
-  c.prompt = ""  # analytic prior: "" = all references (a name selects one)
+  c.prompt = ""  # analytic prior: "" = all references ("a red sphere" selects by colour, shape)
 
   c.prior.kind = "analytic"
   c.prior.references = "sphere:#d04040"  # "shape:#rrggbb,..."; shapes: sphere, cube,

@@ -221,6 +221,47 @@ def test_prompt_masks_and_guidance(prior):
   )
 
 
+def test_colour_prompts_select_and_guide():
+  # Components named as models.build names them (shapes.component_name).
+  prior = analytic.make_prior(("red sphere", "blue sphere", "blue cube"), (0.0, 0.1, 0.0))
+  prompts = {
+    "": [1, 1, 1],
+    "a red sphere": [1, 0, 0],
+    "A Blue Sphere, side view": [0, 1, 0],
+    "a sphere": [1, 1, 0],
+    "a cube": [0, 0, 1],
+    "a red sphere next to a cube": [1, 0, 1],
+  }
+  emb = analytic.encode_prompts(prior, list(prompts))
+  np.testing.assert_array_equal(emb, list(prompts.values()))
+  for bad in ("a red cube", "blue"):
+    with pytest.raises(ValueError, match=f"'{bad}'.*'red sphere', 'blue sphere', 'blue cube'"):
+      analytic.encode_prompts(prior, [bad])
+
+  # CFG between "a red sphere" and "" against the float64 closed form.
+  rng = np.random.default_rng(5)
+  t = np.array([100, 600, 900])
+  means, x_t = _noisy_batch(prior, rng, (3, 5, 4), t, 0.5)
+  cond = np.asarray(analytic.encode_prompts(prior, ["a red sphere"] * 3))
+  uncond = np.asarray(analytic.encode_prompts(prior, [""] * 3))
+  ref_u, w_u = _reference_eps(prior, means, x_t, t, uncond)
+  ref_c, _ = _reference_eps(prior, means, x_t, t, cond)
+  guided = priors.predict_eps_cfg(prior, means, x_t, t, cond, uncond, 100.0)
+  np.testing.assert_allclose(guided, ref_u + 100.0 * (ref_c - ref_u), rtol=1e-4, atol=2e-2)
+  assert np.max(np.abs(ref_c - ref_u)) > 0.01  # the prompt changes the prediction
+
+  # With point masses the guided x0 prediction extrapolates from the
+  # unconditional posterior mean through the red sphere: the saturation of
+  # high CFG, x0_cfg = m_red + (scale - 1) (m_red - sum_k w_k m_k).
+  points = analytic.make_prior(prior.names, (0.0, 0.0, 0.0))
+  ref_u, w_u = _reference_eps(points, means, x_t, t, uncond)
+  guided = np.asarray(priors.predict_eps_cfg(points, means, x_t, t, cond, uncond, 7.5))
+  a, s = _coefs(points, t)
+  x0 = (x_t - s[:, None, None, None] * guided) / a[:, None, None, None]
+  mbar = np.einsum("bk,bkchw->bchw", w_u, means)
+  np.testing.assert_allclose(x0, means[:, 0] + 6.5 * (means[:, 0] - mbar), rtol=1e-3, atol=2e-3)
+
+
 def test_encode_decode_layout_and_round_trip(prior):
   rng = np.random.default_rng(4)
   rgb = rng.uniform(size=(2, 5, 7, 3)).astype(np.float32)

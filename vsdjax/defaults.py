@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (stage 2 geometry), "textured_mesh" (stage 3 texture) or "image" (the paper's 2D
   # experiment); vsdjax/representations/
   c.init_from = ""  # stages 2-3: the previous stage's work directory (n_particles comes from it)
-  c.prompt = "a hamburger"  # text prompt (Stable Diffusion priors)
+  c.prompt = "a hamburger"  # text prompt; analytic prior: "" = every reference, "a red sphere"
+  # selects references by colour and shape (mixture.encode_prompts)
 
   # --- guidance: the particle update (SDS / VSD, vsdjax/guidance/distill.py) ---
   c.guidance = ml_collections.ConfigDict()

@@ -143,7 +143,7 @@ def build(config, key: jax.Array):
       phi = _phi(config, phi_sd.unet, phi_sd.alphas_cumprod, phi_sd.prediction_type)
   else:
     refs = shapes.parse_references(config.prior.references)
-    mixture = prior_lib.make_prior([r.shape for r in refs], config.prior.sigma_ref)
+    mixture = prior_lib.make_prior([shapes.component_name(r) for r in refs], config.prior.sigma_ref)
     cond = prior_lib.encode_prompts(mixture, [config.prompt])[0]  # [K]
     frozen.update(
       prior={

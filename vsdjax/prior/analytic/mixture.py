@@ -43,8 +43,9 @@ class AnalyticPrior:
   """Static description of a Gaussian-mixture prior (hashable, jit-static).
 
   Attributes:
-    names: K component names; a prompt selects the components whose name
-      appears in it as a word (components sharing a name go together).
+    names: K component names, adjectives then a noun ("red sphere"); a
+      prompt selects components by them (`encode_prompts`; components sharing
+      a name go together).
     sigma: K isotropic standard deviations (>= 0) around the means, x0 units.
     alphas_cumprod: [T] abar_t of the noise schedule (stored read-only);
       Stable Diffusion 2.1's by default.
@@ -156,8 +157,13 @@ def make_prior(
 def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
   """Prompt embeddings: masks of the selected components.
 
-  A prompt selects the components whose name appears in it as a whole word
-  (case-insensitive), so "a sphere, front view" selects "sphere". The empty
+  A component name is one or more words: the last is its noun ("sphere"),
+  the others its adjectives ("red" in "red sphere"). A prompt mentions a
+  noun as a whole word (case-insensitive); a mention selects the components
+  with that noun, and only those with the adjective, when the word just
+  before it is an adjective of some component. So with a red and a blue
+  sphere, "a red sphere, front view" selects the red one, "a sphere" both,
+  and "a red sphere next to a cube" the red sphere and every cube. The empty
   (or blank) prompt selects every component: it is the unconditional branch
   of classifier-free guidance, as for Stable Diffusion.
 
@@ -176,7 +182,9 @@ def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
     raise ValueError(f"prompts must be a sequence of strings, got {prompts!r}")
   if not prompts:
     raise ValueError("prompts must hold at least one prompt")
-  patterns = [re.compile(r"(?<!\w)" + re.escape(name.lower()) + r"(?!\w)") for name in prior.names]
+  words = [name.lower().split() for name in prior.names]  # [K] lists: adjectives, then noun
+  adjectives = {w for name in words for w in name[:-1]}
+  nouns = {name[-1]: re.compile(r"(?<!\w)" + re.escape(name[-1]) + r"(?!\w)") for name in words}
   masks = []
   for prompt in prompts:
     if not isinstance(prompt, str):
@@ -185,7 +193,17 @@ def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
     if not text:
       masks.append([1.0] * prior.num_components)
       continue
-    mask = [1.0 if p.search(text) else 0.0 for p in patterns]
+    mentions = set()  # (noun, adjective or None)
+    for noun, pattern in nouns.items():
+      for match in pattern.finditer(text):
+        before = re.findall(r"\w+", text[: match.start()])
+        adjective = before[-1] if before and before[-1] in adjectives else None
+        mentions.add((noun, adjective))
+    mask = [
+      1.0 if (name[-1], None) in mentions or any((name[-1], a) in mentions for a in name[:-1])
+      else 0.0
+      for name in words
+    ]
     if not any(mask):
       raise ValueError(
         f"prompts entry {prompt!r} names no component of the "

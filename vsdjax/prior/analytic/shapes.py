@@ -121,6 +121,38 @@ def parse_references(text: str) -> tuple:
   return tuple(refs)
 
 
+# Hue bins (degrees, upper edges) of the colour names; colours with HSV
+# saturation below 0.25 are "white", "grey" or "black" by their value.
+_HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (170, "green"), (200, "cyan"),
+         (260, "blue"), (300, "purple"), (345, "pink"), (360, "red"))
+
+
+def colour_name(color) -> str:
+  """A basic colour word for an rgb albedo in [0, 1], by its HSV hue.
+
+  The analytic prior's prompts name references by it ("a red sphere");
+  DEFAULT_COLORS name as red (sphere), blue (cube), green (torus), yellow
+  (cylinder) and purple (cone).
+  """
+  r, g, b = (float(v) for v in color)
+  hi, lo = max(r, g, b), min(r, g, b)
+  if hi <= 0.0 or (hi - lo) / hi < 0.25:
+    return "white" if hi > 0.85 else "black" if hi < 0.15 else "grey"
+  if hi == r:
+    hue = 60.0 * (g - b) / (hi - lo)
+  elif hi == g:
+    hue = 60.0 * (2.0 + (b - r) / (hi - lo))
+  else:
+    hue = 60.0 * (4.0 + (r - g) / (hi - lo))
+  hue %= 360.0
+  return next(name for edge, name in _HUES if hue < edge)
+
+
+def component_name(ref: Reference) -> str:
+  """The analytic prior's name of a reference: its colour word and shape, e.g. "red sphere"."""
+  return f"{colour_name(ref.color)} {ref.shape}"
+
+
 def _safe_norm(x, axis=-1):
   """Euclidean norm over `axis` with a finite gradient at 0."""
   return jnp.sqrt(jnp.maximum(jnp.sum(x**2, axis=axis), _TINY))
