@@ -10,7 +10,11 @@ follows train_step: t ~ U[t_min, t_max] per particle, w(t) = 1 - abar_t,
 grad = w(t) (eps_prior(x_t) - eps_phi(x_t)), Adam(b1 0.9, b2 0.99) or SGD on
 the pixels, particles initialised N(0, 0.5^2) like init_state.
 
-Prints one JSON line per (sigma_ref, phi_error, optimiser, steps). With an
+--memorise mixes in the exact noise prediction of the n particles as point
+masses (what a network that memorised its training images answers: each
+particle's own noise at small t, SDS's update).
+
+Prints one JSON line per (sigma_ref, phi_error, memorise, optimiser, steps). With an
 exact eps_phi the spread approaches sigma_ref as steps grow (slowly: the
 force that corrects it acts mostly at small t, where w(t) is small); an
 error of a few hundredths in eps_phi leaves a floor near 0.1, with Adam at
@@ -36,6 +40,7 @@ def parse_args():
   p.add_argument("--sigmas", type=floats, default=[0.0, 0.05, 0.1, 0.2])
   p.add_argument("--phi-errors", type=floats, default=[0.0, 0.02, 0.05])
   p.add_argument("--steps", type=ints, default=[500, 2000])
+  p.add_argument("--memorise", type=floats, default=[0.0], help="eps_phi's share of point masses")
   p.add_argument("--optimisers", default="adam,sgd", help="comma-separated, of adam, sgd")
   p.add_argument("--adam-lr", type=float, default=1e-2, help="toy2d's optim.lr")
   p.add_argument("--sgd-lr", type=float, default=0.3)
@@ -56,11 +61,15 @@ def spread(
   d: int,
   t_range,
   seed: int,
+  memorise: float = 0.0,
 ) -> float:
   """Mean per-pixel std of n particles after `steps` updates.
 
   Particles x [n, d] in x0 units; the prior is N(m, sigma_ref^2 I) with m
-  uniform in [-1, 1]^d.
+  uniform in [-1, 1]^d. eps_phi is (1 - memorise) times the fitted
+  Gaussian's noise prediction plus `memorise` times that of the n particles
+  as point masses (the exact denoiser of the training set, which answers
+  each particle's own noise at small t), plus white noise of std phi_error.
   """
   rng = np.random.default_rng(seed)
   abar = schedule.alphas_cumprod(schedule.SD_SCHEDULER)  # [T]
@@ -76,6 +85,8 @@ def spread(
     mean, var = x.mean(axis=0), x.var(axis=0).mean()
     eps_prior = s * (x_t - a * m) / (a**2 * sigma_ref**2 + s**2)
     eps_phi = s * (x_t - a * mean) / (a**2 * var + s**2) + phi_error * rng.standard_normal((n, d))
+    if memorise:
+      eps_phi = (1.0 - memorise) * eps_phi + memorise * _points_eps(x, x_t, a, s)
     grad = s**2 * (eps_prior - eps_phi)  # w(t) = 1 - abar_t = s_t^2
     if optimiser == "adam":
       m1 = 0.9 * m1 + 0.1 * grad
@@ -86,6 +97,15 @@ def spread(
   return float(x.std(axis=0).mean())
 
 
+def _points_eps(points, x_t, a, s):
+  """E[eps | x_t] when x0 is uniform over `points` [n, d]: x_t [n, d], a, s [n, 1]."""
+  diff = x_t[:, None] - a[:, :, None] * points[None]  # [n, n, d]
+  logits = -0.5 * np.sum(np.square(diff), axis=-1) / s**2  # [n, n]
+  w = np.exp(logits - logits.max(axis=1, keepdims=True))
+  w /= w.sum(axis=1, keepdims=True)
+  return np.einsum("ij,ijd->id", w, diff) / s
+
+
 def main():
   args = parse_args()
   for optimiser in args.optimisers.split(","):
@@ -94,33 +114,32 @@ def main():
     lr = args.adam_lr if optimiser == "adam" else args.sgd_lr
     for sigma_ref in args.sigmas:
       for phi_error in args.phi_errors:
-        for steps in args.steps:
-          value = spread(
-            sigma_ref,
-            phi_error,
-            optimiser,
-            lr,
-            steps,
-            args.particles,
-            args.pixels,
-            args.t_range,
-            args.seed,
-          )
-          print(
-            json.dumps(
-              {
-                "bench": "vsd_spread_model",
-                "sigma_ref": sigma_ref,
-                "phi_error": phi_error,
-                "optimiser": optimiser,
-                "lr": lr,
-                "steps": steps,
-                "spread": round(value, 4),
-                "spread_over_sigma_ref": (round(value / sigma_ref, 2) if sigma_ref else None),
-              }
-            ),
-            flush=True,
-          )
+        for memorise in args.memorise:
+          for steps in args.steps:
+            value = spread(
+              sigma_ref,
+              phi_error,
+              optimiser,
+              lr,
+              steps,
+              args.particles,
+              args.pixels,
+              args.t_range,
+              args.seed,
+              memorise,
+            )
+            record = {
+              "bench": "vsd_spread_model",
+              "sigma_ref": sigma_ref,
+              "phi_error": phi_error,
+              "memorise": memorise,
+              "optimiser": optimiser,
+              "lr": lr,
+              "steps": steps,
+              "spread": round(value, 4),
+              "spread_over_sigma_ref": (round(value / sigma_ref, 2) if sigma_ref else None),
+            }
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

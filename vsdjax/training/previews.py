@@ -51,14 +51,17 @@ def due(config, step: int) -> bool:
   return config.preview_every > 0 and step % config.preview_every == 0
 
 
-def make_render(representation: Representation, size: int, n_views: int = VIEWS) -> Callable:
+def make_render(
+  representation: Representation, size: int, n_views: int = VIEWS, cams=None
+) -> Callable:
   """render(particles, data) -> {channel: [n, V, size, size, 3] in [0, 1]} (device arrays).
 
   `particles` are stacked [n, ...]; `data` is {'shared': ..., 'particle':
   [n, ...], 'aux': [n, ...]} as in Representation.export. Channels are those
   of CHANNELS that the render returns, as colours (see the module docstring).
+  `cams` (Cameras [V]) replaces the representation's n_views preview cameras.
   """
-  cams = representation.preview_cameras(n_views)  # [V]
+  cams = representation.preview_cameras(n_views) if cams is None else cams  # [V]
 
   def one(params, own, aux, shared, cam):
     data = {"shared": shared, "particle": own, "aux": aux}

@@ -1,0 +1,464 @@
+"""The paper's claims on the analytic prior's ground truth: CFG, diversity, mode coverage.
+
+Short training runs on the analytic prior, driven in-process (models.build,
+init_state, make_train_step and the preview renderer of vsdjax.training; no
+work directory), from experiments/toy2d.py (2D: particles are images) and
+experiments/toy.py (3D: NeRFs), with the overrides each part names:
+
+  cfg       Prompt "a red sphere" among a red and a blue sphere (the prompt ""
+            is the unconditional branch), so classifier-free guidance acts.
+            SDS at CFG 100 (DreamFusion), VSD at 7.5 (ProlificDreamer) and SDS
+            at 7.5, in 2D (sigma_ref 0.1: the references have texture) and 3D
+            (point masses). Per run: PSNR to the red sphere (3D: held-out
+            cameras), HSV saturation of the object against the reference's,
+            its mean colour, and "detail": the std of the residual to the
+            reference after its mean over the object (x0 units; a sample of
+            the 2D prior has sigma_ref).
+  spread    2D VSD, one reference, n = 8: the particles' per-pixel std against
+            sigma_ref in 0.02-0.3, with eps_phi's lr 1e-3 (toy2d) and 1e-4; at
+            the end of each run, how much eps_phi memorises its particles (see
+            `memorisation`). Beside it the numpy model of spread_model.py with
+            an exact eps_phi of four kinds (`spread_model.spread`).
+  coverage  3D, two references, n particles, VSD (and SDS): every
+            `probe_every` steps, each particle's nearest reference on held-out
+            cameras, over pairs x seeds x starts (grey, or albedo_init_std 1);
+            the share per reference over steps, the switches between
+            references, and the coverage rate (runs whose particles cover both).
+
+Writes OUT/claims.jsonl (a line per run), OUT/claims.md (the tables README.md
+shows) and OUT/{cfg_2d,cfg_3d,spread,coverage}.png.
+
+  python benchmarks/claims.py --out benchmarks/claims              # README's figures
+  python benchmarks/claims.py --quick --out /tmp/claims            # a few minutes
+  python benchmarks/claims.py --parts spread --out /tmp/claims
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+import imageio.v3 as iio
+import jax
+import jax.numpy as jnp
+from matplotlib.figure import Figure
+import numpy as np
+
+import spread_model
+from vsdjax import cameras, checks, grid
+from vsdjax.prior import schedule
+from vsdjax.prior.analytic import evaluate, shapes
+from vsdjax.representations import image
+from vsdjax.training import models as models_lib, previews, train_step
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+RED_BLUE = "sphere:#d04040,sphere:#3060c0"  # reference 0 is the prompt's
+CFG_RUNS = (("sds", 100.0), ("vsd", 7.5), ("sds", 7.5))
+PAIRS = ("sphere,cube", "torus,cone", "cylinder,cube")  # default colours (shapes.DEFAULT_COLORS)
+PROBE_VIEWS = 4  # held-out cameras of the 3D probes
+MEMORISATION_T = (20, 50, 100, 200)  # timesteps where eps_phi's memorisation is measured
+
+# (full, quick) settings.
+SETTINGS = {
+  "cfg_2d_steps": (500, 100),
+  "cfg_3d_steps": (400, 60),
+  "spread_sigmas": ((0.02, 0.05, 0.1, 0.2, 0.3), (0.05, 0.2)),
+  "spread_phi_lrs": ((1e-3, 1e-4), (1e-3,)),
+  "spread_steps": (800, 100),
+  "model_steps": (2000, 300),
+  "coverage_pairs": (PAIRS, PAIRS[:1]),
+  "coverage_seeds": ((0, 1, 2), (0,)),
+  "coverage_steps": (200, 40),
+  "probe_every": (25, 20),
+}
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
+  p.add_argument("--parts", default="cfg,spread,coverage", help="comma-separated parts")
+  p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
+  return p.parse_args()
+
+
+def experiment(name: str, overrides: dict):
+  """experiments/<name>.py's config with dotted-key overrides."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict(overrides)
+  config.preview_every = 0
+  return config
+
+
+def train(config, probe, probe_every: int) -> tuple:
+  """Runs config.steps steps as train_and_evaluate does (same seed, same keys).
+
+  Returns:
+    (models, frozen, state, trace, seconds): trace is [(step, probe(state))]
+    at step 0, every probe_every steps and at the end.
+  """
+  checks.validate_config(config)
+  k_models, k_init, k_steps = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  models, frozen = models_lib.build(config, k_models)
+  state = jax.jit(lambda f: train_step.init_state(config, models, f, k_init))(frozen)
+  step_fn = train_step.make_train_step(config, models, frozen, config.render.resolution)
+  look = probe(models, frozen)
+  trace = [(0, look(state))]
+  t0 = time.time()
+  for step in range(1, config.steps + 1):
+    state, metrics = step_fn(state, k_steps)
+    if step % probe_every == 0 or step == config.steps:
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at step {step}")
+      trace.append((step, look(state)))
+  return models, frozen, state, trace, time.time() - t0
+
+
+def render_probe(refs, cams, size: int):
+  """probe(models, frozen) -> look(state) -> rgb renders [n, V, size, size, 3] (numpy, clipped)."""
+
+  def probe(models, frozen):
+    render = previews.make_render(models.representation, size, cams=cams)
+
+    def look(state):
+      data = dict(frozen["representation"], aux=state.get("aux", {}))
+      return np.clip(np.asarray(render(state["particles"], data)["rgb"], np.float64), 0.0, 1.0)
+
+    return look
+
+  ref = np.asarray(shapes.render_views(refs, cams.c2w, cams.fovy, size, size)["rgb"], np.float64)
+  return probe, ref  # ref [V, K, size, size, 3]
+
+
+def saturation(rgb: np.ndarray) -> np.ndarray:
+  """HSV saturation (max - min) / max of rgb [..., 3] -> [...]."""
+  hi, lo = rgb.max(-1), rgb.min(-1)
+  return (hi - lo) / np.maximum(hi, 1e-6)
+
+
+def image_metrics(rgb: np.ndarray, ref: np.ndarray, target: int) -> dict:
+  """Renders rgb [n, V, H, W, 3] against references ref [V, K, H, W, 3] (both in [0, 1]).
+
+  Returns per-particle lists: psnr_to [n][K] (dB), nearest [n], and, over the
+  pixels of the target reference's object (not its white background),
+  saturation [n], colour [n][3] (mean rgb), detail [n] (x0 units); and the
+  target reference's saturation and colour.
+  """
+  mse = np.mean(np.square(rgb[:, :, None] - ref[None]), axis=(1, 3, 4, 5))  # [n, K]
+  mask = np.any(ref[:, target] < 0.98, axis=-1)  # [V, H, W]
+  obj = rgb[:, mask]  # [n, P, 3]
+  resid = obj - ref[:, target][mask][None]  # [n, P, 3]
+  detail = 2.0 * np.std(resid - resid.mean(axis=1, keepdims=True), axis=1).mean(-1)  # [n]
+  return {
+    "psnr_to": np.round(evaluate.psnr(mse), 2).tolist(),
+    "nearest": np.argmin(mse, axis=1).tolist(),
+    "saturation": np.round(saturation(obj).mean(-1), 3).tolist(),
+    "colour": np.round(obj.mean(1), 3).tolist(),
+    "detail": np.round(detail, 4).tolist(),
+    "saturation_ref": round(float(saturation(ref[:, target][mask]).mean()), 3),
+    "colour_ref": np.round(ref[:, target][mask].mean(0), 3).tolist(),
+  }
+
+
+def memorisation(models, frozen, state, key) -> dict:
+  """How much eps_phi predicts its particles' own noise (2D runs).
+
+  At small t, a network that has memorised its n training images answers
+  x_t = a_t x_i + s_t eps with eps itself (the exact denoiser of n point
+  masses), which turns the VSD update into SDS's. A network that generalises
+  answers like the Gaussian fitted to the particles, g(x_t) = s_t (x_t - a_t
+  mu) / (a_t^2 v + s_t^2) (mu, v: their mean and mean per-pixel variance).
+  lambda = <eps_phi - g, eps - g> / |eps - g|^2 is 1 for the first and 0 for
+  the second; it is measured on the particles and, as a control, on fresh
+  samples of the fitted Gaussian (which eps_phi has not seen).
+
+  Returns:
+    {"t": [...], "particles": [lambda per t], "fresh": [lambda per t]}.
+  """
+  images = state["particles"]["image"]  # [n, 3, h, w]
+  n = images.shape[0]
+  mu, var = jnp.mean(images, axis=0), jnp.mean(jnp.var(images, axis=0))
+  cam = models.representation.sample_camera(None)
+  label = cameras.view_label(cam.elevation, cam.azimuth)
+  emb = jnp.repeat(frozen["phi_emb"][label][None], n, axis=0)
+  camera = jnp.tile(cam.c2w.reshape(1, 16), (n, 1))
+  abar = jnp.asarray(models.prior.alphas_cumprod)
+  out = {"t": list(MEMORISATION_T), "particles": [], "fresh": []}
+  for t_value in MEMORISATION_T:
+    t = jnp.full((n,), t_value)
+    a_t, s_t = schedule.coefficients(abar, t)
+    k_fresh, k_eps, key = jax.random.split(key, 3)
+    fresh = mu + jnp.sqrt(var) * jax.random.normal(k_fresh, images.shape)
+    for name, x0 in (("particles", images), ("fresh", fresh)):
+      eps = jax.random.normal(k_eps, x0.shape)
+      x_t = schedule.add_noise(x0, eps, a_t, s_t)
+      pred = models.eps_phi.predict_eps(frozen["phi_base"], state["phi"], x_t, t, emb, camera)
+      s, a = s_t[0], a_t[0]
+      g = s * (x_t - a * mu) / (a**2 * var + s**2)
+      lam = jnp.sum((pred - g) * (eps - g)) / jnp.sum(jnp.square(eps - g))
+      out[name].append(round(float(lam), 3))
+  return out
+
+
+def write_line(out_dir: str, record: dict) -> None:
+  with open(os.path.join(out_dir, "claims.jsonl"), "a") as f:
+    f.write(json.dumps(record) + "\n")
+  print(json.dumps(record), flush=True)
+
+
+def save_png(path: str, image: np.ndarray, zoom: int = 1) -> None:
+  """Writes an image [H, W, 3] in [0, 1], each pixel as zoom x zoom pixels."""
+  image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+  iio.imwrite(path, (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8))
+
+
+def run_cfg(out_dir: str, setting) -> list:
+  """SDS at CFG 100, VSD at 7.5, SDS at 7.5 in 2D and 3D; one record per run; the PNGs."""
+  records = []
+  fixed_camera = jax.tree.map(lambda v: jnp.asarray(v)[None], cameras.from_spherical(**image.CAMERA))
+  for dim in ("2d", "3d"):
+    if dim == "2d":
+      name, size = "toy2d", 16
+      overrides = {"n_particles": 4, "prior.sigma_ref": 0.1, "steps": setting("cfg_2d_steps")}
+    else:
+      name, size = "toy", 32
+      overrides = {"n_particles": 1, "steps": setting("cfg_3d_steps")}
+      overrides["guidance.t_switch_step"] = overrides["steps"] * 3 // 4
+    overrides.update({"prior.references": RED_BLUE, "prompt": "a red sphere"})
+    rows = []
+    for mode, scale in CFG_RUNS:
+      config = experiment(name, {**overrides, "guidance.mode": mode, "guidance.scale": scale})
+      cams = evaluate.heldout_cameras(PROBE_VIEWS) if dim == "3d" else fixed_camera
+      probe, ref = render_probe(shapes.parse_references(RED_BLUE), cams, size)
+      *_, trace, seconds = train(config, probe, config.steps)
+      rgb = trace[-1][1]  # [n, V, H, W, 3]
+      record = {"part": "cfg", "dim": dim, "mode": mode, "scale": scale, "steps": config.steps}
+      record.update(image_metrics(rgb, ref, 0), seconds=round(seconds, 1))
+      write_line(out_dir, record)
+      records.append(record)
+      rows.append(rgb[:, 0] if dim == "2d" else rgb[0])  # 2D: particles; 3D: views
+    top = ref[:, 0] if dim == "3d" else np.repeat(ref[:1, 0], len(rows[0]), axis=0)
+    image = grid.tile(np.stack([top, *rows]))
+    save_png(os.path.join(out_dir, f"cfg_{dim}.png"), image, zoom=64 // size)
+  return records
+
+
+def run_spread(out_dir: str, setting) -> list:
+  """2D VSD spread against sigma_ref (learned eps_phi), and the numpy model's controls."""
+  records = []
+  for sigma in setting("spread_sigmas"):
+    for lr in setting("spread_phi_lrs"):
+      overrides = {"prior.sigma_ref": sigma, "eps_phi.lr": lr, "steps": setting("spread_steps")}
+      config = experiment("toy2d", overrides)
+      spreads = lambda models, frozen: lambda s: float(jnp.mean(jnp.std(s["particles"]["image"], 0)))
+      models, frozen, state, trace, seconds = train(config, spreads, 25)
+      tail = [v for step, v in trace if step > config.steps // 2]
+      record = {
+        "part": "spread", "kind": "learned", "sigma_ref": sigma, "phi_lr": lr,
+        "steps": config.steps, "spread": round(float(np.mean(tail)), 4),
+        "memorisation": memorisation(models, frozen, state, jax.random.PRNGKey(1)),
+        "trace": [(step, round(v, 4)) for step, v in trace], "seconds": round(seconds, 1),
+      }  # fmt: skip
+      write_line(out_dir, record)
+      records.append(record)
+  controls = {"gaussian": (0.0, 0.0), "noisy 0.02": (0.02, 0.0), "memorise 0.5": (0.0, 0.5)}
+  for sigma in setting("spread_sigmas"):
+    for kind, (error, memorise) in controls.items():
+      value = spread_model.spread(
+        sigma, error, "adam", 1e-2, setting("model_steps"), 8, 16 * 16 * 3, (0.02, 0.98), 0,
+        memorise=memorise,
+      )  # fmt: skip
+      record = {"part": "spread", "kind": f"model, {kind}", "sigma_ref": sigma,
+                "steps": setting("model_steps"), "spread": round(value, 4)}  # fmt: skip
+      write_line(out_dir, record)
+      records.append(record)
+  plot_spread(records, os.path.join(out_dir, "spread.png"))
+  return records
+
+
+def plot_spread(records: list, path: str) -> None:
+  fig = Figure(figsize=(5.5, 4), dpi=100)
+  ax = fig.add_subplot()
+  sigmas = sorted({r["sigma_ref"] for r in records})
+  ax.plot(sigmas, sigmas, "k:", label="sigma_ref (target)")
+  series = {}
+  for r in records:
+    label = f"VSD, eps_phi lr {r['phi_lr']:g}" if r["kind"] == "learned" else r["kind"]
+    series.setdefault(label, []).append((r["sigma_ref"], r["spread"]))
+  for label, points in series.items():
+    x, y = zip(*sorted(points))
+    ax.plot(x, y, "o-" if label.startswith("VSD") else "s--", label=label, markersize=4)
+  ax.set_xlabel("sigma_ref")
+  ax.set_ylabel("spread (per-pixel std across particles)")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def run_coverage(out_dir: str, setting) -> list:
+  """3D mode coverage over pairs x seeds x starts (VSD and SDS); shares over steps."""
+  records = []
+  cams = evaluate.heldout_cameras(PROBE_VIEWS)
+  steps = setting("coverage_steps")
+  seeds = setting("coverage_seeds")
+  # (mode, albedo_init_std, seeds): the grey start once per pair (identical starts fall alike).
+  variants = [("vsd", 1.0, seeds), ("sds", 1.0, seeds), ("vsd", 0.0, seeds[:1])]
+  for pair in setting("coverage_pairs"):
+    refs = shapes.parse_references(pair)
+    probe, ref = render_probe(refs, cams, 32)
+    for mode, start, variant_seeds in variants:
+      for seed in variant_seeds:
+        overrides = {
+          "prior.references": pair, "n_particles": 4, "seed": seed, "steps": steps,
+          "guidance.t_switch_step": steps * 3 // 4, "guidance.mode": mode,
+          "scene.albedo_init_std": start,
+        }  # fmt: skip
+        config = experiment("toy", overrides)
+        *_, trace, seconds = train(config, probe, setting("probe_every"))
+        nearest = [image_metrics(rgb, ref, 0)["nearest"] for _, rgb in trace]  # [probes][n]
+        last = image_metrics(trace[-1][1], ref, 0)
+        record = {
+          "part": "coverage", "pair": pair, "seed": seed, "mode": mode, "albedo_init_std": start,
+          "steps": steps, "probe_steps": [s for s, _ in trace], "nearest": nearest,
+          "switches": int(sum(np.sum(np.diff(np.asarray(nearest), axis=0) != 0, axis=0))),
+          "covered": sorted(set(nearest[-1])), "psnr_to": last["psnr_to"],
+          "seconds": round(seconds, 1),
+        }  # fmt: skip
+        write_line(out_dir, record)
+        records.append(record)
+  plot_coverage(records, os.path.join(out_dir, "coverage.png"))
+  return records
+
+
+def plot_coverage(records: list, path: str) -> None:
+  """Share of particles nearest to the pair's first reference over steps, a panel per variant."""
+  variants = sorted({(r["mode"], r["albedo_init_std"]) for r in records})
+  fig = Figure(figsize=(4 * len(variants), 3.2), dpi=100)
+  for i, (mode, start) in enumerate(variants):
+    ax = fig.add_subplot(1, len(variants), i + 1)
+    for r in records:
+      if (r["mode"], r["albedo_init_std"]) != (mode, start):
+        continue
+      share = [1.0 - np.mean(n) for n in r["nearest"]]
+      ax.plot(r["probe_steps"], share, alpha=0.7, label=f"{r['pair']} s{r['seed']}")
+    ax.set_title(f"{mode.upper()}, albedo_init_std {start:g}", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.05, 1.05)
+    if i == 0:
+      ax.set_ylabel("share nearest to the first reference")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def _latest(records: list, key) -> list:
+  """The last record of each key(record), in first-seen order (reruns append to claims.jsonl)."""
+  out = {}
+  for r in records:
+    out[key(r)] = r
+  return list(out.values())
+
+
+def tables(records: list) -> str:
+  """claims.md: the three tables of README.md from claims.jsonl's records."""
+  lines = []
+  cfg = _latest([r for r in records if r["part"] == "cfg"], lambda r: (r["dim"], r["mode"], r["scale"]))
+  if cfg:
+    lines += [
+      "| | run | PSNR to the red sphere (dB) | saturation (reference) | mean colour (reference) "
+      "| detail, x0 units | steps, s |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for r in cfg:
+      psnr = [p[0] for p in r["psnr_to"]]
+      colour = np.mean(r["colour"], axis=0)
+      lines.append(
+        f"| {r['dim'].upper()} | {r['mode'].upper()}, CFG {r['scale']:g} | {np.mean(psnr):.2f} "
+        f"({min(psnr):.2f}-{max(psnr):.2f}) | {np.mean(r['saturation']):.3f} "
+        f"({r['saturation_ref']:.3f}) | {_rgb(colour)} ({_rgb(r['colour_ref'])}) "
+        f"| {np.mean(r['detail']):.3f} | {r['steps']}, {r['seconds']:.0f} |"
+      )
+    lines.append("")
+  learned = _latest(
+    [r for r in records if r["part"] == "spread" and r["kind"] == "learned"],
+    lambda r: (r["sigma_ref"], r["phi_lr"]),
+  )
+  model = _latest(
+    [r for r in records if r["part"] == "spread" and r["kind"] != "learned"],
+    lambda r: (r["sigma_ref"], r["kind"]),
+  )
+  if learned or model:
+    lrs = sorted({r["phi_lr"] for r in learned}, reverse=True)
+    kinds = list(dict.fromkeys(r["kind"] for r in model))
+    head = [f"VSD, eps_phi lr {lr:g} (memorisation lambda: own / fresh)" for lr in lrs]
+    lines += [
+      "| sigma_ref | " + " | ".join(head + kinds) + " |",
+      "|---" * (1 + len(head) + len(kinds)) + "|",
+    ]
+    for sigma in sorted({r["sigma_ref"] for r in learned + model}):
+      cells = []
+      for lr in lrs:
+        r = next((r for r in learned if r["sigma_ref"] == sigma and r["phi_lr"] == lr), None)
+        mem = r and r["memorisation"]
+        cells.append(
+          "" if r is None else f"{r['spread']:.3f} ({np.mean(mem['particles']):.2f} / "
+          f"{np.mean(mem['fresh']):.2f})"
+        )
+      for kind in kinds:
+        r = next((r for r in model if r["sigma_ref"] == sigma and r["kind"] == kind), None)
+        cells.append("" if r is None else f"{r['spread']:.3f}")
+      lines.append(f"| {sigma:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+  coverage = _latest(
+    [r for r in records if r["part"] == "coverage"],
+    lambda r: (r["pair"], r["seed"], r["mode"], r["albedo_init_std"]),
+  )
+  if coverage:
+    lines += [
+      "| run | both references covered | particles on the first reference (of 4, per run) "
+      "| particles that changed reference after the first quarter of the steps |",
+      "|---|---|---|---|",
+    ]
+    for mode, start in dict.fromkeys((r["mode"], r["albedo_init_std"]) for r in coverage):
+      runs = [r for r in coverage if (r["mode"], r["albedo_init_std"]) == (mode, start)]
+      both = sum(len(r["covered"]) == 2 for r in runs)
+      shares = ", ".join(str(r["nearest"][-1].count(0)) for r in runs)
+      moved = 0  # particles whose nearest reference after the first quarter is not the last
+      for r in runs:
+        late = np.asarray(r["nearest"])[np.asarray(r["probe_steps"]) >= r["steps"] // 4]
+        moved += int(np.sum(np.any(late != late[-1], axis=0)))
+      lines.append(
+        f"| {mode.upper()}, albedo_init_std {start:g} | {both} of {len(runs)} | {shares} "
+        f"| {moved} |"
+      )
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _rgb(colour) -> str:
+  return "#" + "".join(f"{round(255 * float(c)):02x}" for c in colour)
+
+
+def main():
+  args = parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  setting = lambda name: SETTINGS[name][1 if args.quick else 0]
+  parts = {"cfg": run_cfg, "spread": run_spread, "coverage": run_coverage}
+  for part in args.parts.split(","):
+    if part not in parts:
+      raise SystemExit(f"--parts: unknown {part!r}; expected some of {', '.join(parts)}")
+  for part in args.parts.split(","):
+    parts[part](args.out, setting)
+  with open(os.path.join(args.out, "claims.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  with open(os.path.join(args.out, "claims.md"), "w") as f:
+    f.write(tables(records))
+
+
+if __name__ == "__main__":
+  main()
