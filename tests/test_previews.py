@@ -190,3 +190,53 @@ def test_preview_every_is_checked_and_may_change_on_resume(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(saved))
   (tmp_path / "checkpoints" / "2").mkdir(parents=True)
   assert workdir_lib.check_resume(config, str(tmp_path))
+
+
+def _claims_module():
+  """benchmarks/claims.py as a module (it imports spread_model from its folder)."""
+  import importlib.util
+  import sys
+
+  folder = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+  sys.path.insert(0, folder)
+  try:
+    spec = importlib.util.spec_from_file_location("claims", os.path.join(folder, "claims.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(folder)
+  return module
+
+
+def test_claims_driver_matches_the_trainer_and_its_probe_renders(tiny_run):
+  # benchmarks/claims.py trains in-process: the same particles as train_and_evaluate.
+  claims = _claims_module()
+  _, config, state = tiny_run
+  cams = jax.tree.map(lambda v: jnp.asarray(v)[None], cameras.from_spherical(1.3, 15.0, 30.0, 50.0))
+  probe, ref = claims.render_probe(shapes.parse_references("sphere,cube"), cams, 16)
+  assert ref.shape == (1, 2, 16, 16, 3)
+  _, _, own, trace, _ = claims.train(config, probe, 2)
+  np.testing.assert_array_equal(own["particles"]["image"], state["particles"]["image"])
+  assert [step for step, _ in trace] == [0, 2, 4]
+  want = np.clip(0.5 * (np.moveaxis(np.asarray(own["particles"]["image"]), 1, -1) + 1.0), 0, 1)
+  np.testing.assert_allclose(trace[-1][1][:, 0], want, atol=1e-6)
+
+
+def test_claims_image_metrics_on_known_images():
+  claims = _claims_module()
+  rng = np.random.default_rng(0)
+  ref = np.ones((2, 2, 8, 8, 3))  # [V, K, H, W, 3] on white
+  ref[:, 0, 2:6, 2:6] = (0.8, 0.2, 0.2)  # reference 0: a red square
+  ref[:, 1, 2:6, 2:6] = (0.2, 0.2, 0.8)  # reference 1: a blue square
+  rgb = np.stack([ref[:, 0], ref[:, 1], ref[:, 0]])  # [3, V, H, W, 3]: red, blue, noisy red
+  rgb[2, :, 2:6, 2:6] += 0.05 * rng.standard_normal((2, 4, 4, 3))
+  rgb[2, :, 2:6, 2:6, 0] = 1.0  # saturated: red channel clipped, detail in g and b only
+  out = claims.image_metrics(rgb, ref, 0)
+  assert out["nearest"] == [0, 1, 0]
+  assert out["psnr_to"][0][0] == 100.0 and out["psnr_to"][1][1] == 100.0
+  assert out["saturation"][0] == pytest.approx(0.75) and out["saturation_ref"] == pytest.approx(0.75)
+  assert out["saturation"][2] > 0.75
+  assert out["colour"][1] == pytest.approx([0.2, 0.2, 0.8])
+  # Detail: 2 x the residual's std in x0 units, over the object's pixels, mean over channels.
+  assert out["detail"][0] == 0.0
+  assert out["detail"][2] == pytest.approx(2 * 0.05 * 2 / 3, rel=0.25)
