@@ -242,8 +242,8 @@ def run_cfg(out_dir: str, setting) -> list:
       records.append(record)
       rows.append(rgb[:, 0] if dim == "2d" else rgb[0])  # 2D: particles; 3D: views
     top = ref[:, 0] if dim == "3d" else np.repeat(ref[:1, 0], len(rows[0]), axis=0)
-    image = grid.tile(np.stack([top, *rows]))
-    save_png(os.path.join(out_dir, f"cfg_{dim}.png"), image, zoom=64 // size)
+    picture = grid.tile(np.stack([top, *rows]))
+    save_png(os.path.join(out_dir, f"cfg_{dim}.png"), picture, zoom=64 // size)
   return records
 
 
