@@ -19,6 +19,8 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             the end of each run, how much eps_phi memorises its particles (see
             `memorisation`). Beside it the numpy model of spread_model.py with
             an exact eps_phi of four kinds (`spread_model.spread`).
+  variants  the spread at sigma_ref 0.05 and 0.2 with 16 particles, 4 t per
+            particle and step, and a lower particle lr (SPREAD_VARIANTS).
   coverage  3D, two references, n particles, VSD (and SDS): every
             `probe_every` steps, each particle's nearest reference on held-out
             cameras, over pairs x seeds x starts (grey, or albedo_init_std 1);
@@ -44,8 +46,8 @@ import jax
 import jax.numpy as jnp
 from matplotlib.figure import Figure
 import numpy as np
-
 import spread_model
+
 from vsdjax import cameras, checks, grid
 from vsdjax.prior import schedule
 from vsdjax.prior.analytic import evaluate, shapes
@@ -67,6 +69,7 @@ SETTINGS = {
   "spread_phi_lrs": ((1e-3, 1e-4), (1e-3,)),
   "spread_steps": (800, 100),
   "model_steps": (2000, 300),
+  "variant_sigmas": ((0.05, 0.2), (0.2,)),
   "coverage_pairs": (PAIRS, PAIRS[:1]),
   "coverage_seeds": ((0, 1, 2), (0,)),
   "coverage_steps": (200, 40),
@@ -77,7 +80,7 @@ SETTINGS = {
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
-  p.add_argument("--parts", default="cfg,spread,coverage", help="comma-separated parts")
+  p.add_argument("--parts", default="cfg,spread,variants,coverage", help="comma-separated parts")
   p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
   return p.parse_args()
 
@@ -219,7 +222,9 @@ def save_png(path: str, image: np.ndarray, zoom: int = 1) -> None:
 def run_cfg(out_dir: str, setting) -> list:
   """SDS at CFG 100, VSD at 7.5, SDS at 7.5 in 2D and 3D; one record per run; the PNGs."""
   records = []
-  fixed_camera = jax.tree.map(lambda v: jnp.asarray(v)[None], cameras.from_spherical(**image.CAMERA))
+  fixed_camera = jax.tree.map(
+    lambda v: jnp.asarray(v)[None], cameras.from_spherical(**image.CAMERA)
+  )
   for dim in ("2d", "3d"):
     if dim == "2d":
       name, size = "toy2d", 16
@@ -247,22 +252,28 @@ def run_cfg(out_dir: str, setting) -> list:
   return records
 
 
+def spread_run(overrides: dict) -> dict:
+  """One 2D VSD run (toy2d.py with overrides): its spread (mean over the second half of the
+  steps), eps_phi's memorisation at the end, the spread every 25 steps."""
+  config = experiment("toy2d", overrides)
+  spreads = lambda models, frozen: lambda s: float(jnp.mean(jnp.std(s["particles"]["image"], 0)))
+  models, frozen, state, trace, seconds = train(config, spreads, 25)
+  tail = [v for step, v in trace if step > config.steps // 2]
+  return {
+    "steps": config.steps, "spread": round(float(np.mean(tail)), 4),
+    "memorisation": memorisation(models, frozen, state, jax.random.PRNGKey(1)),
+    "trace": [(step, round(v, 4)) for step, v in trace], "seconds": round(seconds, 1),
+  }  # fmt: skip
+
+
 def run_spread(out_dir: str, setting) -> list:
   """2D VSD spread against sigma_ref (learned eps_phi), and the numpy model's controls."""
   records = []
   for sigma in setting("spread_sigmas"):
     for lr in setting("spread_phi_lrs"):
       overrides = {"prior.sigma_ref": sigma, "eps_phi.lr": lr, "steps": setting("spread_steps")}
-      config = experiment("toy2d", overrides)
-      spreads = lambda models, frozen: lambda s: float(jnp.mean(jnp.std(s["particles"]["image"], 0)))
-      models, frozen, state, trace, seconds = train(config, spreads, 25)
-      tail = [v for step, v in trace if step > config.steps // 2]
-      record = {
-        "part": "spread", "kind": "learned", "sigma_ref": sigma, "phi_lr": lr,
-        "steps": config.steps, "spread": round(float(np.mean(tail)), 4),
-        "memorisation": memorisation(models, frozen, state, jax.random.PRNGKey(1)),
-        "trace": [(step, round(v, 4)) for step, v in trace], "seconds": round(seconds, 1),
-      }  # fmt: skip
+      record = {"part": "spread", "kind": "learned", "sigma_ref": sigma, "phi_lr": lr}
+      record.update(spread_run(overrides))
       write_line(out_dir, record)
       records.append(record)
   controls = {"gaussian": (0.0, 0.0), "noisy 0.02": (0.02, 0.0), "memorise 0.5": (0.0, 0.5)}
@@ -277,6 +288,27 @@ def run_spread(out_dir: str, setting) -> list:
       write_line(out_dir, record)
       records.append(record)
   plot_spread(records, os.path.join(out_dir, "spread.png"))
+  return records
+
+
+# What else might make the 2D spread follow sigma_ref: (label, toy2d overrides).
+SPREAD_VARIANTS = (
+  ("16 particles", {"n_particles": 16}),
+  ("4 t per particle and step (views_per_step 4)", {"views_per_step": 4}),
+  ("particle lr 3e-3 (toy2d: 1e-2)", {"optim.lr": 3e-3}),
+)
+
+
+def run_variants(out_dir: str, setting) -> list:
+  """The 2D spread at the ends of the sigma_ref range under SPREAD_VARIANTS."""
+  records = []
+  for label, overrides in SPREAD_VARIANTS:
+    for sigma in setting("variant_sigmas"):
+      record = {"part": "variants", "variant": label, "sigma_ref": sigma}
+      record.update(spread_run({**overrides, "prior.sigma_ref": sigma,
+                                "steps": setting("spread_steps")}))  # fmt: skip
+      write_line(out_dir, record)
+      records.append(record)
   return records
 
 
@@ -367,7 +399,9 @@ def _latest(records: list, key) -> list:
 def tables(records: list) -> str:
   """claims.md: the three tables of README.md from claims.jsonl's records."""
   lines = []
-  cfg = _latest([r for r in records if r["part"] == "cfg"], lambda r: (r["dim"], r["mode"], r["scale"]))
+  cfg = _latest(
+    [r for r in records if r["part"] == "cfg"], lambda r: (r["dim"], r["mode"], r["scale"])
+  )
   if cfg:
     lines += [
       "| | run | PSNR to the red sphere (dB) | saturation (reference) | mean colour (reference) "
@@ -404,15 +438,27 @@ def tables(records: list) -> str:
       cells = []
       for lr in lrs:
         r = next((r for r in learned if r["sigma_ref"] == sigma and r["phi_lr"] == lr), None)
-        mem = r and r["memorisation"]
-        cells.append(
-          "" if r is None else f"{r['spread']:.3f} ({np.mean(mem['particles']):.2f} / "
-          f"{np.mean(mem['fresh']):.2f})"
-        )
+        cells.append(_spread_cell(r))
       for kind in kinds:
         r = next((r for r in model if r["sigma_ref"] == sigma and r["kind"] == kind), None)
         cells.append("" if r is None else f"{r['spread']:.3f}")
       lines.append(f"| {sigma:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+  variants = _latest(
+    [r for r in records if r["part"] == "variants"], lambda r: (r["variant"], r["sigma_ref"])
+  )
+  if variants:
+    sigmas = sorted({r["sigma_ref"] for r in variants})
+    lines += [
+      "| toy2d (eps_phi lr 1e-3) with | " + " | ".join(f"sigma_ref {s:g}" for s in sigmas) + " |",
+      "|---" * (1 + len(sigmas)) + "|",
+    ]
+    for label in dict.fromkeys(r["variant"] for r in variants):
+      cells = []
+      for sigma in sigmas:
+        r = next((r for r in variants if r["variant"] == label and r["sigma_ref"] == sigma), None)
+        cells.append(_spread_cell(r))
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
   coverage = _latest(
     [r for r in records if r["part"] == "coverage"],
@@ -440,6 +486,14 @@ def tables(records: list) -> str:
   return "\n".join(lines)
 
 
+def _spread_cell(r) -> str:
+  """'spread (lambda on its particles / on fresh samples)' of a 2D run, mean lambda over t."""
+  if r is None:
+    return ""
+  mem = r["memorisation"]
+  return f"{r['spread']:.3f} ({np.mean(mem['particles']):.2f} / {np.mean(mem['fresh']):.2f})"
+
+
 def _rgb(colour) -> str:
   return "#" + "".join(f"{round(255 * float(c)):02x}" for c in colour)
 
@@ -448,7 +502,7 @@ def main():
   args = parse_args()
   os.makedirs(args.out, exist_ok=True)
   setting = lambda name: SETTINGS[name][1 if args.quick else 0]
-  parts = {"cfg": run_cfg, "spread": run_spread, "coverage": run_coverage}
+  parts = {"cfg": run_cfg, "spread": run_spread, "variants": run_variants, "coverage": run_coverage}
   for part in args.parts.split(","):
     if part not in parts:
       raise SystemExit(f"--parts: unknown {part!r}; expected some of {', '.join(parts)}")

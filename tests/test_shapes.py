@@ -332,7 +332,15 @@ def test_parse_references_errors(text, match):
 def test_component_names_by_colour():
   names = [shapes.component_name(r) for r in shapes.parse_references(",".join(shapes.SHAPES))]
   assert names == ["red sphere", "blue cube", "green torus", "yellow cylinder", "purple cone"]
-  expected = {"#ffffff": "white", "#808080": "grey", "#101010": "black", "#ff8000": "orange",
-              "#20c0c0": "cyan", "#ff4040": "red", "#e04060": "red", "#e040a0": "pink"}
+  expected = {
+    "#ffffff": "white",
+    "#808080": "grey",
+    "#101010": "black",
+    "#ff8000": "orange",
+    "#20c0c0": "cyan",
+    "#ff4040": "red",
+    "#e04060": "red",
+    "#e040a0": "pink",
+  }
   for hex_colour, name in expected.items():
     assert shapes.colour_name(shapes._hex_to_rgb(hex_colour)) == name, hex_colour

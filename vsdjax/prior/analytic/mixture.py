@@ -200,7 +200,8 @@ def encode_prompts(prior: AnalyticPrior, prompts: Sequence[str]) -> jax.Array:
         adjective = before[-1] if before and before[-1] in adjectives else None
         mentions.add((noun, adjective))
     mask = [
-      1.0 if (name[-1], None) in mentions or any((name[-1], a) in mentions for a in name[:-1])
+      1.0
+      if (name[-1], None) in mentions or any((name[-1], a) in mentions for a in name[:-1])
       else 0.0
       for name in words
     ]

@@ -123,8 +123,17 @@ def parse_references(text: str) -> tuple:
 
 # Hue bins (degrees, upper edges) of the colour names; colours with HSV
 # saturation below 0.25 are "white", "grey" or "black" by their value.
-_HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (170, "green"), (200, "cyan"),
-         (260, "blue"), (300, "purple"), (345, "pink"), (360, "red"))
+_HUES = (
+  (15, "red"),
+  (40, "orange"),
+  (70, "yellow"),
+  (170, "green"),
+  (200, "cyan"),
+  (260, "blue"),
+  (300, "purple"),
+  (345, "pink"),
+  (360, "red"),
+)
 
 
 def colour_name(color) -> str:
