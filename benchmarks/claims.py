@@ -220,34 +220,43 @@ def save_png(path: str, image: np.ndarray, zoom: int = 1) -> None:
 
 
 def run_cfg(out_dir: str, setting) -> list:
-  """SDS at CFG 100, VSD at 7.5, SDS at 7.5 in 2D and 3D; one record per run; the PNGs."""
+  """SDS at CFG 100, VSD at 7.5, SDS at 7.5 in 2D and 3D; one record per run; the PNGs.
+
+  The pictures' rows: the red sphere (2D: exact samples of the prompt's component, the
+  ground truth), then the runs of CFG_RUNS; columns: particles (2D) or held-out views (3D).
+  """
   records = []
   fixed_camera = jax.tree.map(
     lambda v: jnp.asarray(v)[None], cameras.from_spherical(**image.CAMERA)
   )
   for dim in ("2d", "3d"):
     if dim == "2d":
-      name, size = "toy2d", 16
-      overrides = {"n_particles": 4, "prior.sigma_ref": 0.1, "steps": setting("cfg_2d_steps")}
+      name, size, cams, sigma = "toy2d", 16, fixed_camera, 0.1
+      overrides = {"n_particles": 4, "prior.sigma_ref": sigma, "steps": setting("cfg_2d_steps")}
     else:
-      name, size = "toy", 32
+      name, size, cams, sigma = "toy", 32, evaluate.heldout_cameras(PROBE_VIEWS), 0.0
       overrides = {"n_particles": 1, "steps": setting("cfg_3d_steps")}
       overrides["guidance.t_switch_step"] = overrides["steps"] * 3 // 4
     overrides.update({"prior.references": RED_BLUE, "prompt": "a red sphere"})
-    rows = []
+    probe, ref = render_probe(shapes.parse_references(RED_BLUE), cams, size)
+    # Exact samples of the prompt's component (rgb std sigma_ref / 2): what the runs should be.
+    z = np.random.default_rng(0).standard_normal((overrides["n_particles"], *ref[:, 0].shape))
+    truth = np.clip(ref[None, :, 0] + 0.5 * sigma * z, 0.0, 1.0)  # [n, V, H, W, 3]
+    record = {"part": "cfg", "dim": dim, "mode": "prior", "scale": 0.0, "steps": 0}
+    record.update(image_metrics(truth, ref, 0), seconds=0.0)
+    write_line(out_dir, record)
+    records.append(record)
+    rows = [truth[:, 0] if dim == "2d" else truth[0]]  # 2D: particles; 3D: views
     for mode, scale in CFG_RUNS:
       config = experiment(name, {**overrides, "guidance.mode": mode, "guidance.scale": scale})
-      cams = evaluate.heldout_cameras(PROBE_VIEWS) if dim == "3d" else fixed_camera
-      probe, ref = render_probe(shapes.parse_references(RED_BLUE), cams, size)
       *_, trace, seconds = train(config, probe, config.steps)
       rgb = trace[-1][1]  # [n, V, H, W, 3]
       record = {"part": "cfg", "dim": dim, "mode": mode, "scale": scale, "steps": config.steps}
       record.update(image_metrics(rgb, ref, 0), seconds=round(seconds, 1))
       write_line(out_dir, record)
       records.append(record)
-      rows.append(rgb[:, 0] if dim == "2d" else rgb[0])  # 2D: particles; 3D: views
-    top = ref[:, 0] if dim == "3d" else np.repeat(ref[:1, 0], len(rows[0]), axis=0)
-    picture = grid.tile(np.stack([top, *rows]))
+      rows.append(rgb[:, 0] if dim == "2d" else rgb[0])
+    picture = grid.tile(np.stack(rows))
     save_png(os.path.join(out_dir, f"cfg_{dim}.png"), picture, zoom=64 // size)
   return records
 
@@ -411,8 +420,13 @@ def tables(records: list) -> str:
     for r in cfg:
       psnr = [p[0] for p in r["psnr_to"]]
       colour = np.mean(r["colour"], axis=0)
+      run = (
+        "the prior's samples"
+        if r["mode"] == "prior"
+        else f"{r['mode'].upper()}, CFG {r['scale']:g}"
+      )
       lines.append(
-        f"| {r['dim'].upper()} | {r['mode'].upper()}, CFG {r['scale']:g} | {np.mean(psnr):.2f} "
+        f"| {r['dim'].upper()} | {run} | {np.mean(psnr):.2f} "
         f"({min(psnr):.2f}-{max(psnr):.2f}) | {np.mean(r['saturation']):.3f} "
         f"({r['saturation_ref']:.3f}) | {_rgb(colour)} ({_rgb(r['colour_ref'])}) "
         f"| {np.mean(r['detail']):.3f} | {r['steps']}, {r['seconds']:.0f} |"
