@@ -27,6 +27,7 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             cameras, over pairs x seeds x starts (grey, or albedo_init_std 1);
             the share per reference over steps, the switches between
             references, and the coverage rate (runs whose particles cover both).
+  more_particles  the same with eight particles (VSD, random colours).
 
 Writes OUT/claims.jsonl (a line per run), OUT/claims.md (the tables README.md
 shows) and OUT/{cfg_2d,cfg_3d,spread,coverage}.png.
@@ -81,7 +82,9 @@ SETTINGS = {
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
-  p.add_argument("--parts", default="cfg,spread,variants,coverage", help="comma-separated parts")
+  p.add_argument(
+    "--parts", default="cfg,spread,variants,coverage,more_particles", help="comma-separated parts"
+  )
   p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
   return p.parse_args()
 
@@ -297,7 +300,6 @@ def run_spread(out_dir: str, setting) -> list:
                 "steps": setting("model_steps"), "spread": round(value, 4)}  # fmt: skip
       write_line(out_dir, record)
       records.append(record)
-  plot_spread(records, os.path.join(out_dir, "spread.png"))
   return records
 
 
@@ -345,21 +347,26 @@ def plot_spread(records: list, path: str) -> None:
   fig.savefig(path)
 
 
-def run_coverage(out_dir: str, setting) -> list:
-  """3D mode coverage over pairs x seeds x starts (VSD and SDS); shares over steps."""
+def run_coverage(out_dir: str, setting, variants=None) -> list:
+  """3D mode coverage over pairs x seeds x variants; the nearest reference over steps.
+
+  variants: (mode, albedo_init_std, seeds, n_particles) tuples; by default VSD and SDS
+  from random colours and VSD from the grey start (once per pair: identical starts
+  fall alike), four particles each.
+  """
   records = []
   cams = evaluate.heldout_cameras(PROBE_VIEWS)
   steps = setting("coverage_steps")
   seeds = setting("coverage_seeds")
-  # (mode, albedo_init_std, seeds): the grey start once per pair (identical starts fall alike).
-  variants = [("vsd", 1.0, seeds), ("sds", 1.0, seeds), ("vsd", 0.0, seeds[:1])]
+  if variants is None:
+    variants = [("vsd", 1.0, seeds, 4), ("sds", 1.0, seeds, 4), ("vsd", 0.0, seeds[:1], 4)]
   for pair in setting("coverage_pairs"):
     refs = shapes.parse_references(pair)
     probe, ref = render_probe(refs, cams, 32)
-    for mode, start, variant_seeds in variants:
+    for mode, start, variant_seeds, n in variants:
       for seed in variant_seeds:
         overrides = {
-          "prior.references": pair, "n_particles": 4, "seed": seed, "steps": steps,
+          "prior.references": pair, "n_particles": n, "seed": seed, "steps": steps,
           "guidance.t_switch_step": steps * 3 // 4, "guidance.mode": mode,
           "scene.albedo_init_std": start,
         }  # fmt: skip
@@ -369,6 +376,7 @@ def run_coverage(out_dir: str, setting) -> list:
         last = image_metrics(trace[-1][1], ref, 0)
         record = {
           "part": "coverage", "pair": pair, "seed": seed, "mode": mode, "albedo_init_std": start,
+          "n_particles": n,
           "steps": steps, "probe_steps": [s for s, _ in trace], "nearest": nearest,
           "switches": int(sum(np.sum(np.diff(np.asarray(nearest), axis=0) != 0, axis=0))),
           "covered": sorted(set(nearest[-1])), "psnr_to": last["psnr_to"],
@@ -376,22 +384,31 @@ def run_coverage(out_dir: str, setting) -> list:
         }  # fmt: skip
         write_line(out_dir, record)
         records.append(record)
-  plot_coverage(records, os.path.join(out_dir, "coverage.png"))
   return records
+
+
+def run_more_particles(out_dir: str, setting) -> list:
+  """Coverage with eight particles (VSD, random colours, the first two seeds)."""
+  return run_coverage(out_dir, setting, [("vsd", 1.0, setting("coverage_seeds")[:2], 8)])
+
+
+def _variant(r) -> tuple:
+  """A coverage record's (mode, albedo_init_std, n_particles)."""
+  return r["mode"], r["albedo_init_std"], r.get("n_particles", 4)
 
 
 def plot_coverage(records: list, path: str) -> None:
   """Share of particles nearest to the pair's first reference over steps, a panel per variant."""
-  variants = sorted({(r["mode"], r["albedo_init_std"]) for r in records})
-  fig = Figure(figsize=(4 * len(variants), 3.2), dpi=100)
-  for i, (mode, start) in enumerate(variants):
+  variants = list(dict.fromkeys(_variant(r) for r in records))
+  fig = Figure(figsize=(3.6 * len(variants), 3.2), dpi=100)
+  for i, (mode, start, n) in enumerate(variants):
     ax = fig.add_subplot(1, len(variants), i + 1)
     for r in records:
-      if (r["mode"], r["albedo_init_std"]) != (mode, start):
+      if _variant(r) != (mode, start, n):
         continue
-      share = [1.0 - np.mean(n) for n in r["nearest"]]
+      share = [1.0 - np.mean(nearest) for nearest in r["nearest"]]
       ax.plot(r["probe_steps"], share, alpha=0.7, label=f"{r['pair']} s{r['seed']}")
-    ax.set_title(f"{mode.upper()}, albedo_init_std {start:g}", fontsize=9)
+    ax.set_title(f"{mode.upper()}, n = {n}, albedo_init_std {start:g}", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylim(-0.05, 1.05)
     if i == 0:
@@ -399,6 +416,12 @@ def plot_coverage(records: list, path: str) -> None:
     ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path)
+
+
+def coverage_records(records: list) -> list:
+  """The latest coverage record of each (pair, seed, variant)."""
+  coverage = [r for r in records if r["part"] == "coverage"]
+  return _latest(coverage, lambda r: (r["pair"], r["seed"], *_variant(r)))
 
 
 def _latest(records: list, key) -> list:
@@ -480,18 +503,15 @@ def tables(records: list) -> str:
         cells.append(_spread_cell(r))
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
-  coverage = _latest(
-    [r for r in records if r["part"] == "coverage"],
-    lambda r: (r["pair"], r["seed"], r["mode"], r["albedo_init_std"]),
-  )
+  coverage = coverage_records(records)
   if coverage:
     lines += [
-      "| run | both references covered | particles on the first reference (of 4, per run) "
+      "| run | both references covered | particles on the first reference (per run) "
       "| particles that changed reference after the first quarter of the steps |",
       "|---|---|---|---|",
     ]
-    for mode, start in dict.fromkeys((r["mode"], r["albedo_init_std"]) for r in coverage):
-      runs = [r for r in coverage if (r["mode"], r["albedo_init_std"]) == (mode, start)]
+    for mode, start, n in dict.fromkeys(_variant(r) for r in coverage):
+      runs = [r for r in coverage if _variant(r) == (mode, start, n)]
       both = sum(len(r["covered"]) == 2 for r in runs)
       shares = ", ".join(str(r["nearest"][-1].count(0)) for r in runs)
       moved = 0  # particles whose nearest reference after the first quarter is not the last
@@ -499,7 +519,8 @@ def tables(records: list) -> str:
         late = np.asarray(r["nearest"])[np.asarray(r["probe_steps"]) >= r["steps"] // 4]
         moved += int(np.sum(np.any(late != late[-1], axis=0)))
       lines.append(
-        f"| {mode.upper()}, albedo_init_std {start:g} | {both} of {len(runs)} | {shares} "
+        f"| {mode.upper()}, n = {n}, albedo_init_std {start:g} | {both} of {len(runs)} "
+        f"| {shares} (of {n}) "
         f"| {moved} |"
       )
     lines.append("")
@@ -522,7 +543,13 @@ def main():
   args = parse_args()
   os.makedirs(args.out, exist_ok=True)
   setting = lambda name: SETTINGS[name][1 if args.quick else 0]
-  parts = {"cfg": run_cfg, "spread": run_spread, "variants": run_variants, "coverage": run_coverage}
+  parts = {
+    "cfg": run_cfg,
+    "spread": run_spread,
+    "variants": run_variants,
+    "coverage": run_coverage,
+    "more_particles": run_more_particles,
+  }
   for part in args.parts.split(","):
     if part not in parts:
       raise SystemExit(f"--parts: unknown {part!r}; expected some of {', '.join(parts)}")
@@ -532,6 +559,14 @@ def main():
     records = [json.loads(line) for line in f]
   with open(os.path.join(args.out, "claims.md"), "w") as f:
     f.write(tables(records))
+  spread = [r for r in records if r["part"] == "spread"]
+  if spread:
+    plot_spread(
+      _latest(spread, lambda r: (r["kind"], r.get("phi_lr"), r["sigma_ref"])),
+      os.path.join(args.out, "spread.png"),
+    )
+  if coverage_records(records):
+    plot_coverage(coverage_records(records), os.path.join(args.out, "coverage.png"))
 
 
 if __name__ == "__main__":
