@@ -82,6 +82,8 @@ def test_every_experiment_and_the_defaults_validate(module):
     ("prior.dtype", "float16", "prior.dtype: must be one of 'float32', 'bfloat16'"),
     ("prior.kind", "sd", "prior.kind"),
     ("prior.references", "sphere,pyramid", "prior.references: .*unknown shape 'pyramid'"),
+    ("prompt", "a hamburger", "prompt: .*'a hamburger' names no component"),
+    ("prompt", "a green sphere", "prompt: .*green, a colour no reference has.*red sphere, blue"),
     ("render.resolution", 0, "render.resolution"),
     ("render.resolution", 10, "render.resolution: must be a multiple of 4"),
     ("render.chunk", 3, "render"),

@@ -351,7 +351,7 @@ def validate_config(config) -> None:
   """
   # Deferred: these modules import jax-heavy code; checks.py stays importable alone.
   from vsdjax.guidance import eps_phi
-  from vsdjax.prior.analytic import shapes
+  from vsdjax.prior.analytic import mixture, shapes
   from vsdjax.representations.nerf import scene
   from vsdjax.training import models
 
@@ -394,9 +394,23 @@ def validate_config(config) -> None:
     )
   if analytic:
     try:
-      shapes.parse_references(config.prior.references)
+      refs = shapes.parse_references(config.prior.references)
     except ValueError as e:
       _config_fail("prior.references", str(e))
+    names = [shapes.component_name(r) for r in refs]
+    try:
+      mixture.encode_prompts(mixture.make_prior(names, 0.0), [config.prompt])
+    except ValueError as e:
+      _config_fail("prompt", str(e))
+    # A colour no reference has would select by the shape alone: say so instead.
+    colours = set(re.findall(r"\w+", config.prompt.lower())) & set(shapes.COLOUR_NAMES)
+    unknown = sorted(colours - {name.split()[0] for name in names})
+    if unknown:
+      _config_fail(
+        "prompt",
+        f"{config.prompt!r} names {', '.join(unknown)}, a colour no reference has; "
+        f"the references are {', '.join(names)} (prior.references)",
+      )
   if config.mesh.init_shape not in shapes.SHAPES:
     _config_fail(
       "mesh.init_shape", f"must be one of {shapes.SHAPES}, got {config.mesh.init_shape!r}"

@@ -134,6 +134,8 @@ _HUES = (
   (345, "pink"),
   (360, "red"),
 )
+# Every colour word of colour_name.
+COLOUR_NAMES = ("white", "grey", "black") + tuple(dict.fromkeys(name for _, name in _HUES))
 
 
 def colour_name(color) -> str:
