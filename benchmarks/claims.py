@@ -9,8 +9,9 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             is the unconditional branch), so classifier-free guidance acts.
             SDS at CFG 100 (DreamFusion), VSD at 7.5 (ProlificDreamer) and SDS
             at 7.5, in 2D (sigma_ref 0.1: the references have texture) and 3D
-            (point masses; and SDS at 100 without toy.py's switch to t_max 0.5). Per run: PSNR to the red sphere (3D: held-out
-            cameras), HSV saturation of the object against the reference's,
+            (point masses; and SDS at 100 without toy.py's switch to t_max
+            0.5). Per run: PSNR to the red sphere (3D: held-out cameras), HSV
+            saturation of the object against the reference's,
             its mean colour, and "detail": the std of the residual to the
             reference after its mean over the object (x0 units; a sample of
             the 2D prior has sigma_ref).
@@ -28,6 +29,8 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             the share per reference over steps, the switches between
             references, and the coverage rate (runs whose particles cover both).
   more_particles  the same with eight particles (VSD, random colours).
+  starts    each coverage run's particles at step 0: the reference nearest to their
+            colour alone (colour_nearest), against the one they end at.
 
 Writes OUT/claims.jsonl (a line per run), OUT/claims.md (the tables README.md
 shows) and OUT/{cfg_2d,cfg_3d,spread,coverage}.png.
@@ -85,7 +88,9 @@ def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
   p.add_argument(
-    "--parts", default="cfg,spread,variants,coverage,more_particles", help="comma-separated parts"
+    "--parts",
+    default="cfg,spread,variants,coverage,more_particles,starts",
+    help="comma-separated parts",
   )
   p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
   return p.parse_args()
@@ -355,6 +360,15 @@ def plot_spread(records: list, path: str) -> None:
   fig.savefig(path)
 
 
+def coverage_overrides(pair: str, seed: int, mode: str, start: float, n: int, steps: int):
+  """toy.py's overrides of a coverage run."""
+  return {
+    "prior.references": pair, "n_particles": n, "seed": seed, "steps": steps,
+    "guidance.t_switch_step": steps * 3 // 4, "guidance.mode": mode,
+    "scene.albedo_init_std": start,
+  }  # fmt: skip
+
+
 def run_coverage(out_dir: str, setting, variants=None) -> list:
   """3D mode coverage over pairs x seeds x variants; the nearest reference over steps.
 
@@ -373,12 +387,7 @@ def run_coverage(out_dir: str, setting, variants=None) -> list:
     probe, ref = render_probe(refs, cams, 32)
     for mode, start, variant_seeds, n in variants:
       for seed in variant_seeds:
-        overrides = {
-          "prior.references": pair, "n_particles": n, "seed": seed, "steps": steps,
-          "guidance.t_switch_step": steps * 3 // 4, "guidance.mode": mode,
-          "scene.albedo_init_std": start,
-        }  # fmt: skip
-        config = experiment("toy", overrides)
+        config = experiment("toy", coverage_overrides(pair, seed, mode, start, n, steps))
         *_, trace, seconds = train(config, probe, setting("probe_every"))
         nearest = [image_metrics(rgb, ref, 0)["nearest"] for _, rgb in trace]  # [probes][n]
         last = image_metrics(trace[-1][1], ref, 0)
@@ -388,10 +397,46 @@ def run_coverage(out_dir: str, setting, variants=None) -> list:
           "steps": steps, "probe_steps": [s for s, _ in trace], "nearest": nearest,
           "switches": int(sum(np.sum(np.diff(np.asarray(nearest), axis=0) != 0, axis=0))),
           "covered": sorted(set(nearest[-1])), "psnr_to": last["psnr_to"],
+          "colour_nearest": colour_nearest(trace[0][1], ref),
           "seconds": round(seconds, 1),
         }  # fmt: skip
         write_line(out_dir, record)
         records.append(record)
+  return records
+
+
+def colour_nearest(rgb: np.ndarray, ref: np.ndarray) -> list:
+  """Each particle's reference by colour alone: [n] indices.
+
+  The chromaticity rgb / (r + g + b) of a particle's mean colour over the references'
+  objects (the union of their non-white pixels) against each reference's own; the
+  brightness is left out (the references are shaded, a grey-lit start is not).
+  rgb: [n, V, H, W, 3]; ref: [V, K, H, W, 3].
+  """
+  chroma = lambda c: c / np.maximum(c.sum(-1, keepdims=True), 1e-6)
+  objects = np.any(ref < 0.98, axis=-1)  # [V, K, H, W]
+  particle = chroma(rgb[:, np.any(objects, axis=1)].mean(1))  # [n, 3]
+  colours = chroma(np.stack([ref[:, k][objects[:, k]].mean(0) for k in range(ref.shape[1])]))
+  return np.argmin(np.sum(np.square(particle[:, None] - colours[None]), -1), axis=1).tolist()
+
+
+def run_starts(out_dir: str, setting) -> list:
+  """colour_nearest of the starts of the coverage runs in claims.jsonl (no training)."""
+  del setting
+  with open(os.path.join(out_dir, "claims.jsonl")) as f:
+    runs = coverage_records([json.loads(line) for line in f])
+  cams = evaluate.heldout_cameras(PROBE_VIEWS)
+  records = []
+  for r in runs:
+    probe, ref = render_probe(shapes.parse_references(r["pair"]), cams, 32)
+    config = experiment("toy", coverage_overrides(r["pair"], r["seed"], *_variant(r), r["steps"]))
+    config.steps = 0
+    *_, trace, _ = train(config, probe, 1)
+    record = {"part": "start", "pair": r["pair"], "seed": r["seed"], "mode": r["mode"]}
+    record.update(albedo_init_std=r["albedo_init_std"], n_particles=_variant(r)[2])
+    record["colour_nearest"] = colour_nearest(trace[0][1], ref)
+    write_line(out_dir, record)
+    records.append(record)
   return records
 
 
@@ -518,8 +563,9 @@ def tables(records: list) -> str:
   if coverage:
     lines += [
       "| run | both references covered | particles on the first reference (per run) "
-      "| particles that changed reference after the first quarter of the steps |",
-      "|---|---|---|---|",
+      "| particles that changed reference after the first quarter of the steps "
+      "| particles ending at the reference nearest their starting colour |",
+      "|---|---|---|---|---|",
     ]
     for mode, start, n in dict.fromkeys(_variant(r) for r in coverage):
       runs = [r for r in coverage if _variant(r) == (mode, start, n)]
@@ -529,10 +575,20 @@ def tables(records: list) -> str:
       for r in runs:
         late = np.asarray(r["nearest"])[np.asarray(r["probe_steps"]) >= r["steps"] // 4]
         moved += int(np.sum(np.any(late != late[-1], axis=0)))
+      starts = {
+        (r["pair"], r["seed"], *_variant(r)): r["colour_nearest"]
+        for r in records
+        if "colour_nearest" in r
+      }
+      same = total = 0
+      for r in runs:
+        start_nearest = starts.get((r["pair"], r["seed"], *_variant(r)))
+        if start_nearest is not None:
+          same += int(np.sum(np.asarray(start_nearest) == np.asarray(r["nearest"][-1])))
+          total += len(start_nearest)
       lines.append(
         f"| {mode.upper()}, n = {n}, albedo_init_std {start:g} | {both} of {len(runs)} "
-        f"| {shares} (of {n}) "
-        f"| {moved} |"
+        f"| {shares} (of {n}) | {moved} | {f'{same} of {total}' if start else '-'} |"
       )
     lines.append("")
   return "\n".join(lines)
@@ -560,6 +616,7 @@ def main():
     "variants": run_variants,
     "coverage": run_coverage,
     "more_particles": run_more_particles,
+    "starts": run_starts,
   }
   for part in args.parts.split(","):
     if part not in parts:
