@@ -23,6 +23,7 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
   variants  the spread at sigma_ref 0.05 and 0.2 with 16 particles, 4 t per
             particle and step, a lower particle lr, and eps_phi at lr 1e-4 for
             2000 steps (SPREAD_VARIANTS).
+  combined  all of these at once, at sigma_ref 0.02 and 0.3 (COMBINED).
   coverage  3D, two references, n particles, VSD (and SDS): every
             `probe_every` steps, each particle's nearest reference on held-out
             cameras, over pairs x seeds x starts (grey, or albedo_init_std 1);
@@ -89,7 +90,7 @@ def parse_args():
   p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
   p.add_argument(
     "--parts",
-    default="cfg,spread,variants,coverage,more_particles,starts",
+    default="cfg,spread,variants,combined,coverage,more_particles,starts",
     help="comma-separated parts",
   )
   p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
@@ -325,11 +326,20 @@ SPREAD_VARIANTS = (
 )
 
 
-def run_variants(out_dir: str, setting) -> list:
-  """The 2D spread at the ends of the sigma_ref range under SPREAD_VARIANTS."""
+# Every remedy above at once, at the ends of the sigma_ref range.
+COMBINED = (
+  (
+    "16 particles, particle lr 3e-3, eps_phi lr 1e-4, 2000 steps",
+    {"n_particles": 16, "optim.lr": 3e-3, "eps_phi.lr": 1e-4, "steps": 2000},
+  ),
+)
+
+
+def run_variants(out_dir: str, setting, variants=SPREAD_VARIANTS, sigmas=None) -> list:
+  """The 2D spread at the ends of the sigma_ref range under `variants` (label, overrides)."""
   records = []
-  for label, overrides in SPREAD_VARIANTS:
-    for sigma in setting("variant_sigmas"):
+  for label, overrides in variants:
+    for sigma in sigmas or setting("variant_sigmas"):
       record = {"part": "variants", "variant": label, "sigma_ref": sigma}
       # A variant's own steps are for the full setting: scaled like spread_steps.
       steps = overrides.get("steps", SETTINGS["spread_steps"][0])
@@ -338,6 +348,12 @@ def run_variants(out_dir: str, setting) -> list:
       write_line(out_dir, record)
       records.append(record)
   return records
+
+
+def run_combined(out_dir: str, setting) -> list:
+  """COMBINED at the ends of spread_sigmas (0.02 and 0.3)."""
+  sigmas = setting("spread_sigmas")
+  return run_variants(out_dir, setting, COMBINED, (sigmas[0], sigmas[-1]))
 
 
 def plot_spread(records: list, path: str) -> None:
@@ -614,6 +630,7 @@ def main():
     "cfg": run_cfg,
     "spread": run_spread,
     "variants": run_variants,
+    "combined": run_combined,
     "coverage": run_coverage,
     "more_particles": run_more_particles,
     "starts": run_starts,
