@@ -10,11 +10,11 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             SDS at CFG 100 (DreamFusion), VSD at 7.5 (ProlificDreamer) and SDS
             at 7.5, in 2D (sigma_ref 0.1: the references have texture) and 3D
             (point masses; and SDS at 100 without toy.py's switch to t_max
-            0.5). Per run: PSNR to the red sphere (3D: held-out cameras), HSV
-            saturation of the object against the reference's,
-            its mean colour, and "detail": the std of the residual to the
-            reference after its mean over the object (x0 units; a sample of
-            the 2D prior has sigma_ref).
+            0.5). Per run: PSNR to the red sphere (3D: held-out cameras); the
+            object's mean colour and its HSV saturation (and the mean per-pixel
+            saturation, which counts texture as colour); "detail": the std of
+            the residual to the red sphere after its mean over the object (x0
+            units; a sample of the 2D prior has sigma_ref).
   spread    2D VSD, one reference, n = 8: the particles' per-pixel std against
             sigma_ref in 0.02-0.3, with eps_phi's lr 1e-3 (toy2d) and 1e-4; at
             the end of each run, how much eps_phi memorises its particles (see
