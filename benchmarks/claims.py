@@ -30,8 +30,6 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             the share per reference over steps, the switches between
             references, and the coverage rate (runs whose particles cover both).
   more_particles  the same with eight particles (VSD, random colours).
-  starts    each coverage run's particles at step 0: the reference nearest to their
-            colour alone (colour_nearest), against the one they end at.
 
 Writes OUT/claims.jsonl (a line per run), OUT/claims.md (the tables README.md
 shows) and OUT/{cfg_2d,cfg_3d,spread,coverage}.png.
@@ -39,6 +37,7 @@ shows) and OUT/{cfg_2d,cfg_3d,spread,coverage}.png.
   python benchmarks/claims.py --out benchmarks/claims              # README's figures
   python benchmarks/claims.py --quick --out /tmp/claims            # a few minutes
   python benchmarks/claims.py --parts spread --out /tmp/claims
+  python benchmarks/claims.py --parts "" --out benchmarks/claims     # tables and plots only
 """
 
 import argparse
@@ -90,7 +89,7 @@ def parse_args():
   p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
   p.add_argument(
     "--parts",
-    default="cfg,spread,variants,combined,coverage,more_particles,starts",
+    default="cfg,spread,variants,combined,coverage,more_particles",
     help="comma-separated parts",
   )
   p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
@@ -413,46 +412,10 @@ def run_coverage(out_dir: str, setting, variants=None) -> list:
           "steps": steps, "probe_steps": [s for s, _ in trace], "nearest": nearest,
           "switches": int(sum(np.sum(np.diff(np.asarray(nearest), axis=0) != 0, axis=0))),
           "covered": sorted(set(nearest[-1])), "psnr_to": last["psnr_to"],
-          "colour_nearest": colour_nearest(trace[0][1], ref),
           "seconds": round(seconds, 1),
         }  # fmt: skip
         write_line(out_dir, record)
         records.append(record)
-  return records
-
-
-def colour_nearest(rgb: np.ndarray, ref: np.ndarray) -> list:
-  """Each particle's reference by colour alone: [n] indices.
-
-  The chromaticity rgb / (r + g + b) of a particle's mean colour over the references'
-  objects (the union of their non-white pixels) against each reference's own; the
-  brightness is left out (the references are shaded, a grey-lit start is not).
-  rgb: [n, V, H, W, 3]; ref: [V, K, H, W, 3].
-  """
-  chroma = lambda c: c / np.maximum(c.sum(-1, keepdims=True), 1e-6)
-  objects = np.any(ref < 0.98, axis=-1)  # [V, K, H, W]
-  particle = chroma(rgb[:, np.any(objects, axis=1)].mean(1))  # [n, 3]
-  colours = chroma(np.stack([ref[:, k][objects[:, k]].mean(0) for k in range(ref.shape[1])]))
-  return np.argmin(np.sum(np.square(particle[:, None] - colours[None]), -1), axis=1).tolist()
-
-
-def run_starts(out_dir: str, setting) -> list:
-  """colour_nearest of the starts of the coverage runs in claims.jsonl (no training)."""
-  del setting
-  with open(os.path.join(out_dir, "claims.jsonl")) as f:
-    runs = coverage_records([json.loads(line) for line in f])
-  cams = evaluate.heldout_cameras(PROBE_VIEWS)
-  records = []
-  for r in runs:
-    probe, ref = render_probe(shapes.parse_references(r["pair"]), cams, 32)
-    config = experiment("toy", coverage_overrides(r["pair"], r["seed"], *_variant(r), r["steps"]))
-    config.steps = 0
-    *_, trace, _ = train(config, probe, 1)
-    record = {"part": "start", "pair": r["pair"], "seed": r["seed"], "mode": r["mode"]}
-    record.update(albedo_init_std=r["albedo_init_std"], n_particles=_variant(r)[2])
-    record["colour_nearest"] = colour_nearest(trace[0][1], ref)
-    write_line(out_dir, record)
-    records.append(record)
   return records
 
 
@@ -579,9 +542,8 @@ def tables(records: list) -> str:
   if coverage:
     lines += [
       "| run | both references covered | particles on the first reference (per run) "
-      "| particles that changed reference after the first quarter of the steps "
-      "| particles ending at the reference nearest their starting colour |",
-      "|---|---|---|---|---|",
+      "| particles that changed reference after the first quarter of the steps |",
+      "|---|---|---|---|",
     ]
     for mode, start, n in dict.fromkeys(_variant(r) for r in coverage):
       runs = [r for r in coverage if _variant(r) == (mode, start, n)]
@@ -591,20 +553,9 @@ def tables(records: list) -> str:
       for r in runs:
         late = np.asarray(r["nearest"])[np.asarray(r["probe_steps"]) >= r["steps"] // 4]
         moved += int(np.sum(np.any(late != late[-1], axis=0)))
-      starts = {
-        (r["pair"], r["seed"], *_variant(r)): r["colour_nearest"]
-        for r in records
-        if "colour_nearest" in r
-      }
-      same = total = 0
-      for r in runs:
-        start_nearest = starts.get((r["pair"], r["seed"], *_variant(r)))
-        if start_nearest is not None:
-          same += int(np.sum(np.asarray(start_nearest) == np.asarray(r["nearest"][-1])))
-          total += len(start_nearest)
       lines.append(
         f"| {mode.upper()}, n = {n}, albedo_init_std {start:g} | {both} of {len(runs)} "
-        f"| {shares} (of {n}) | {moved} | {f'{same} of {total}' if start else '-'} |"
+        f"| {shares} (of {n}) | {moved} |"
       )
     lines.append("")
   return "\n".join(lines)
@@ -633,12 +584,12 @@ def main():
     "combined": run_combined,
     "coverage": run_coverage,
     "more_particles": run_more_particles,
-    "starts": run_starts,
   }
-  for part in args.parts.split(","):
+  chosen = [part for part in args.parts.split(",") if part]  # "": redraw from claims.jsonl
+  for part in chosen:
     if part not in parts:
       raise SystemExit(f"--parts: unknown {part!r}; expected some of {', '.join(parts)}")
-  for part in args.parts.split(","):
+  for part in chosen:
     parts[part](args.out, setting)
   with open(os.path.join(args.out, "claims.jsonl")) as f:
     records = [json.loads(line) for line in f]
