@@ -244,7 +244,7 @@ def test_colour_prompts_select_and_guide():
   means, x_t = _noisy_batch(prior, rng, (3, 5, 4), t, 0.5)
   cond = np.asarray(analytic.encode_prompts(prior, ["a red sphere"] * 3))
   uncond = np.asarray(analytic.encode_prompts(prior, [""] * 3))
-  ref_u, w_u = _reference_eps(prior, means, x_t, t, uncond)
+  ref_u, _ = _reference_eps(prior, means, x_t, t, uncond)
   ref_c, _ = _reference_eps(prior, means, x_t, t, cond)
   guided = priors.predict_eps_cfg(prior, means, x_t, t, cond, uncond, 100.0)
   np.testing.assert_allclose(guided, ref_u + 100.0 * (ref_c - ref_u), rtol=1e-4, atol=2e-2)

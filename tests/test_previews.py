@@ -234,9 +234,8 @@ def test_claims_image_metrics_on_known_images():
   out = claims.image_metrics(rgb, ref, 0)
   assert out["nearest"] == [0, 1, 0]
   assert out["psnr_to"][0][0] == 100.0 and out["psnr_to"][1][1] == 100.0
-  assert out["saturation"][0] == pytest.approx(0.75) and out["saturation_ref"] == pytest.approx(
-    0.75
-  )
+  assert out["saturation"][0] == pytest.approx(0.75)
+  assert out["saturation_ref"] == pytest.approx(0.75)
   assert out["saturation"][2] > 0.75
   assert out["colour"][1] == pytest.approx([0.2, 0.2, 0.8])
   # Detail: 2 x the residual's std in x0 units, over the object's pixels, mean over channels.
