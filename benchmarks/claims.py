@@ -30,6 +30,7 @@ experiments/toy.py (3D: NeRFs), with the overrides each part names:
             the share per reference over steps, the switches between
             references, and the coverage rate (runs whose particles cover both).
   more_particles  the same with eight particles (VSD, random colours).
+  slow_phi  the same with eps_phi at lr 1e-4 (VSD, random colours, four particles).
 
 Writes OUT/claims.jsonl (a line per run), OUT/claims.md (the tables README.md
 shows) and OUT/{cfg_2d,cfg_3d,spread,coverage}.png.
@@ -89,7 +90,7 @@ def parse_args():
   p.add_argument("--out", required=True, help="folder for claims.jsonl, claims.md and the PNGs")
   p.add_argument(
     "--parts",
-    default="cfg,spread,variants,combined,coverage,more_particles",
+    default="cfg,spread,variants,combined,coverage,more_particles,slow_phi",
     help="comma-separated parts",
   )
   p.add_argument("--quick", action="store_true", help="small settings: a few minutes")
@@ -375,40 +376,45 @@ def plot_spread(records: list, path: str) -> None:
   fig.savefig(path)
 
 
-def coverage_overrides(pair: str, seed: int, mode: str, start: float, n: int, steps: int):
+def coverage_overrides(pair, seed, mode, start, n, phi_lr, steps) -> dict:
   """toy.py's overrides of a coverage run."""
   return {
     "prior.references": pair, "n_particles": n, "seed": seed, "steps": steps,
     "guidance.t_switch_step": steps * 3 // 4, "guidance.mode": mode,
-    "scene.albedo_init_std": start,
+    "scene.albedo_init_std": start, "eps_phi.lr": phi_lr,
   }  # fmt: skip
 
 
 def run_coverage(out_dir: str, setting, variants=None) -> list:
   """3D mode coverage over pairs x seeds x variants; the nearest reference over steps.
 
-  variants: (mode, albedo_init_std, seeds, n_particles) tuples; by default VSD and SDS
-  from random colours and VSD from the grey start (once per pair: identical starts
-  fall alike), four particles each.
+  variants: (mode, albedo_init_std, seeds, n_particles, eps_phi lr) tuples; by default
+  VSD and SDS from random colours and VSD from the grey start (once per pair: identical
+  starts fall alike), four particles each, eps_phi's lr toy.py's 1e-3.
   """
   records = []
   cams = evaluate.heldout_cameras(PROBE_VIEWS)
   steps = setting("coverage_steps")
   seeds = setting("coverage_seeds")
   if variants is None:
-    variants = [("vsd", 1.0, seeds, 4), ("sds", 1.0, seeds, 4), ("vsd", 0.0, seeds[:1], 4)]
+    variants = [
+      ("vsd", 1.0, seeds, 4, 1e-3),
+      ("sds", 1.0, seeds, 4, 1e-3),
+      ("vsd", 0.0, seeds[:1], 4, 1e-3),
+    ]
   for pair in setting("coverage_pairs"):
     refs = shapes.parse_references(pair)
     probe, ref = render_probe(refs, cams, 32)
-    for mode, start, variant_seeds, n in variants:
+    for mode, start, variant_seeds, n, phi_lr in variants:
       for seed in variant_seeds:
-        config = experiment("toy", coverage_overrides(pair, seed, mode, start, n, steps))
+        overrides = coverage_overrides(pair, seed, mode, start, n, phi_lr, steps)
+        config = experiment("toy", overrides)
         *_, trace, seconds = train(config, probe, setting("probe_every"))
         nearest = [image_metrics(rgb, ref, 0)["nearest"] for _, rgb in trace]  # [probes][n]
         last = image_metrics(trace[-1][1], ref, 0)
         record = {
           "part": "coverage", "pair": pair, "seed": seed, "mode": mode, "albedo_init_std": start,
-          "n_particles": n,
+          "n_particles": n, "phi_lr": phi_lr,
           "steps": steps, "probe_steps": [s for s, _ in trace], "nearest": nearest,
           "switches": int(sum(np.sum(np.diff(np.asarray(nearest), axis=0) != 0, axis=0))),
           "covered": sorted(set(nearest[-1])), "psnr_to": last["psnr_to"],
@@ -421,26 +427,36 @@ def run_coverage(out_dir: str, setting, variants=None) -> list:
 
 def run_more_particles(out_dir: str, setting) -> list:
   """Coverage with eight particles (VSD, random colours, the first two seeds)."""
-  return run_coverage(out_dir, setting, [("vsd", 1.0, setting("coverage_seeds")[:2], 8)])
+  return run_coverage(out_dir, setting, [("vsd", 1.0, setting("coverage_seeds")[:2], 8, 1e-3)])
+
+
+def run_slow_phi(out_dir: str, setting) -> list:
+  """Coverage with eps_phi at lr 1e-4 (VSD, random colours, four particles, two seeds)."""
+  return run_coverage(out_dir, setting, [("vsd", 1.0, setting("coverage_seeds")[:2], 4, 1e-4)])
 
 
 def _variant(r) -> tuple:
-  """A coverage record's (mode, albedo_init_std, n_particles)."""
-  return r["mode"], r["albedo_init_std"], r.get("n_particles", 4)
+  """A coverage record's (mode, albedo_init_std, n_particles, eps_phi lr)."""
+  return r["mode"], r["albedo_init_std"], r.get("n_particles", 4), r.get("phi_lr", 1e-3)
+
+
+def _variant_label(mode, start, n, phi_lr) -> str:
+  lr = f", eps_phi lr {phi_lr:g}" if mode == "vsd" and phi_lr != 1e-3 else ""
+  return f"{mode.upper()}, n = {n}, albedo_init_std {start:g}{lr}"
 
 
 def plot_coverage(records: list, path: str) -> None:
   """Share of particles nearest to the pair's first reference over steps, a panel per variant."""
   variants = list(dict.fromkeys(_variant(r) for r in records))
   fig = Figure(figsize=(3.6 * len(variants), 3.2), dpi=100)
-  for i, (mode, start, n) in enumerate(variants):
+  for i, variant in enumerate(variants):
     ax = fig.add_subplot(1, len(variants), i + 1)
     for r in records:
-      if _variant(r) != (mode, start, n):
+      if _variant(r) != variant:
         continue
       share = [1.0 - np.mean(nearest) for nearest in r["nearest"]]
       ax.plot(r["probe_steps"], share, alpha=0.7, label=f"{r['pair']} s{r['seed']}")
-    ax.set_title(f"{mode.upper()}, n = {n}, albedo_init_std {start:g}", fontsize=9)
+    ax.set_title(_variant_label(*variant), fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylim(-0.05, 1.05)
     if i == 0:
@@ -545,8 +561,9 @@ def tables(records: list) -> str:
       "| particles that changed reference after the first quarter of the steps |",
       "|---|---|---|---|",
     ]
-    for mode, start, n in dict.fromkeys(_variant(r) for r in coverage):
-      runs = [r for r in coverage if _variant(r) == (mode, start, n)]
+    for variant in dict.fromkeys(_variant(r) for r in coverage):
+      runs = [r for r in coverage if _variant(r) == variant]
+      n = variant[2]
       both = sum(len(r["covered"]) == 2 for r in runs)
       shares = ", ".join(str(r["nearest"][-1].count(0)) for r in runs)
       moved = 0  # particles whose nearest reference after the first quarter is not the last
@@ -554,8 +571,7 @@ def tables(records: list) -> str:
         late = np.asarray(r["nearest"])[np.asarray(r["probe_steps"]) >= r["steps"] // 4]
         moved += int(np.sum(np.any(late != late[-1], axis=0)))
       lines.append(
-        f"| {mode.upper()}, n = {n}, albedo_init_std {start:g} | {both} of {len(runs)} "
-        f"| {shares} (of {n}) | {moved} |"
+        f"| {_variant_label(*variant)} | {both} of {len(runs)} | {shares} (of {n}) | {moved} |"
       )
     lines.append("")
   return "\n".join(lines)
@@ -584,6 +600,7 @@ def main():
     "combined": run_combined,
     "coverage": run_coverage,
     "more_particles": run_more_particles,
+    "slow_phi": run_slow_phi,
   }
   chosen = [part for part in args.parts.split(",") if part]  # "": redraw from claims.jsonl
   for part in chosen:
