@@ -404,7 +404,7 @@ def validate_config(config) -> None:
       _config_fail("prompt", str(e))
     # A colour no reference has would select by the shape alone: say so instead.
     colours = set(re.findall(r"\w+", config.prompt.lower())) & set(shapes.COLOUR_NAMES)
-    unknown = sorted(colours - {name.split()[0] for name in names})
+    unknown = sorted(colours - {shapes.colour_name(r.color) for r in refs})
     if unknown:
       _config_fail(
         "prompt",
