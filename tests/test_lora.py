@@ -16,11 +16,11 @@ ATTN_PARAM_NAMES = ("to_q", "to_k", "to_v", "to_out_0")
 
 
 @pytest.fixture(scope="module")
-def unet_params():
-  """Random parameters of a tiny two-level FlaxUNet2DConditionModel."""
+def unet():
+  """A tiny two-level FlaxUNet2DConditionModel."""
   from diffusers import FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
 
-  unet = FlaxUNet2DConditionModel(
+  return FlaxUNet2DConditionModel(
     sample_size=8,
     in_channels=4,
     out_channels=4,
@@ -32,6 +32,11 @@ def unet_params():
     cross_attention_dim=32,
     use_linear_projection=True,
   )
+
+
+@pytest.fixture(scope="module")
+def unet_params(unet):
+  """Random parameters of `unet`."""
   shapes = jax.eval_shape(unet.init_weights, jax.random.key(0))
   rng = np.random.default_rng(0)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.1, s.dtype), shapes)
@@ -153,7 +158,51 @@ def test_merge_under_jit_and_grad(unet_params):
   np.testing.assert_array_equal(get(grads, other)["a"], 0.0)
 
 
-def test_bad_input_raises(unet_params):
+def _unet_inputs(batch):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(batch, 4, 8, 8)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(batch, 5, 32)), jnp.float32)
+  return x, jnp.arange(batch) * 300 + 100, emb
+
+
+def test_intercept_matches_merge_in_value_and_gradient(unet, unet_params):
+  """The unmerged update x W + s (x A) B is the merged kernel's output; rows of weight 0
+  are the base model's, and the LoRA gradient equals merge's."""
+  adapters = jax.tree.map(lambda x: 0.3 * x, _random_lora(unet_params))
+  x, t, emb = _unet_inputs(3)
+  g = jnp.asarray(np.random.default_rng(8).normal(size=x.shape), jnp.float32)
+
+  def merged(adapters):
+    params = lora.merge(unet_params, adapters, 0.75)
+    return jnp.sum(g * unet.apply({"params": params}, x, t, emb).sample)
+
+  def unmerged(adapters, rows=None):
+    with lora.intercept(adapters, 0.75, rows):
+      return unet.apply({"params": unet_params}, x, t, emb).sample  # [B, 4, 8, 8]
+
+  loss = lambda adapters: jnp.sum(g * unmerged(adapters))
+  (value, grads), (ref_value, ref_grads) = (
+    jax.jit(jax.value_and_grad(f))(adapters) for f in (loss, merged)
+  )
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for (p, a), (_, b) in zip(walk(grads), walk(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=str(p))
+  assert (
+    np.abs(
+      get(grads, ("mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q"))["b"]
+    ).max()
+    > 0
+  )
+
+  base = unet.apply({"params": unet_params}, x, t, emb).sample
+  adapted = unet.apply({"params": lora.merge(unet_params, adapters, 0.75)}, x, t, emb).sample
+  mixed = jax.jit(unmerged)(adapters, jnp.array([0.0, 1.0, 0.0]))
+  np.testing.assert_allclose(mixed[::2], base[::2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mixed[1], adapted[1], rtol=1e-4, atol=1e-4)
+  assert np.abs(adapted - base).max() > 1e-2
+
+
+def test_bad_input_raises(unet, unet_params):
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="rank"):
     lora.init(key, unet_params, 0)
@@ -177,3 +226,11 @@ def test_bad_input_raises(unet_params):
     lora.merge(unet_params, adapters, jnp.ones(2))
   with pytest.raises(ValueError, match="lora"):
     lora.count({"x": jnp.zeros(3)})
+  x, t, emb = _unet_inputs(2)
+  elsewhere = {"nowhere": get(adapters, ("mid_block",))}
+  with pytest.raises(ValueError, match="met no Dense module"):
+    with lora.intercept(elsewhere, 1.0):
+      unet.apply({"params": unet_params}, x, t, emb)
+  with pytest.raises(ValueError, match="rows"):
+    with lora.intercept(adapters, 1.0, jnp.ones(3)):
+      unet.apply({"params": unet_params}, x, t, emb)

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 
 from experiments import vsd
+from helpers import get
 from tiny_sd import tiny_sd, tiny_sd_dir  # noqa: F401 (fixtures)
 from vsdjax import checks, prior as prior_lib
+from vsdjax.guidance import lora as lora_lib
 from vsdjax.prior import stable_diffusion as sd_lib
 from vsdjax.training import models, train_step
 
@@ -122,7 +124,8 @@ def test_auto_dtype_is_float32_on_the_cpu_and_bfloat16_on_accelerators():
 @pytest.mark.torch
 def test_the_step_computes_no_weight_gradient_of_a_frozen_network(bf16_step):
   """Convolutions of one VSD step = VAE forward + its input gradient, one UNet call
-  for the CFG pair, one for eps_phi's target, and eps_phi's LoRA update; each
+  for the CFG pair and eps_phi's target (eps_phi is LoRA on the prior's UNet:
+  one batch-3 call), and eps_phi's LoRA update; each
   part counted in a program of its own whose gradient is taken w.r.t. the image
   or the LoRA / camera pytree only (JAX then adds no weight gradient)."""
   m, frozen, state, closed, _ = bf16_step
@@ -145,4 +148,34 @@ def test_the_step_computes_no_weight_gradient_of_a_frozen_network(bf16_step):
   assert unet < phi <= 2 * unet  # forward and at most one input gradient per convolution
 
   step = sum(e.primitive.name == "conv_general_dilated" for e in _eqns(closed.jaxpr))
-  assert step == vae + 2 * unet + phi
+  assert m.batch_with_prior and step == vae + unet + phi
+
+
+@pytest.mark.torch
+def test_the_lora_update_makes_no_product_of_a_frozen_kernels_shape(bf16_step):
+  """eps_phi's update adds the adapters beside the frozen kernels (lora.intercept), so
+  its gradient needs no [in, out] product: neither x^T dy nor A B. A merged LoRA
+  (the control) makes both."""
+  m, frozen, state, _, _ = bf16_step
+  key, emb = jax.random.PRNGKey(2), frozen["phi_emb"][:1]
+  x0, camera = jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, 16))
+  paths = lora_lib.paths(state["phi"]["lora"])
+  kernel_shapes = {get(frozen["phi_base"], path)["kernel"].shape for path in paths}
+  kernel_shapes -= {x.shape for x in jax.tree.leaves(state["phi"]["camera"])}
+  assert len(kernel_shapes) >= 3
+
+  def kernel_shaped_products(fn, *args) -> int:
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return sum(
+      e.primitive.name == "dot_general" and e.outvars[0].aval.shape in kernel_shapes
+      for e in _eqns(jaxpr)
+    )
+
+  unmerged = lambda phi: m.eps_phi.loss(frozen["phi_base"], phi, x0, emb, camera, key)[0]
+  assert kernel_shaped_products(jax.grad(unmerged), state["phi"]) == 0
+
+  def merged(phi):
+    params = lora_lib.merge(frozen["phi_base"], phi["lora"], m.eps_phi.spec.lora_scale)
+    return jnp.sum(sd_lib.predict_eps(frozen["prior"]["sd"], params, x0, jnp.array([500]), emb))
+
+  assert kernel_shaped_products(jax.grad(merged), state["phi"]) >= len(paths)

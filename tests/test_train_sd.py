@@ -60,6 +60,36 @@ def test_vsd_step_on_tiny_stable_diffusion(tiny_sd, tiny_sd_v):
 
 @pytest.mark.slow
 @pytest.mark.torch
+def test_one_unet_call_for_the_prior_and_eps_phi_matches_two(tiny_sd):
+  """eps_phi = LoRA on the prior's UNet: the CFG pair and eps_phi's target as one
+  batch-3 call (rows without LoRA and camera are the prior's) give the step of
+  two calls, with LoRA and camera MLP away from zero so that both rows differ."""
+  c = _tiny(vsd.get_config(), tiny_sd.path)
+  c.n_particles, c.eps_phi.base = 1, "prior"
+  results = {}
+  for joint in (True, False):
+    c.eps_phi.batch_with_prior = joint
+    m, frozen = models.build(c, jax.random.PRNGKey(0))
+    assert m.batch_with_prior == joint
+    state = train_step.init_state(c, m, frozen, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(3)
+    state["phi"] = jax.tree.map(
+      lambda x: x + jnp.asarray(0.05 * rng.normal(size=x.shape), x.dtype), state["phi"]
+    )
+    step = train_step.make_train_step(c, m, frozen, c.render.resolution)
+    state, metrics = step(state, jax.random.PRNGKey(2))
+    results[joint] = jax.tree.map(np.asarray, (state["particles"], state["phi"], metrics))
+  (p1, phi1, m1), (p2, phi2, m2) = results[True], results[False]
+  for name in ("loss", "guidance_grad_norm", "particle_grad_norm", "phi_loss"):
+    np.testing.assert_allclose(m1[name], m2[name], rtol=1e-4, err_msg=name)
+  for (path, a), (_, b) in zip(*(jax.tree_util.tree_leaves_with_path(x) for x in (p1, p2))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  for a, b in zip(jax.tree.leaves(phi1), jax.tree.leaves(phi2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
 def test_sds_config_shares_the_step(tiny_sd):
   c = _tiny(sds.get_config(), tiny_sd.path)
   c.n_particles = 1
@@ -129,11 +159,13 @@ def test_real_sd_step_shapes_at_a_64_render(phi_base, dtype):
   } == {jnp.dtype(jnp.float32)}
   seen = _traced_inputs(train_step.make_train_step(c, m, frozen, 64), state, frozen)
   assert seen["FlaxEncoder"] == [(1, 512, 512, 3)]
-  assert sorted(seen["FlaxUNet2DConditionModel"]) == [
-    (1, 4, 64, 64),
-    (1, 4, 64, 64),
-    (2, 4, 64, 64),
-  ]
+  # The prior's CFG pair, eps_phi's target (one batch-3 call where eps_phi shares the
+  # prior's UNet) and eps_phi's update.
+  assert sorted(seen["FlaxUNet2DConditionModel"]) == (
+    [(1, 4, 64, 64), (3, 4, 64, 64)]
+    if phi_base == "prior"
+    else [(1, 4, 64, 64), (1, 4, 64, 64), (2, 4, 64, 64)]
+  )
 
 
 def test_the_sd_prior_encodes_a_posterior_sample_of_the_resized_render(tiny_sd):

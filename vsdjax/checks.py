@@ -241,6 +241,7 @@ RULES = {
   "eps_phi.camera_dropout": UNIT,
   "eps_phi.steps_per_step": integer(1),
   "eps_phi.tiny_channels": _by_dataclass,
+  "eps_phi.batch_with_prior": boolean,
   "scene.bound": _by_dataclass,
   "scene.n_levels": _by_dataclass,
   "scene.n_features": _by_dataclass,

@@ -68,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps_phi.camera_dropout = 0.1  # probability the camera is replaced by zeros
   c.eps_phi.steps_per_step = 1  # eps_phi updates per particle update
   c.eps_phi.tiny_channels = (64, 64)  # "tiny" base: UNet level widths (>= 64, multiples of 32)
+  c.eps_phi.batch_with_prior = True  # base "prior", mode "lora": the prior's CFG pair and
+  # eps_phi's target in one UNet call of batch 3 (False: two calls, batch 2 and 1)
 
   # --- scene: one NeRF per particle (field.py, hashgrid.py, background.py) ---
   c.scene = ml_collections.ConfigDict()

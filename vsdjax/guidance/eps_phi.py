@@ -30,6 +30,7 @@ Conventions:
 """
 
 from collections.abc import Mapping
+import contextlib
 import dataclasses
 
 import flax.core
@@ -170,18 +171,13 @@ class EpsPhi:
     )
     return {"unet": unet, "camera": camera}
 
-  def _unet_params(self, base_params: Mapping, trainable: Mapping) -> Mapping:
-    """The UNet parameters eps_phi runs with."""
+  def _check_trainable(self, trainable: Mapping) -> None:
+    """Raises ValueError unless `trainable` has the keys of `init`'s pytree in this mode."""
     mode = self.spec.mode
     expected = {"lora": {"lora", "camera"}, "full": {"unet", "camera"}}[mode]
     if not isinstance(trainable, Mapping) or set(trainable) != expected:
       got = sorted(trainable) if isinstance(trainable, Mapping) else type(trainable).__name__
       raise ValueError(f"trainable must have keys {sorted(expected)} in mode {mode!r}, got {got}")
-    if mode == "full":
-      return trainable["unet"]
-    return lora_lib.merge(
-      jax.lax.stop_gradient(base_params), trainable["lora"], self.spec.lora_scale
-    )
 
   def _check_inputs(self, x_t, t, emb, camera) -> None:
     """Raises ValueError on inputs whose shapes eps_phi cannot take."""
@@ -198,8 +194,13 @@ class EpsPhi:
     if camera.shape != (batch, CAMERA_DIM):
       raise ValueError(f"camera must have shape [{batch}, {CAMERA_DIM}], got {camera.shape}")
 
-  def apply(self, base_params, trainable, x_t, t, emb, camera) -> jax.Array:
+  def apply(self, base_params, trainable, x_t, t, emb, camera, rows=None) -> jax.Array:
     """Runs eps_phi.
+
+    In "lora" mode the base kernels stay as they are and the adapters add their
+    update to the projections' outputs (`lora.intercept`); `rows` then lets one
+    call hold rows of the base model alone, e.g. the prior's CFG pair beside
+    eps_phi's own prediction when both share a UNet.
 
     Args:
       base_params: frozen base UNet parameters.
@@ -208,14 +209,25 @@ class EpsPhi:
       t: [B] integer timesteps.
       emb: [B, L, D_text] text encoder states.
       camera: [B, 16] flattened camera-to-world matrices (zeros: no camera).
+      rows: optional [B] 0 / 1: 1 runs eps_phi on that row, 0 the base model
+        (no LoRA, no camera embedding; "lora" mode only); None: eps_phi on all.
 
     Returns:
       [B, C, h, w] the raw model output (eps or v, as the base model predicts).
     """
     x_t, t, emb, camera = (jnp.asarray(a) for a in (x_t, t, emb, camera))
     self._check_inputs(x_t, t, emb, camera)
-    params = self._unet_params(base_params, trainable)
+    self._check_trainable(trainable)
+    if rows is not None:
+      rows = jnp.asarray(rows, jnp.float32)
+      if self.spec.mode != "lora" or rows.shape != x_t.shape[:1]:
+        raise ValueError(
+          f"rows must be [{x_t.shape[0]}] and needs mode 'lora', got shape {rows.shape} "
+          f"in mode {self.spec.mode!r}"
+        )
     cam_emb = camera_embedding(trainable["camera"], camera)  # [B, D]
+    if rows is not None:
+      cam_emb = cam_emb * rows[:, None]
     unet_type = type(self.unet)
     calls = []
 
@@ -230,10 +242,16 @@ class EpsPhi:
         out = out + cam_emb.astype(out.dtype)  # [B, D]
       return out
 
+    if self.spec.mode == "full":
+      params, adapters = trainable["unet"], contextlib.nullcontext()
+    else:
+      params = jax.lax.stop_gradient(base_params)
+      adapters = lora_lib.intercept(trainable["lora"], self.spec.lora_scale, rows)
     with (
       stable_diffusion.intercept_attention(self.spec.attention),
       nn.intercept_methods(stable_diffusion.exact_geglu),  # as the prior's UNet
       nn.intercept_methods(add_camera),
+      adapters,
     ):
       out = self.unet.apply({"params": params}, x_t, t, emb, return_dict=False)[0]
     if len(calls) != 1:  # Guards against a diffusers change of the module tree.
@@ -243,13 +261,45 @@ class EpsPhi:
       )
     return out  # [B, C, h, w]
 
-  def predict_eps(self, base_params, trainable, x_t, t, emb, camera) -> jax.Array:
+  def predict_eps(self, base_params, trainable, x_t, t, emb, camera, rows=None) -> jax.Array:
     """eps [B, C, h, w]: `apply`'s output, converted from v if the base predicts v."""
-    out = self.apply(base_params, trainable, x_t, t, emb, camera)
+    out = self.apply(base_params, trainable, x_t, t, emb, camera, rows)
     a_t, s_t = schedule.coefficients(self.alphas_cumprod, t)  # [B], [B]
     return schedule.eps_from_output(
       out.astype(jnp.float32), jnp.asarray(x_t, jnp.float32), a_t, s_t, self.prediction_type
     )
+
+  def predict_eps_with_base(
+    self, base_params, trainable, x_t, t, emb, camera, base_embs
+  ) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """The base model's eps under k other conditionings and eps_phi's, in one UNet call.
+
+    Where eps_phi's base is the prior's own UNet, the prior's CFG pair (the base
+    model under the prompt and under "") and eps_phi's prediction at the same
+    x_t and t are one call of batch (k + 1) B instead of two (2B and B): the
+    weights are read once and the device gets a fuller batch. The base rows run
+    without LoRA and camera embedding (`apply`'s rows); "lora" mode only.
+
+    Args:
+      base_params, trainable, x_t, t, emb, camera: as `predict_eps`.
+      base_embs: k [B, L, D_text] conditionings of the base model.
+
+    Returns:
+      (k [B, C, h, w] eps of the base model, one per base_embs; eps_phi's [B, C, h, w]).
+    """
+    k = len(base_embs)
+    x_t, t, camera = jnp.asarray(x_t), jnp.asarray(t), jnp.asarray(camera)
+    eps = self.predict_eps(
+      base_params,
+      trainable,
+      jnp.concatenate([x_t] * (k + 1)),
+      jnp.concatenate([t] * (k + 1)),
+      jnp.concatenate([jnp.asarray(e) for e in base_embs] + [jnp.asarray(emb)]),
+      jnp.concatenate([jnp.zeros_like(camera)] * k + [camera]),
+      rows=jnp.repeat(jnp.arange(k + 1) == k, x_t.shape[0]),
+    )  # [(k + 1) B, C, h, w]
+    *base, phi = jnp.split(eps, k + 1)
+    return tuple(base), phi
 
   def loss(self, base_params, trainable, x0, emb, camera, key) -> tuple[jax.Array, dict]:
     """The diffusion loss that fits eps_phi to the current renders.

@@ -5,7 +5,17 @@ LoRA (Hu et al., 2021) replaces a frozen Dense kernel W [in, out] by
     W' = W + scale * A @ B,    A [in, r], B [r, out],    scale = alpha / r,
 
 and trains only A and B. B starts at zero, so the adapted model starts equal to
-the base model.
+the base model. Two ways to run it, equal up to rounding:
+
+  * `intercept` (what eps_phi runs): the base kernel stays as it is and each
+    adapted Dense adds scale * (x @ A) @ B to its output, in float32. The
+    gradient w.r.t. A and B then needs no [in, out] product of the frozen
+    kernel's shape (about 4 % of an SD LoRA update's FLOPs), a bfloat16 base is
+    not rounded around a small update, and some rows of a batch can run the
+    base model alone (`rows`), so one UNet call serves the base and the
+    adapted model.
+  * `merge`: a parameter tree with W + scale * A @ B, for exporting merged
+    weights, and the tests' reference.
 
 The LoRA pytree mirrors the base parameter tree: it holds, at the path of each
 targeted Dense module, a dict {'a': [in, r], 'b': [r, out]}, e.g.
@@ -19,10 +29,12 @@ their PyTorch-compatible names ("to_q", "to_k", "to_v", "to_out_0"), which are
 accepted too. Only kernels are adapted; the bias of "to_out_0" stays frozen.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -189,6 +201,65 @@ def merge(base_params: Mapping, lora: Mapping, scale) -> dict:
     delta = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))  # [in, out]
     copy["kernel"] = w + delta.astype(w.dtype)
   return merged
+
+
+@contextlib.contextmanager
+def intercept(lora: Mapping, scale, rows: jax.Array | None = None) -> Iterator[None]:
+  """A context in which the adapted Dense modules add their low-rank update.
+
+  Inside it, a flax Dense whose module path is an adapter's path in `lora`
+  returns y = x W + b + scale * (x A) B (rows of x: [B, ..., in] -> [B, ..., out]);
+  every other module runs unchanged. The update is computed in float32 and cast
+  to y's dtype. Wrap the UNet's `apply` in it (it nests with other method
+  interceptors); module paths are taken from the top module applied, as in its
+  parameter tree. Works under jit, vmap and grad (w.r.t. lora, scale, rows).
+
+  Args:
+    lora: LoRA pytree from `init`.
+    scale: scalar, alpha / rank.
+    rows: optional [B] weights of the update per batch row (1: the adapted model,
+      0: the base model alone); None applies it to every row.
+
+  Raises:
+    ValueError: on leaving the context, if some adapter met no Dense module
+      (its path is not in the model that ran).
+  """
+  adapters = dict(_adapters(lora))  # path -> {'a': [in, r], 'b': [r, out]}
+  if jnp.ndim(scale) != 0:
+    raise ValueError(f"scale must be a scalar, got shape {jnp.shape(scale)}")
+  if rows is not None and jnp.ndim(rows) != 1:
+    raise ValueError(f"rows must be [B], got shape {jnp.shape(rows)}")
+  seen = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    adapter = None
+    if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+      adapter = adapters.get(tuple(context.module.path))
+    if adapter is None:
+      return out
+    x = args[0]  # [B, ..., in]
+    a, b = adapter["a"], adapter["b"]
+    if a.shape[0] != x.shape[-1] or b.shape[1] != out.shape[-1] or a.shape[1] != b.shape[0]:
+      raise ValueError(
+        f"lora: shapes at {'/'.join(context.module.path)} do not fit: input {x.shape}, "
+        f"output {out.shape}, a {a.shape}, b {b.shape}"
+      )
+    delta = scale * jnp.matmul(jnp.matmul(x.astype(jnp.float32), a), b)  # [B, ..., out]
+    if rows is not None:
+      if rows.shape[0] != x.shape[0]:
+        raise ValueError(f"rows: {rows.shape[0]} weights for a batch of {x.shape[0]}")
+      delta = delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))
+    seen.add(tuple(context.module.path))
+    return out + delta.astype(out.dtype)
+
+  with nn.intercept_methods(interceptor):
+    yield
+  missing = [path for path in adapters if path not in seen]
+  if missing:
+    raise ValueError(
+      f"lora: {len(missing)} adapters met no Dense module, e.g. {'/'.join(missing[0])}"
+    )
 
 
 def count(lora: Mapping) -> int:

@@ -37,11 +37,15 @@ class Models:
     representation: what a particle is (representations.Representation).
     prior: the frozen prior (prior.base.Prior); its arrays are frozen['prior'].
     eps_phi: eps_phi_lib.EpsPhi, None for SDS.
+    batch_with_prior: whether the step runs the prior's CFG pair and eps_phi's
+      target as one UNet call (`EpsPhi.predict_eps_with_base`): eps_phi is LoRA on
+      the prior's own UNet (eps_phi.base "prior") and eps_phi.batch_with_prior.
   """
 
   representation: representations.Representation
   prior: Prior
   eps_phi: eps_phi_lib.EpsPhi | None = None
+  batch_with_prior: bool = False
 
 
 def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
@@ -159,7 +163,19 @@ def build(config, key: jax.Array):
       )
       frozen["phi_base"] = unet.init_weights(key)
       phi = _phi(config, unet, mixture.alphas_cumprod, "epsilon")
-  return Models(representation, prior, phi), frozen
+  return Models(representation, prior, phi, _batch_with_prior(config)), frozen
+
+
+def _batch_with_prior(config) -> bool:
+  """Models.batch_with_prior for a validated config."""
+  e = config.eps_phi
+  return (
+    config.guidance.mode == "vsd"
+    and config.prior.kind == "stable_diffusion"
+    and e.base == "prior"
+    and e.mode == "lora"
+    and e.batch_with_prior
+  )
 
 
 def _builtin(field: str, name: str) -> str:
@@ -211,4 +227,4 @@ def build_abstract(config):
     frozen["phi_base"] = phi_sd.unet_params
     phi = _phi(config, phi_sd.unet, phi_sd.alphas_cumprod, phi_sd.prediction_type)
   prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
-  return Models(representation, prior, phi), frozen
+  return Models(representation, prior, phi, _batch_with_prior(config)), frozen

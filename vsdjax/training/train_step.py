@@ -20,7 +20,8 @@ One step, for key k = fold_in(key, step):
     prior's own image size, so that both UNets always see their native
     latents), t ~ U[t_min, t_max(step)], eps, x_t;
     eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
-    target = eps_phi(x_t, t, c_ij) (VSD) or eps (SDS);
+    target = eps_phi(x_t, t, c_ij) (VSD) or eps (SDS); where eps_phi is LoRA on
+    the prior's UNet, eps_hat's pair and the target are one batch-3 UNet call;
     grad = w(t) (eps_hat - target); loss = surrogate(x0, grad) + regularisers;
     theta_i's gradient is the mean over its views; Adam step of theta_i.
   eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all n x V renders
@@ -121,14 +122,19 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     a_t, s_t = schedule.coefficients(alphas_cumprod, t)
     eps = jax.random.normal(k_eps, x0.shape)
     x_t = jax.lax.stop_gradient(schedule.add_noise(x0, eps, a_t, s_t))
-    eps_hat = prior.eps_cfg(frozen["prior"], x_t, t, cond, g.scale)
     camera = cam.c2w.reshape(1, 16)
-    if phi_model is not None:  # VSD: eps_phi's estimate of the particles' own score
-      target = phi_model.predict_eps(
-        frozen["phi_base"], phi, x_t, t, frozen["phi_emb"][label][None], camera
+    phi_emb = frozen["phi_emb"][label][None]  # [1, L, D]
+    if models.batch_with_prior:  # one UNet call: the prior's (uncond, cond) and eps_phi
+      (eps_u, eps_c), target = phi_model.predict_eps_with_base(
+        frozen["phi_base"], phi, x_t, t, phi_emb, camera, (cond["uncond"], cond["cond"])
       )
-    else:  # SDS: the sampled noise
-      target = eps
+      eps_hat = schedule.cfg(eps_u, eps_c, g.scale)
+    else:
+      eps_hat = prior.eps_cfg(frozen["prior"], x_t, t, cond, g.scale)
+      if phi_model is not None:  # VSD: eps_phi's estimate of the particles' own score
+        target = phi_model.predict_eps(frozen["phi_base"], phi, x_t, t, phi_emb, camera)
+      else:  # SDS: the sampled noise
+        target = eps
     grad, n_nonfinite = distill.guidance_grad(
       jax.lax.stop_gradient(eps_hat),
       jax.lax.stop_gradient(target),
