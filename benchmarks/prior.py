@@ -7,7 +7,9 @@ object per line:
   UNet (default), latent --latent x --latent (64: 512 px renders), per dtype
   and batch: the eps forward (`predict_eps`) and the forward + backward of
   mean(eps^2) w.r.t. rank-4 LoRA factors on every attention projection (what
-  the VSD eps_phi update differentiates); per program the compile time, the
+  the VSD eps_phi update differentiates), per --lora way of applying them
+  ("intercept": added beside the frozen kernels, as eps_phi runs; "merge":
+  W + A B merged into the kernels, as it ran before); per program the compile time, the
   median run time over --repeats, XLA's cost-analysis FLOPs and its compiled
   memory estimate; and the same forward of diffusers' PyTorch UNet on the
   same inputs, timed in the same run (torch_forward_s, jax/torch ratio).
@@ -16,12 +18,13 @@ object per line:
   w.r.t. the rgb input at --image x --image (512), the gradient path of every
   distillation step, with the PyTorch encoder forward for comparison.
 
-  python benchmarks/prior.py                                   # GPU: batch 1,2,4
+  python benchmarks/prior.py                                   # GPU: batch 1,2,3,4
   python benchmarks/prior.py --batch 1 --dtypes float32 --repeats 1  # CPU check
   python benchmarks/prior.py --vae --batch 1
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,13 +50,20 @@ def parse_args():
     choices=sdm.BUILTIN_CONFIGS,
     help="shipped config set",
   )
-  p.add_argument("--batch", default="1,2,4", help="comma-separated batch sizes")
+  p.add_argument(
+    "--batch",
+    default="1,2,3,4",
+    help="comma-separated batch sizes (3: the prior's CFG pair and eps_phi's target in one call)",
+  )
   p.add_argument(
     "--dtypes", default="float32,bfloat16", help="comma-separated, of " + ", ".join(DTYPES)
   )
   p.add_argument("--repeats", type=int, default=5, help="timed runs per program")
   p.add_argument("--latent", type=int, default=64, help="UNet latent size")
   p.add_argument("--lora-rank", type=int, default=4)
+  p.add_argument(
+    "--lora", default="intercept", help="comma-separated, of intercept (eps_phi's way), merge"
+  )
   p.add_argument("--vae", action="store_true", help="benchmark the VAE encoder instead of the UNet")
   p.add_argument("--image", type=int, default=512, help="VAE image size")
   p.add_argument(
@@ -66,9 +76,12 @@ def parse_args():
   args = p.parse_args()
   args.batch = [int(b) for b in args.batch.split(",")]
   args.dtypes = args.dtypes.split(",")
-  unknown = [d for d in args.dtypes if d not in DTYPES]
+  args.lora = args.lora.split(",")
+  unknown = [d for d in args.dtypes if d not in DTYPES] + [
+    w for w in args.lora if w not in ("intercept", "merge")
+  ]
   if unknown or min(args.batch) < 1 or args.repeats < 1:
-    p.error(f"bad --dtypes {unknown} / --batch / --repeats")
+    p.error(f"bad --dtypes / --lora {unknown} / --batch / --repeats")
   return args
 
 
@@ -178,9 +191,13 @@ def bench_unet(args, dtype_name: str, device, base: dict) -> None:
   def forward(sd, params, x_t, t, emb):
     return sdm.predict_eps(sd, params, x_t, t, emb)
 
-  def lora_grad(sd, adapters, params, x_t, t, emb):
+  def lora_grad(way, sd, adapters, params, x_t, t, emb):
     def loss(adapters):
-      eps = sdm.predict_eps(sd, lora.merge(params, adapters, 1.0), x_t, t, emb)
+      if way == "merge":
+        eps = sdm.predict_eps(sd, lora.merge(params, adapters, 1.0), x_t, t, emb)
+      else:
+        with lora.intercept(adapters, 1.0):
+          eps = sdm.predict_eps(sd, params, x_t, t, emb)
       return jnp.mean(jnp.square(eps))
 
     return jax.grad(loss)(adapters)
@@ -200,9 +217,10 @@ def bench_unet(args, dtype_name: str, device, base: dict) -> None:
       lora_params=lora.count(adapters),
     )
     row["forward"] = measure(forward, (sd, params, x_t, t, emb), args.repeats)
-    row["forward_backward_lora"] = measure(
-      lora_grad, (sd, adapters, params, x_t, t, emb), args.repeats
-    )
+    for way in args.lora:
+      row["forward_backward_lora" + ("_merged" if way == "merge" else "")] = measure(
+        functools.partial(lora_grad, way), (sd, adapters, params, x_t, t, emb), args.repeats
+      )
     if torch_unet is not None:
       inputs = [torch.from_numpy(np.array(a)).to(device) for a in (x_t, t, emb)]
       inputs = [inputs[0].to(torch_dtype), inputs[1], inputs[2].to(torch_dtype)]

@@ -8,7 +8,8 @@ models.build, train_step.init_state, make_train_step, then
 `train_step.jitted.lower(state, key, frozen).compile()`. Each line: bench
 "toy_step", mode, n_particles, resolution, value = median seconds per step
 (--repeats timed steps after --warmup steps; the state is donated and carried
-from step to step), per_particle_s, compile_s, and memory.
+from step to step), per_particle_s, compile_s, tflop (the lowered
+program's, see compile_step) and memory.
 
 SD part (--sd, alone): the Stable Diffusion 2.1-base architecture from the
 shipped configs with NO weights (models.build_abstract): the UNet / VAE
@@ -21,7 +22,7 @@ before the VAE, so the latents are 64x64 at every size) x --sd-dtypes (the
 prior's; eps_phi's base keeps float32 unless it is the shared prior) x
 --phi-bases ("prior": eps_phi is LoRA on the prior's own
 UNet, or "stable-diffusion-2-1": a separate SD 2.1 (768, v) UNet, float32,
-as ProlificDreamer): bench "sd_step", compile_s, memory, and the bytes of
+as ProlificDreamer): bench "sd_step", compile_s, tflop, memory, and the bytes of
 the state and frozen arrays. With --time (meant for a GPU) the step also runs
 on random weights and value is its median seconds.
 
@@ -30,7 +31,9 @@ memory is XLA's compiled memory analysis in bytes: arguments, outputs, alias
 arguments + outputs - alias + temp + generated_code, the device memory the
 step needs. With the shared "prior" base the UNet params are two arguments of
 the jitted step (frozen['prior'].unet_params and frozen['phi_base']) but one
-buffer at run time: `shared` holds their bytes, subtracted once from total.
+buffer at run time: `shared` holds their bytes, subtracted once from total,
+unless the program does not read frozen['phi_base'] (eps_phi.batch_with_prior:
+every UNet call takes the prior's params) and XLA drops it from the arguments.
 
 --set FIELD=VALUE overrides a field of the loaded config (either part), e.g.
 render.chunk=4 for smaller render scan steps; lines list them in `overrides`.
@@ -170,10 +173,17 @@ def nbytes(tree) -> int:
 
 
 def compile_step(step, state, key, frozen):
-  """(compiled step, seconds to lower and compile)."""
+  """(compiled step, seconds to lower and compile, TFLOP of the lowered program).
+
+  The FLOPs are XLA's cost analysis before backend passes, the same on every
+  backend (the compiled program's analysis on a GPU leaves out library calls).
+  """
   start = time.perf_counter()
-  compiled = step.jitted.lower(state, key, frozen).compile()
-  return compiled, time.perf_counter() - start
+  lowered = step.jitted.lower(state, key, frozen)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  tflop = lowered.cost_analysis().get("flops", float("nan")) / 1e12
+  return compiled, seconds, round(tflop, 4)
 
 
 def time_steps(compiled, state, key, frozen, repeats: int, warmup: int) -> float:
@@ -203,7 +213,7 @@ def bench_toy(args, base: dict) -> None:
       models, frozen = models_lib.build(config, key)
       state = train_step.init_state(config, models, frozen, key)
       step = train_step.make_train_step(config, models, frozen, res)
-      compiled, compile_s = compile_step(step, state, key, frozen)
+      compiled, compile_s, tflop = compile_step(step, state, key, frozen)
       seconds = time_steps(compiled, state, key, frozen, args.repeats, args.warmup)
       row = dict(
         bench="toy_step",
@@ -217,6 +227,7 @@ def bench_toy(args, base: dict) -> None:
         overrides=args.set,
         per_particle_s=round(seconds / n, 5),
         compile_s=round(compile_s, 2),
+        tflop=tflop,
         memory=memory(compiled),
       )
       print(json.dumps(row), flush=True)
@@ -230,7 +241,8 @@ def sd_models(config, phi_base: str) -> tuple:
 
 
 def materialize(frozen: dict, shared: bool, seed: int) -> dict:
-  """Random weights and embeddings for an abstract frozen (the schedule stays)."""
+  """Random weights and embeddings for an abstract frozen (the schedule and the
+  representation's data stay)."""
   sd = frozen["prior"]["sd"]
   sd = dataclasses.replace(
     sd,
@@ -239,11 +251,12 @@ def materialize(frozen: dict, shared: bool, seed: int) -> dict:
   )
   prior = {k: v for k, v in frozen["prior"].items() if k != "sd"}
   phi_base = sd.unet_params if shared else random_like(frozen["phi_base"], seed + 2)
-  return {
-    "prior": dict(random_like(prior, seed + 3), sd=sd),
-    "phi_base": phi_base,
-    "phi_emb": random_like(frozen["phi_emb"], seed + 4),
-  }
+  return dict(
+    frozen,  # The representation's data: real arrays already (build_abstract).
+    prior=dict(random_like(prior, seed + 3), sd=sd),
+    phi_base=phi_base,
+    phi_emb=random_like(frozen["phi_emb"], seed + 4),
+  )
 
 
 def bench_sd(args, base: dict) -> None:
@@ -260,9 +273,11 @@ def bench_sd(args, base: dict) -> None:
           init = functools.partial(train_step.init_state, config, models)
           state = jax.eval_shape(init, frozen, key)
           step = train_step.make_train_step(config, models, frozen, res)
-          compiled, compile_s = compile_step(step, state, key, frozen)
+          compiled, compile_s, tflop = compile_step(step, state, key, frozen)
           shared = phi_base == "prior"
           shared_bytes = nbytes(frozen["phi_base"]) if shared else 0
+          if compiled.memory_analysis().argument_size_in_bytes < nbytes(frozen) - shared_bytes / 2:
+            shared_bytes = 0  # frozen['phi_base'] is unused, so not an argument.
           sd = frozen["prior"]["sd"]
           row = dict(
             bench="sd_step",
@@ -279,6 +294,7 @@ def bench_sd(args, base: dict) -> None:
             phi_base=phi_base,
             overrides=args.set,
             compile_s=round(compile_s, 2),
+            tflop=tflop,
             memory=memory(compiled, shared_bytes),
             state_bytes={k: nbytes(v) for k, v in state.items()},
             frozen_bytes={
