@@ -200,6 +200,11 @@ def test_intercept_matches_merge_in_value_and_gradient(unet, unet_params):
   np.testing.assert_allclose(mixed[::2], base[::2], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(mixed[1], adapted[1], rtol=1e-4, atol=1e-4)
   assert np.abs(adapted - base).max() > 1e-2
+  # A non-finite adapter leaves the base rows alone (0 * inf would not).
+  broken = jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), adapters)
+  mixed = jax.jit(unmerged)(broken, jnp.array([0.0, 1.0, 0.0]))
+  np.testing.assert_allclose(mixed[::2], base[::2], rtol=1e-5, atol=1e-5)
+  assert not np.isfinite(mixed[1]).all()
 
 
 def test_bad_input_raises(unet, unet_params):

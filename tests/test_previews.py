@@ -184,9 +184,9 @@ def test_preview_every_is_checked_and_may_change_on_resume(tmp_path):
   config = tiny_config(steps=7, preview_every=3)
   assert [s for s in range(1, 8) if previews.due(config, s)] == [3, 6]
   assert not any(previews.due(tiny_config(preview_every=0), s) for s in range(1, 8))
-  # A run recorded before the field existed resumes without --allow_change.
+  # A run recorded before these fields existed resumes without --allow_change.
   saved = json.loads(config.to_json_best_effort())
-  del saved["preview_every"]
+  del saved["preview_every"], saved["eps_phi"]["batch_with_prior"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   (tmp_path / "checkpoints" / "2").mkdir(parents=True)
   assert workdir_lib.check_resume(config, str(tmp_path))

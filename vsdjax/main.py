@@ -23,8 +23,9 @@ of them on the command line, e.g. --config.steps=100 --config.n_particles=4
 
 Resume: run the same command again; it continues from the newest checkpoint in
 DIR/checkpoints (Ctrl-C or SIGTERM saves one first). Only steps, logging,
-preview, checkpoint, export and compile_cache fields may change on resume;
---allow_change=FIELD accepts another (e.g. prior.name for a moved model folder).
+preview, checkpoint, export, compile_cache, sharding and eps_phi.batch_with_prior
+fields may change on resume; --allow_change=FIELD accepts another (e.g.
+prior.name for a moved model folder).
 Export: --config.mode=export writes DIR/final/ again from the latest checkpoint.
 Devices: one run uses every device it sees (particles x views, config sharding.*);
 a multi-host run starts the same command on every host with --distributed.

@@ -212,13 +212,16 @@ def intercept(lora: Mapping, scale, rows: jax.Array | None = None) -> Iterator[N
   every other module runs unchanged. The update is computed in float32 and cast
   to y's dtype. Wrap the UNet's `apply` in it (it nests with other method
   interceptors); module paths are taken from the top module applied, as in its
-  parameter tree. Works under jit, vmap and grad (w.r.t. lora, scale, rows).
+  parameter tree. Works under jit, vmap and grad (w.r.t. lora, scale, rows) when
+  entered inside the traced function: around a call of an already-jitted one, a
+  cached program runs as it was traced, with or without the update.
 
   Args:
     lora: LoRA pytree from `init`.
     scale: scalar, alpha / rank.
     rows: optional [B] weights of the update per batch row (1: the adapted model,
-      0: the base model alone); None applies it to every row.
+      0: the base model alone, even where the update is not finite); None
+      applies it to every row.
 
   Raises:
     ValueError: on leaving the context, if some adapter met no Dense module
@@ -249,7 +252,8 @@ def intercept(lora: Mapping, scale, rows: jax.Array | None = None) -> Iterator[N
     if rows is not None:
       if rows.shape[0] != x.shape[0]:
         raise ValueError(f"rows: {rows.shape[0]} weights for a batch of {x.shape[0]}")
-      delta = delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))
+      weight = rows.reshape((-1,) + (1,) * (delta.ndim - 1))
+      delta = jnp.where(weight != 0, delta * weight, 0.0)
     seen.add(tuple(context.module.path))
     return out + delta.astype(out.dtype)
 

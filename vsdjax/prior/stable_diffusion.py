@@ -575,9 +575,10 @@ def _attention_implementation(query: jax.Array, attention: str) -> str:
 def _dot_product_attention(module: FlaxAttention, attention: str, hidden, context=None, **kwargs):
   """FlaxAttention.__call__ through jax.nn.dot_product_attention.
 
-  The module's own projections (query, key, value, proj_attn: LoRA-merged
-  params apply as they are) and dropout; softmax(q k^T * scale) v with heads
-  split as [B, T, N, H], whatever the module's split_head_dim.
+  The module's own projections (query, key, value, proj_attn: merged LoRA
+  params and lora.intercept apply as they do to the original) and dropout;
+  softmax(q k^T * scale) v with heads split as [B, T, N, H], whatever the
+  module's split_head_dim.
 
   Args:
     module: the bound FlaxAttention.
@@ -695,7 +696,7 @@ def predict_raw(
 
   Args:
     sd: the model (closed over).
-    unet_params: UNet params (sd.unet_params, or LoRA-merged ones).
+    unet_params: UNet params (sd.unet_params, or others of its shapes).
     x_t: [B, 4, h, w] noisy scaled latents.
     t: [B] integer timesteps.
     emb: [B, L, D] text embeddings (see encode_prompts).

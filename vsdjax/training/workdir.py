@@ -29,10 +29,11 @@ from vsdjax import checks, console
 from vsdjax.training import sharding
 
 # Fields that may differ on resume: how long, how often to log, preview and save, where the
-# compile cache is, how the devices are used, exports.
+# compile cache is, how the devices are used and the UNet calls batched, exports.
 MAY_CHANGE = (
   "steps",
   "sharding.",
+  "eps_phi.batch_with_prior",
   "mode",
   "log_every",
   "preview_every",
