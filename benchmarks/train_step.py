@@ -32,8 +32,8 @@ arguments + outputs - alias + temp + generated_code, the device memory the
 step needs. With the shared "prior" base the UNet params are two arguments of
 the jitted step (frozen['prior'].unet_params and frozen['phi_base']) but one
 buffer at run time: `shared` holds their bytes, subtracted once from total,
-unless the program does not read frozen['phi_base'] (eps_phi.batch_with_prior:
-every UNet call takes the prior's params) and XLA drops it from the arguments.
+unless the program reads only one of them (eps_phi.batch_with_prior: every
+UNet call takes frozen['phi_base']) and XLA drops the other from the arguments.
 
 --set FIELD=VALUE overrides a field of the loaded config (either part), e.g.
 render.chunk=4 for smaller render scan steps; lines list them in `overrides`.
@@ -277,7 +277,7 @@ def bench_sd(args, base: dict) -> None:
           shared = phi_base == "prior"
           shared_bytes = nbytes(frozen["phi_base"]) if shared else 0
           if compiled.memory_analysis().argument_size_in_bytes < nbytes(frozen) - shared_bytes / 2:
-            shared_bytes = 0  # frozen['phi_base'] is unused, so not an argument.
+            shared_bytes = 0  # One copy is unused, so not an argument.
           sd = frozen["prior"]["sd"]
           row = dict(
             bench="sd_step",
