@@ -6,7 +6,8 @@
 # own), each line of results appended to $OUT/gpu.jsonl as it comes, so a run
 # cut short keeps what it measured.
 #
-# Order: the 512 step at n = 1 in bfloat16 (the issue's 60 ms target), n = 4
+# Order: the 512 step at n = 1 in bfloat16 (the issue's 60 ms target; with a
+# profile of two more steps: the costliest operations and parts), n = 4
 # (the 2.5x target), the 64 step at n = 1 (with the 512 one: stage 1's
 # projected wall-clock, 5k steps at 64 + 20k at 512), then float32 at 512,
 # n = 2, the bfloat16 64 step at n = 4, and the UNet at batch 1, 2, 3 with the
@@ -69,12 +70,12 @@ stage() {
   echo "$name: rc $? after $(($(date +%s) - start)) s" | tee -a "$OUT/gpu.log"
 }
 
-sd_step() {  # sd_step RESOLUTION DTYPE N
+sd_step() {  # sd_step RESOLUTION DTYPE N [ARGS...]
   stage "sd_step_$1_$2_n$3" benchmarks/train_step.py --sd --time --repeats 5 --warmup 1 \
-    --sd-resolutions "$1" --sd-dtypes "$2" --sd-particles "$3" --phi-bases prior
+    --sd-resolutions "$1" --sd-dtypes "$2" --sd-particles "$3" --phi-bases prior "${@:4}"
 }
 
-sd_step 512 bfloat16 1
+sd_step 512 bfloat16 1 --profile 2  # With the profile's largest costs (xla_profile.py).
 sd_step 512 bfloat16 4
 sd_step 64 bfloat16 1
 sd_step 512 float32 1

@@ -35,6 +35,10 @@ buffer at run time: `shared` holds their bytes, subtracted once from total,
 unless the program reads only one of them (eps_phi.batch_with_prior: every
 UNet call takes frozen['phi_base']) and XLA drops the other from the arguments.
 
+--profile STEPS traces STEPS more steps after the timed ones and adds
+`profile` to the row: the costliest XLA operations and parts of the step
+(xla_profile.py).
+
 --set FIELD=VALUE overrides a field of the loaded config (either part), e.g.
 render.chunk=4 for smaller render scan steps; lines list them in `overrides`.
 
@@ -42,6 +46,7 @@ render.chunk=4 for smaller render scan steps; lines list them in `overrides`.
   python benchmarks/train_step.py --sd                      # compile only
   python benchmarks/train_step.py --sd --sd-resolutions 512 --set render.chunk=4
   python benchmarks/train_step.py --sd --time --sd-particles 1,2   # GPU
+  python benchmarks/train_step.py --sd --time --sd-resolutions 512 --profile 2   # GPU
 """
 
 import argparse
@@ -57,6 +62,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import xla_profile
 
 from random_weights import random_like
 from vsdjax import checks
@@ -83,6 +89,14 @@ def parse_args():
     "--resolution", type=int, default=None, help="toy part: render size (default: the config's)"
   )
   p.add_argument("--repeats", type=int, default=5, help="timed steps")
+  p.add_argument(
+    "--profile",
+    type=int,
+    default=0,
+    metavar="STEPS",
+    help="after the timed steps, trace STEPS more and report the costliest "
+    "operations and parts of the step (xla_profile.py; SD part: with --time)",
+  )
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
   p.add_argument("--sd", action="store_true", help="run the Stable Diffusion part only")
   p.add_argument(
@@ -137,6 +151,7 @@ def parse_args():
     min(args.particles + args.sd_particles + args.sd_resolutions) < 1
     or args.repeats < 1
     or args.warmup < 0
+    or args.profile < 0
     or (args.resolution is not None and args.resolution < 1)
   ):
     p.error("particle counts, resolutions and --repeats must be positive")
@@ -186,8 +201,11 @@ def compile_step(step, state, key, frozen):
   return compiled, seconds, round(tflop, 4)
 
 
-def time_steps(compiled, state, key, frozen, repeats: int, warmup: int) -> float:
-  """Median seconds of a step; the donated state goes from step to step."""
+def time_steps(compiled, state, key, frozen, repeats: int, warmup: int, profile_steps: int = 0):
+  """(median seconds of a step, the profile of `profile_steps` more steps or None).
+
+  The donated state goes from step to step.
+  """
   times = []
   for i in range(warmup + repeats):
     start = time.perf_counter()
@@ -195,7 +213,15 @@ def time_steps(compiled, state, key, frozen, repeats: int, warmup: int) -> float
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  if not profile_steps:
+    return statistics.median(times), None
+
+  def step():
+    nonlocal state
+    state, metrics = compiled(state, key, frozen)
+    jax.block_until_ready((state, metrics))
+
+  return statistics.median(times), xla_profile.profile(compiled, step, profile_steps)
 
 
 def bench_toy(args, base: dict) -> None:
@@ -214,7 +240,9 @@ def bench_toy(args, base: dict) -> None:
       state = train_step.init_state(config, models, frozen, key)
       step = train_step.make_train_step(config, models, frozen, res)
       compiled, compile_s, tflop = compile_step(step, state, key, frozen)
-      seconds = time_steps(compiled, state, key, frozen, args.repeats, args.warmup)
+      seconds, profile = time_steps(
+        compiled, state, key, frozen, args.repeats, args.warmup, args.profile
+      )
       row = dict(
         bench="toy_step",
         size=f"n={n}",
@@ -230,6 +258,8 @@ def bench_toy(args, base: dict) -> None:
         tflop=tflop,
         memory=memory(compiled),
       )
+      if profile:
+        row["profile"] = profile
       print(json.dumps(row), flush=True)
 
 
@@ -309,11 +339,14 @@ def bench_sd(args, base: dict) -> None:
           if args.time:
             real_frozen = materialize(frozen, shared, 0)
             real_state = jax.jit(init)(real_frozen, key)
-            row["value"] = round(
-              time_steps(compiled, real_state, key, real_frozen, args.repeats, args.warmup), 5
+            seconds, profile = time_steps(
+              compiled, real_state, key, real_frozen, args.repeats, args.warmup, args.profile
             )
-            row["per_particle_s"] = round(row["value"] / n, 5)
+            row["value"] = round(seconds, 5)
+            row["per_particle_s"] = round(seconds / n, 5)
             row["memory"] = memory(compiled, shared_bytes)  # With the device peak.
+            if profile:
+              row["profile"] = profile
             del real_frozen, real_state
           print(json.dumps(row), flush=True)
 

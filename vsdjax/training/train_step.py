@@ -114,8 +114,10 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
     cam = rep.sample_camera(k_cam)
     data = {"shared": frozen["representation"]["shared"], "particle": own, "aux": aux}
-    out = rep.render(params, data, cam, resolution, k_render)
-    x0 = prior.encode(frozen["prior"], out["rgb"][None], jax.random.fold_in(key, 1))  # [1, C, h, w]
+    with jax.named_scope("render"):
+      out = rep.render(params, data, cam, resolution, k_render)
+    with jax.named_scope("encode"):  # [1, C, h, w]
+      x0 = prior.encode(frozen["prior"], out["rgb"][None], jax.random.fold_in(key, 1))
     label = cameras.view_label(cam.elevation, cam.azimuth)
     cond = prior.condition(frozen["prior"], cam, label, x0.shape[-1])
     t = distill.sample_t(k_t, t_lo, t_hi, num_t, (1,))  # [1]
@@ -124,17 +126,18 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     x_t = jax.lax.stop_gradient(schedule.add_noise(x0, eps, a_t, s_t))
     camera = cam.c2w.reshape(1, 16)
     phi_emb = frozen["phi_emb"][label][None]  # [1, L, D]
-    if models.batch_with_prior:  # one UNet call: the prior's (uncond, cond) and eps_phi
-      (eps_u, eps_c), target = phi_model.predict_eps_with_base(
-        frozen["phi_base"], phi, x_t, t, phi_emb, camera, (cond["uncond"], cond["cond"])
-      )
-      eps_hat = schedule.cfg(eps_u, eps_c, g.scale)
-    else:
-      eps_hat = prior.eps_cfg(frozen["prior"], x_t, t, cond, g.scale)
-      if phi_model is not None:  # VSD: eps_phi's estimate of the particles' own score
-        target = phi_model.predict_eps(frozen["phi_base"], phi, x_t, t, phi_emb, camera)
-      else:  # SDS: the sampled noise
-        target = eps
+    with jax.named_scope("guidance"):
+      if models.batch_with_prior:  # one UNet call: the prior's (uncond, cond) and eps_phi
+        (eps_u, eps_c), target = phi_model.predict_eps_with_base(
+          frozen["phi_base"], phi, x_t, t, phi_emb, camera, (cond["uncond"], cond["cond"])
+        )
+        eps_hat = schedule.cfg(eps_u, eps_c, g.scale)
+      else:
+        eps_hat = prior.eps_cfg(frozen["prior"], x_t, t, cond, g.scale)
+        if phi_model is not None:  # VSD: eps_phi's estimate of the particles' own score
+          target = phi_model.predict_eps(frozen["phi_base"], phi, x_t, t, phi_emb, camera)
+        else:  # SDS: the sampled noise
+          target = eps
     grad, n_nonfinite = distill.guidance_grad(
       jax.lax.stop_gradient(eps_hat),
       jax.lax.stop_gradient(target),
@@ -173,14 +176,15 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
       keys = keys.reshape((n * n_views,) + keys.shape[2:])
     keys = jax.lax.with_sharding_constraint(keys, sharding.by_render(mesh))
     shared = frozen["representation"]["shared"]
-    rep_aux = jax.vmap(
-      lambda a, p, own, k: rep.update_aux(a, p, {"shared": shared, "particle": own}, step, k)
-    )(
-      state.get("aux", {}),
-      state["particles"],
-      frozen["representation"]["particle"],
-      jax.random.split(jax.random.fold_in(key, 7), n),
-    )
+    with jax.named_scope("update_aux"):  # e.g. the occupancy grid
+      rep_aux = jax.vmap(
+        lambda a, p, own, k: rep.update_aux(a, p, {"shared": shared, "particle": own}, step, k)
+      )(
+        state.get("aux", {}),
+        state["particles"],
+        frozen["representation"]["particle"],
+        jax.random.split(jax.random.fold_in(key, 7), n),
+      )
     # Each particle's arrays once per view ([n, ...] -> [n V, ...]); the particle's gradient
     # is the mean of its views'. (Not a vmap over views inside the particle's gradient: that
     # program crashes XLA:CPU's YNN transpose in jaxlib 0.10.2.)
@@ -224,9 +228,10 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
       emb = frozen["phi_emb"][aux["label"]]  # [n V, L, D]
       phi_loss_fn = functools.partial(phi_model.loss, frozen["phi_base"])
       for i in range(config.eps_phi.steps_per_step):
-        (phi_loss, _), phi_grads = jax.value_and_grad(phi_loss_fn, has_aux=True)(
-          phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i)
-        )
+        with jax.named_scope("eps_phi_update"):
+          (phi_loss, _), phi_grads = jax.value_and_grad(phi_loss_fn, has_aux=True)(
+            phi, aux["x0"], emb, aux["camera"], jax.random.fold_in(k_phi, i)
+          )
         phi_updates, phi_state = phi_opt.update(phi_grads, phi_state, phi)
         phi = optax.apply_updates(phi, phi_updates)
       metrics.update(phi_loss=phi_loss, phi_grad_norm=optax.tree.norm(phi_grads))
