@@ -26,6 +26,9 @@ One step, for key k = fold_in(key, step):
     theta_i's gradient is the mean over its views; Adam step of theta_i.
   eps_phi step (VSD): diffusion loss on stop_gradient(x0) of all n x V renders
     at a fresh t', camera dropout; AdamW step of phi.
+The parts run under jax.named_scope ('update_aux', 'render', 'encode',
+'guidance', 'eps_phi_update'), which names their operations in profiles
+(benchmarks/train_step.py --profile).
 
 The step is compiled for a device mesh (training/sharding.py): particle state
 split over its 'particles' axis, each particle's views over 'views', the rest
