@@ -37,11 +37,11 @@ def op_names(compiled) -> dict:
   return dict(_METADATA.findall(compiled.as_text()))
 
 
-def scope(op_name: str, depth: int = 1) -> str:
+def scope(op_name: str) -> str:
   """The part of the program an op_name belongs to.
 
-  Its first `depth` name-stack components below the jit, stripped of
-  transformation wrappers, with " (backward)" where a transpose wraps any
+  Its first name-stack component below the jit that names something, stripped
+  of transformation wrappers, with " (backward)" where a transpose wraps any
   ("render (backward)", "eps_phi_update", ...: the train step's named scopes);
   "(no metadata)" for an operation whose op_name is unknown.
   """
@@ -50,15 +50,14 @@ def scope(op_name: str, depth: int = 1) -> str:
   parts = op_name.split("/")
   if parts and parts[0].startswith("jit("):
     parts = parts[1:]
-  names = []
+  name = ""
   for part in parts:
     while (m := _WRAPPER.match(part)) and m.group(1) in _TRANSFORMS:
       part = m.group(2)
     if part and part not in _PLUMBING and not re.fullmatch(r"branch_\d+_fun|jit\(.*\)", part):
-      names.append(part)
-    if len(names) == depth:
+      name = part
       break
-  return "/".join(names) + (" (backward)" if "transpose(" in op_name else "")
+  return name + (" (backward)" if "transpose(" in op_name else "")
 
 
 def _trace_events(folder: str) -> list:

@@ -227,7 +227,7 @@ class EpsPhi:
         )
     cam_emb = camera_embedding(trainable["camera"], camera)  # [B, D]
     if rows is not None:
-      cam_emb = jnp.where(rows[:, None] != 0, cam_emb * rows[:, None], 0.0)
+      cam_emb = lora_lib.weigh_rows(cam_emb, rows)
     unet_type = type(self.unet)
     calls = []
 

@@ -203,6 +203,13 @@ def merge(base_params: Mapping, lora: Mapping, scale) -> dict:
   return merged
 
 
+def weigh_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x [B, ...] with row b scaled by rows[b] ([B]); rows of weight 0 are exact zeros,
+  even where x is not finite (0 * inf would be NaN)."""
+  weight = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(weight != 0, x * weight, 0.0)
+
+
 @contextlib.contextmanager
 def intercept(lora: Mapping, scale, rows: jax.Array | None = None) -> Iterator[None]:
   """A context in which the adapted Dense modules add their low-rank update.
@@ -252,8 +259,7 @@ def intercept(lora: Mapping, scale, rows: jax.Array | None = None) -> Iterator[N
     if rows is not None:
       if rows.shape[0] != x.shape[0]:
         raise ValueError(f"rows: {rows.shape[0]} weights for a batch of {x.shape[0]}")
-      weight = rows.reshape((-1,) + (1,) * (delta.ndim - 1))
-      delta = jnp.where(weight != 0, delta * weight, 0.0)
+      delta = weigh_rows(delta, rows)
     seen.add(tuple(context.module.path))
     return out + delta.astype(out.dtype)
 
