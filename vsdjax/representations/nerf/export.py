@@ -234,7 +234,10 @@ def extract_mesh(
     return empty
   # Zero density outside the grid closes the surface at the cube's faces.
   padded = np.pad(dens.astype(np.float64), 1, constant_values=0.0)
-  vertices, faces = mcubes.marching_cubes(padded, threshold)  # index units
+  with warnings.catch_warnings():
+    # PyMCubes sets an array's shape, which NumPy 2.5 deprecates (a warning per mesh).
+    warnings.filterwarnings("ignore", "Setting the shape on a NumPy array", DeprecationWarning)
+    vertices, faces = mcubes.marching_cubes(padded, threshold)  # index units
   if vertices.shape[0] == 0:
     return empty
   spacing = 2.0 * bound / (resolution - 1)
