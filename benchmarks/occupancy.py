@@ -14,8 +14,10 @@ Each line: bench, size, samples, skipping, seconds (median of --repeats after
 --warmup), compile_s, memory, rays_per_s, and the samples' use: `hit_rays`
 (the fraction of rays with any occupied length; the others still evaluate S
 samples in a static-shape program), `spacing` (mean world length between the
-samples of a ray, over the hit rays), `occupied_fraction` (of the grid's
-cells), and `rmse` of the image against a --reference-samples plain render
+samples of a ray, over the hit rays), `occupied_samples` (how many of a hit
+ray's S evaluated samples fall in occupied cells, at the bins' centres: the
+samples that can see the scene), `occupied_fraction` (of the grid's cells),
+and `rmse` of the image against a --reference-samples plain render
 (the best estimate of the true image).
 
   python benchmarks/occupancy.py --workdir workdirs/toy --repeats 3 --warmup 1
@@ -116,14 +118,18 @@ def sample_use(cam, spec, occ, size, samples, skip) -> dict:
   bound = spec.render.bound
   near, far, hit = render.ray_aabb(o, d, bound, spec.render.near_min)
   if skip:
-    _, length = occupancy.sample_t(occ, o, d, near, far, bound, samples, 4 * occ.shape[0])
+    t, length = occupancy.sample_t(occ, o, d, near, far, bound, samples, 4 * occ.shape[0])
   else:
+    t = render.stratified_t(near, far, samples)  # [R, S]
     length = jnp.where(hit, far - near, 0.0)
   world = np.asarray(length * jnp.linalg.norm(d, axis=-1))  # [R]
   used = world > 0
+  x = o[:, None, :] + t[..., None] * d[:, None, :]  # [R, S, 3]
+  inside = np.asarray(jnp.sum(occupancy.lookup(occ, x, bound), axis=-1))  # [R]
   return {
     "hit_rays": round(float(used.mean()), 4),
     "spacing": round(float(np.mean(world[used]) / samples), 5),
+    "occupied_samples": round(float(np.mean(inside[used])), 2),
     "occupied_fraction": round(float(jnp.mean(occ)), 4),
   }
 
