@@ -137,7 +137,7 @@ def record_config(config, workdir: str, resumed: bool) -> str:
   os.makedirs(workdir, exist_ok=True)
   name = "config.json"
   if resumed:
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     name = f"config.resume-{stamp}.json"
   path = os.path.join(workdir, name)
   _write_atomic(path, config.to_json_best_effort(indent=2))
