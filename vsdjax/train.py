@@ -174,7 +174,7 @@ def slow_scatter_warning(backend: str, jaxlib_version: str, xla_flags: str) -> s
     return None
   return (
     f"jaxlib {jaxlib_version} makes the hash grid's backward slow on GPUs (jax-ml/jax#38806); "
-    f"on Python >= 3.12 install jax 0.11.2 (pip install -e .), or set "
+    "on Python >= 3.12 install jax 0.11.2 (pip install -e .), or set "
     f'XLA_FLAGS={FTZ_ATOMICS_FLAG} before starting (benchmarks/README.md, "Which jax")'
   )
 
