@@ -42,7 +42,7 @@ from xla_memory import measure, run_info
 
 XLA_FLAGS = {
   "none": "",
-  "ftz_atomics": "--xla_backend_extra_options=-nvptx-allow-ftz-atomics",
+  "ftz_atomics": hashgrid.FTZ_ATOMICS_FLAG,
   "gpu_ftz": "--xla_gpu_ftz=true",
 }
 

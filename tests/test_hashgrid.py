@@ -220,3 +220,22 @@ def test_grid_spec_errors():
   ]:
     with pytest.raises(ValueError, match=name):
       hashgrid.GridSpec(**kwargs)
+
+
+@pytest.mark.parametrize(
+  "backend, version, flags, warns",
+  [
+    ("gpu", "0.10.2", "", True),
+    ("gpu", "0.11.0.dev20260101", "--xla_gpu_autotune_level=0", True),
+    ("gpu", "0.10.2", f"--xla_gpu_autotune_level=0 {hashgrid.FTZ_ATOMICS_FLAG}", False),
+    ("gpu", "0.10.1", "", False),
+    ("gpu", "0.11.2", "", False),
+    ("cpu", "0.10.2", "", False),
+    ("tpu", "0.11.0", "", False),
+  ],
+)
+def test_slow_gpu_scatter_warning_names_the_fix(backend, version, flags, warns):
+  message = hashgrid.slow_scatter_warning(backend, version, flags)
+  assert (message is not None) == warns
+  if warns:
+    assert version in message and "38806" in message and hashgrid.FTZ_ATOMICS_FLAG in message

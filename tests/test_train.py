@@ -116,22 +116,3 @@ def test_nan_from_the_prior_stops_although_the_update_is_finite(tmp_path, monkey
   ):
     train.train_and_evaluate(c, str(tmp_path))
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
-
-
-@pytest.mark.parametrize(
-  "backend, version, flags, warns",
-  [
-    ("gpu", "0.10.2", "", True),
-    ("gpu", "0.11.0.dev20260101", "--xla_gpu_autotune_level=0", True),
-    ("gpu", "0.10.2", f"--xla_gpu_autotune_level=0 {train.FTZ_ATOMICS_FLAG}", False),
-    ("gpu", "0.10.1", "", False),
-    ("gpu", "0.11.2", "", False),
-    ("cpu", "0.10.2", "", False),
-    ("tpu", "0.11.0", "", False),
-  ],
-)
-def test_slow_gpu_scatter_warning_names_the_fix(backend, version, flags, warns):
-  message = train.slow_scatter_warning(backend, version, flags)
-  assert (message is not None) == warns
-  if warns:
-    assert version in message and "38806" in message and train.FTZ_ATOMICS_FLAG in message

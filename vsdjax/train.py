@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -35,6 +34,7 @@ import tqdm
 
 from vsdjax import checks, console
 from vsdjax.prior.analytic import evaluate
+from vsdjax.representations.nerf import hashgrid
 from vsdjax.training import (
   models as models_lib,
   previews,
@@ -154,31 +154,6 @@ def use_compile_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # Any size.
 
 
-# XLA:GPU in jaxlib 0.10.2 - 0.11.0 runs float32 scatter-adds as a compare-and-
-# swap loop that collapses when many updates hit one row (jax-ml/jax#38806):
-# the hash grid's backward on its coarse levels. This flag (set before jax
-# starts its backend) restores the native atomic, flushing denormals in it.
-FTZ_ATOMICS_FLAG = "--xla_backend_extra_options=-nvptx-allow-ftz-atomics"
-
-
-def slow_scatter_warning(backend: str, jaxlib_version: str, xla_flags: str) -> str | None:
-  """The advice for a GPU whose jaxlib has the slow scatter-add, or None.
-
-  Args:
-    backend: jax.default_backend() ("gpu", "cpu", "tpu").
-    jaxlib_version: e.g. "0.10.2" (a suffix such as ".dev2026" is ignored).
-    xla_flags: the XLA_FLAGS environment variable ("" when unset).
-  """
-  release = tuple(int(p) for p in re.findall(r"\d+", jaxlib_version)[:3])
-  if backend != "gpu" or not (0, 10, 2) <= release <= (0, 11, 0) or FTZ_ATOMICS_FLAG in xla_flags:
-    return None
-  return (
-    f"jaxlib {jaxlib_version} makes the hash grid's backward slow on GPUs (jax-ml/jax#38806); "
-    "on Python >= 3.12 install jax 0.11.2 (pip install -e .), or set "
-    f'XLA_FLAGS={FTZ_ATOMICS_FLAG} before starting (benchmarks/README.md, "Which jax")'
-  )
-
-
 def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   """Trains (resuming from the latest checkpoint), then exports; returns the state.
 
@@ -198,7 +173,7 @@ def train_and_evaluate(config, workdir: str, allow_changes=()) -> dict:
   sharding.barrier("record_config")
   use_compile_cache(config.compile_cache)
   if config.representation != "image":  # Every 3D representation has a hash grid.
-    warning = slow_scatter_warning(
+    warning = hashgrid.slow_scatter_warning(
       jax.default_backend(), jaxlib.version.__version__, os.environ.get("XLA_FLAGS", "")
     )
     if warning and sharding.is_writer():

@@ -32,6 +32,7 @@ renderer's rematerialised scan does).
 """
 
 import dataclasses
+import re
 from typing import NamedTuple
 
 import jax
@@ -199,3 +200,28 @@ def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
   # largest cost; an einsum is a dot that GPUs would not strength-reduce.)
   out = sum(weights[..., c, None] * feats[..., c, :] for c in range(8))  # [N, L, F]
   return out.reshape(*batch_shape, n_levels * n_features)
+
+
+# XLA:GPU in jaxlib 0.10.2 - 0.11.0 runs float32 scatter-adds as a compare-and-
+# swap loop that collapses when many updates hit one row (jax-ml/jax#38806):
+# the backward of `encode` on its coarse levels. This flag (set before jax
+# starts its backend) restores the native atomic, flushing denormals in it.
+FTZ_ATOMICS_FLAG = "--xla_backend_extra_options=-nvptx-allow-ftz-atomics"
+
+
+def slow_scatter_warning(backend: str, jaxlib_version: str, xla_flags: str) -> str | None:
+  """The advice for a GPU whose jaxlib has the slow scatter-add, or None.
+
+  Args:
+    backend: jax.default_backend() ("gpu", "cpu", "tpu").
+    jaxlib_version: e.g. "0.10.2" (a suffix such as ".dev2026" is ignored).
+    xla_flags: the XLA_FLAGS environment variable ("" when unset).
+  """
+  release = tuple(int(p) for p in re.findall(r"\d+", jaxlib_version)[:3])
+  if backend != "gpu" or not (0, 10, 2) <= release <= (0, 11, 0) or FTZ_ATOMICS_FLAG in xla_flags:
+    return None
+  return (
+    f"jaxlib {jaxlib_version} makes the hash grid's backward slow on GPUs (jax-ml/jax#38806); "
+    "on Python >= 3.12 install jax 0.11.2 (pip install -e .), or set "
+    f'XLA_FLAGS={FTZ_ATOMICS_FLAG} before starting (benchmarks/README.md, "Which jax")'
+  )
