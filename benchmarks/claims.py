@@ -198,8 +198,7 @@ def memorisation(models, frozen, state, key) -> dict:
   n = images.shape[0]
   mu, var = jnp.mean(images, axis=0), jnp.mean(jnp.var(images, axis=0))
   cam = models.representation.sample_camera(None)
-  label = cameras.view_label(cam.elevation, cam.azimuth)
-  emb = jnp.repeat(frozen["phi_emb"][label][None], n, axis=0)
+  emb = jnp.repeat(frozen["phi_emb"][None], n, axis=0)
   camera = jnp.tile(cam.c2w.reshape(1, 16), (n, 1))
   abar = jnp.asarray(models.prior.alphas_cumprod)
   out = {"t": list(MEMORISATION_T), "particles": [], "fresh": []}

@@ -7,7 +7,8 @@ at 1e4 each; a Kuhn grid of 64 cells (the size of the reference "128" grid).
 
 Where vsdjax differs from threestudio's prolificdreamer-geometry config: the
 grid is a Kuhn split of cubes (threestudio loads a precomputed tet file);
-the NeRF's density 10 is the surface as there, but the solid is made in
+the NeRF's (softplus) density 25 is the surface as there (threestudio's
+isosurface_threshold), but the solid is made in
 code (`mesh.close_holes`: openings of about 2 cells into a hollow NeRF are
 sealed and cavities filled, small pieces dropped; threestudio removes small
 components only), once at the start; no "auto" iso level and no tightening
@@ -27,13 +28,15 @@ def get_config():
   c.steps = 15_000
   c.guidance.mode = "sds"
   c.guidance.scale = 100.0
+  c.guidance.front_threshold = 45.0  # threestudio's geometry config keeps the default 45
+  c.guidance.back_threshold = 45.0
   c.prior.kind = "stable_diffusion"
   c.prior.name = "stabilityai/stable-diffusion-2-1-base"
   c.render.resolution = 512  # normal maps at 512 from the start
   c.render.resolution_after = 512
   c.optim.lr = 0.005
   c.mesh.grid_resolution = 64
-  c.mesh.iso = 10.0
+  c.mesh.iso = 25.0
   c.mesh.normal_consistency = 10_000.0
   c.mesh.laplacian = 10_000.0
   return c

@@ -3,7 +3,9 @@
 The published settings: VSD with SD 2.1-base (CFG 7.5) and eps_phi = LoRA on
 SD 2.1, 512x512, 30k steps; the texture field (hash grid + MLP) starts from
 the stage-1 NeRF's albedo (grid lr 0.01, MLP and background 1e-3, LoRA
-1e-4); cameras at fovy [55, 70] and elevation [0, 45].
+1e-4); cameras as in stage 1 (fovy [40, 70], elevation [-10, 45]), "front" /
+"back" view prompts within 30 degrees, and the background MLP without random
+solid colours (threestudio's prolificdreamer-texture config).
 
   python -m vsdjax.main --config experiments/vsd_texture.py --workdir workdirs/burger_texture \\
       --config.init_from=workdirs/burger_geometry --config.prompt="a delicious hamburger"
@@ -23,8 +25,7 @@ def get_config():
   c.eps_phi.base = "stabilityai/stable-diffusion-2-1"
   c.render.resolution = 512
   c.render.resolution_after = 512
-  c.camera.fovy = (55.0, 70.0)
-  c.camera.elevation = (0.0, 45.0)
+  c.scene.random_bg_prob = 0.0  # threestudio's texture background has no random_aug
   c.optim.grid_lr = 0.01
   c.optim.lr = 1e-3
   return c

@@ -63,6 +63,7 @@ def tiny_config(**overrides):
   c.scene.n_levels = 2
   c.scene.log2_table_size = 8
   c.scene.hidden = 8
+  c.scene.density_activation = "trunc_exp"  # as experiments/toy.py
   c.scene.background = "white"
   c.scene.random_bg_prob = 0.0
   c.render.resolution = 8

@@ -175,7 +175,7 @@ def test_jit_and_vmap():
   np.testing.assert_array_equal(labels, [0, 0, 3])
 
 
-def _label_reference(elevation, azimuth):
+def _label_reference(elevation, azimuth, front, back):
   if elevation > 60.0:
     return 3
   a = math.fmod(azimuth, 360.0)
@@ -183,50 +183,46 @@ def _label_reference(elevation, azimuth):
     a -= 360.0
   elif a < -180.0:
     a += 360.0
-  if -45.0 < a < 45.0:
+  if -front < a < front:
     return 0
-  if a > 135.0 or a < -135.0:
+  if a > 180.0 - back or a < -180.0 + back:
     return 2
   return 1
 
 
-def test_view_label_thresholds():
+@pytest.mark.parametrize("front, back", [(30.0, 30.0), (45.0, 45.0), (20.0, 60.0)])
+def test_view_label_thresholds(front, back):
   eps = 1e-3
   elev = [-30.0, 0.0, 60.0 - eps, 60.0, 60.0 + eps, 90.0]
-  azim = [
-    0.0,
-    45.0 - eps,
-    45.0,
-    45.0 + eps,
-    -45.0 + eps,
-    -45.0,
-    135.0 - eps,
-    135.0,
-    135.0 + eps,
-    -135.0,
-    -135.0 - eps,
-    180.0,
-    -180.0,
-    225.0,
-    -315.0,
-    370.0,
-    719.0,
-  ]
+  edges = [front, -front, 180.0 - back, -180.0 + back]
+  azim = [x + d for x in edges for d in (-eps, 0.0, eps)]
+  azim += [0.0, 90.0, 180.0, -180.0, 225.0, -315.0, 370.0, 719.0]
   e, a = np.meshgrid(np.array(elev, np.float32), np.array(azim, np.float32), indexing="ij")
-  got = np.asarray(cameras.view_label(e, a))
+  got = np.asarray(cameras.view_label(e, a, front, back))
   assert got.dtype == np.int32
   want = np.array(
-    [[_label_reference(float(x), float(y)) for y in row_a] for x, row_a in zip(e[:, 0], a)]
+    [
+      [_label_reference(float(x), float(y), front, back) for y in row_a]
+      for x, row_a in zip(e[:, 0], a)
+    ]
   )
   np.testing.assert_array_equal(got, want)
-  # Spot checks written out by hand.
-  assert int(cameras.view_label(0.0, 44.9)) == 0
-  assert int(cameras.view_label(0.0, 45.0)) == 1
-  assert int(cameras.view_label(0.0, -135.1)) == 2
+
+
+def test_view_label_defaults():
+  """threestudio's ProlificDreamer thresholds (30 degrees), written out by hand."""
+  assert int(cameras.view_label(0.0, 29.9)) == 0
+  assert int(cameras.view_label(0.0, 30.0)) == 1
+  assert int(cameras.view_label(0.0, -150.1)) == 2
+  assert int(cameras.view_label(0.0, 150.0)) == 1
   assert int(cameras.view_label(0.0, 180.0)) == 2
   assert int(cameras.view_label(60.0, 180.0)) == 2
   assert int(cameras.view_label(60.1, 0.0)) == 3
   assert int(cameras.view_label(10.0, 360.0)) == 0
+  assert int(cameras.view_label(0.0, 40.0, front=45.0, back=45.0)) == 0
+  for front, back in ((-1.0, 30.0), (30.0, 181.0), (100.0, 90.0)):
+    with pytest.raises(ValueError, match="threshold"):
+      cameras.view_label(0.0, 0.0, front, back)
 
 
 def test_view_prompt():

@@ -141,7 +141,7 @@ def test_the_step_computes_no_weight_gradient_of_a_frozen_network(bf16_step):
   # The count sees a weight gradient: one more convolution per convolution.
   assert vae == 2 * vae_forward and vae_with_weights == 3 * vae_forward
 
-  x_t, t, emb = jnp.zeros((1, 4, 16, 16)), jnp.array([500]), frozen["phi_emb"][:1]
+  x_t, t, emb = jnp.zeros((1, 4, 16, 16)), jnp.array([500]), frozen["phi_emb"][None]
   unet = _convs(lambda x: sd_lib.predict_eps(sd, sd.unet_params, x, t, emb), x_t)
   phi_loss = lambda phi: m.eps_phi.loss(frozen["phi_base"], phi, x_t, emb, jnp.zeros((1, 16)), key)
   phi = _convs(jax.grad(lambda p: phi_loss(p)[0]), state["phi"])
@@ -157,7 +157,7 @@ def test_the_lora_update_makes_no_product_of_a_frozen_kernels_shape(bf16_step):
   its gradient needs no [in, out] product: neither x^T dy nor A B. A merged LoRA
   (the control) makes both."""
   m, frozen, state, _, _ = bf16_step
-  key, emb = jax.random.PRNGKey(2), frozen["phi_emb"][:1]
+  key, emb = jax.random.PRNGKey(2), frozen["phi_emb"][None]
   x0, camera = jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, 16))
   paths = lora_lib.paths(state["phi"]["lora"])
   kernel_shapes = {get(frozen["phi_base"], path)["kernel"].shape for path in paths}

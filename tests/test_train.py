@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import leaves, tiny_config
-from vsdjax import train
+from vsdjax import representations, train
 from vsdjax.prior import analytic as analytic_prior
 from vsdjax.training import models, train_step
 
@@ -51,6 +51,7 @@ def test_step_compiles_once_and_sds_is_the_same_step():
     if mode == "sds":  # also exercise every regulariser (orientation needs normals)
       for name in ("sparsity", "opaque", "entropy", "orientation"):
         c.loss[name] = 0.1
+      c.loss.opaque_step = 0
     m, frozen = models.build(c, jax.random.PRNGKey(0))
     state = train_step.init_state(c, m, frozen, jax.random.PRNGKey(1))
     step = train_step.make_train_step(c, m, frozen, c.render.resolution)
@@ -64,6 +65,18 @@ def test_step_compiles_once_and_sds_is_the_same_step():
     if mode == "sds":
       assert all(float(metrics[f"loss_{n}"]) > 0 for n in ("sparsity", "opaque", "entropy"))
       assert float(metrics["loss_orientation"]) >= 0
+
+
+def test_opaque_counts_from_its_step():
+  """threestudio's schedule: the opaque term is 0 before loss.opaque_step, then its weight
+  times the binary entropy of the opacity (ln 2 at opacity 1/2)."""
+  rep = representations.make(tiny_config(**{"loss.opaque": 1000.0, "loss.opaque_step": 10}))
+  out = {"opacity": jnp.full((4, 4), 0.5)}
+  terms = jax.jit(rep.regularisers)(out, jnp.int32(9))
+  assert float(terms["opaque"]) == 0.0 and float(terms["sparsity"]) > 0
+  np.testing.assert_allclose(
+    rep.regularisers(out, jnp.int32(10))["opaque"], 1000 * np.log(2), rtol=1e-6
+  )
 
 
 @pytest.mark.slow

@@ -22,8 +22,10 @@ Conventions (used by every module of vsdjax):
   the sphere.
 - Images have row 0 at the top; rays go through pixel centres.
 - View labels: "overhead" if elevation > 60; otherwise, with
-  the azimuth wrapped to [-180, 180), "front" if |azimuth| < 45, "back" if
-  |azimuth| > 135 and "side" otherwise.
+  the azimuth wrapped to [-180, 180), "front" if |azimuth| < front, "back" if
+  |azimuth| > 180 - back and "side" otherwise. ProlificDreamer's stages 1 and 3
+  use front = back = 30 degrees (threestudio's configs; the official code's
+  60-degree front sector); threestudio's default, which its stage 2 keeps, is 45.
 """
 
 import dataclasses
@@ -39,10 +41,10 @@ from vsdjax import checks
 
 VIEW_NAMES = ("front", "side", "back", "overhead")
 
-# View-label thresholds, in degrees.
+# View-label thresholds, in degrees (threestudio's prompt processor).
 _OVERHEAD_ELEVATION = 60.0
-_FRONT_AZIMUTH = 45.0
-_BACK_AZIMUTH = 135.0
+FRONT_THRESHOLD = 30.0  # |azimuth| < this: front
+BACK_THRESHOLD = 30.0  # |azimuth| > 180 - this: back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,31 +300,45 @@ def rays(c2w, fovy, height: int, width: int):
   return _rays(c2w, fovy, height, width)
 
 
-@jax.jit
-def _view_label(elevation, azimuth):
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _view_label(elevation, azimuth, front, back):
   """view_label's maths on float32 inputs [...]."""
   # |azimuth| after wrapping to [-180, 180): [...] in [0, 180].
   wrapped = jnp.abs(jnp.mod(azimuth + 180.0, 360.0) - 180.0)
-  label = jnp.where(wrapped < _FRONT_AZIMUTH, 0, jnp.where(wrapped > _BACK_AZIMUTH, 2, 1))
+  label = jnp.where(wrapped < front, 0, jnp.where(wrapped > 180.0 - back, 2, 1))
   label = jnp.where(elevation > _OVERHEAD_ELEVATION, 3, label)
   return label.astype(jnp.int32)
 
 
-def view_label(elevation, azimuth) -> jnp.ndarray:
+def check_thresholds(front: float, back: float) -> None:
+  """Raises ValueError unless 0 <= front, back and front + back <= 180 (degrees)."""
+  for name, value in (("front", front), ("back", back)):
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 180.0:
+      raise ValueError(f"{name} threshold must be a number of degrees in [0, 180], got {value!r}")
+  if front + back > 180.0:
+    raise ValueError(f"front + back thresholds must be <= 180 degrees, got {front} + {back}")
+
+
+def view_label(
+  elevation, azimuth, front: float = FRONT_THRESHOLD, back: float = BACK_THRESHOLD
+) -> jnp.ndarray:
   """View-direction class of cameras, as an index into VIEW_NAMES.
 
   Args:
     elevation: [...] degrees.
     azimuth: [...] degrees, any value (wrapped to [-180, 180) here).
+    front: half-width of the front sector in degrees: |azimuth| < front.
+    back: half-width of the back sector: |azimuth| > 180 - back.
 
   Returns:
-    [...] int32: 0 front, 1 side, 2 back, 3 overhead.
+    [...] int32: 0 front, 1 side, 2 back, 3 overhead (elevation > 60 first).
   """
   elevation = jnp.asarray(elevation, jnp.float32)
   azimuth = jnp.asarray(azimuth, jnp.float32)
   checks.check_finite("elevation", elevation)
   checks.check_finite("azimuth", azimuth)
-  return _view_label(elevation, azimuth)
+  check_thresholds(front, back)
+  return _view_label(elevation, azimuth, float(front), float(back))
 
 
 def view_prompt(prompt: str, label) -> str:

@@ -224,6 +224,8 @@ RULES = {
   "guidance.t_anneal_steps": integer(0),
   "guidance.grad_clip": NONNEGATIVE,
   "guidance.view_prompts": boolean,
+  "guidance.front_threshold": number(0.0, 180.0),
+  "guidance.back_threshold": number(0.0, 180.0),
   "prior.kind": choice("stable_diffusion", "analytic"),
   "prior.name": nonempty_string,
   "prior.dtype": choice("float32", "bfloat16", "auto"),
@@ -285,6 +287,7 @@ RULES = {
   "optim.eps": NONNEGATIVE,
   "loss.sparsity": NONNEGATIVE,
   "loss.opaque": NONNEGATIVE,
+  "loss.opaque_step": integer(0),
   "loss.entropy": NONNEGATIVE,
   "loss.orientation": NONNEGATIVE,
   "sharding.particles": integer(0),
@@ -375,6 +378,12 @@ def validate_config(config) -> None:
   for name in ("t_max", "t_max_after"):
     if g.t_min > g[name]:
       _config_fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
+  if g.front_threshold + g.back_threshold > 180.0:
+    _config_fail(
+      "guidance.back_threshold",
+      f"front_threshold + back_threshold must be <= 180 degrees, got "
+      f"{g.front_threshold} + {g.back_threshold}",
+    )
   analytic = config.prior.kind == "analytic"
   if config.representation == "image" and not analytic:
     _config_fail(

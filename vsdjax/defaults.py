@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ending at t_switch_step instead of the hard switch
   c.guidance.grad_clip = 0.0  # >0: clip each particle's VSD gradient (in x0 space) to this norm
   c.guidance.view_prompts = True  # append ", front/side/back/overhead view" by camera
+  c.guidance.front_threshold = 30.0  # "front" if |azimuth| < this (degrees; threestudio's
+  # ProlificDreamer stages 1 and 3; its stage 2 keeps the prompt processor's default 45)
+  c.guidance.back_threshold = 30.0  # "back" if |azimuth| > 180 - this
 
   # --- prior: the frozen pretrained score model ---
   c.prior = ml_collections.ConfigDict()
@@ -80,7 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.scene.base_resolution = 16  # coarsest grid resolution
   c.scene.per_level_scale = 1.447269  # growth per level (threestudio)
   c.scene.hidden = 64  # MLP width of the density / albedo heads
-  c.scene.density_activation = "trunc_exp"  # "trunc_exp" or "softplus"
+  c.scene.density_activation = "softplus"  # "softplus" (both reference implementations) or
+  # "trunc_exp" (Instant-NGP's exp; densities grow faster, so iso-levels mean other surfaces)
   c.scene.blob_density = 10.0  # density bias at the centre (ProlificDreamer "blob")
   c.scene.blob_radius = 0.5  # radius where the blob bias reaches 0
   c.scene.albedo_init_std = 0.0  # >0: each particle starts in a random colour (std of raw albedo)
@@ -93,7 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.grid_resolution = 64  # Kuhn tet grid cells per axis (64: 275k vertices, 1.6M tets,
   # the size of the reference "128" grid)
   c.mesh.max_faces = 0  # marching-tets face budget; 0: 64 * grid_resolution^2
-  c.mesh.iso = 10.0  # NeRF density that becomes the surface when starting from stage 1
+  c.mesh.iso = 25.0  # NeRF density that becomes the surface when starting from stage 1
+  # (threestudio's isosurface_threshold, which its ProlificDreamer stage 2 keeps)
   c.mesh.close_holes = 1  # fill cavities reached through openings < ~2k cells (k; 0: off)
   c.mesh.init_shape = "sphere"  # without init_from: the analytic shape the sdf starts from
   c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges
@@ -137,7 +142,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- regularisers (weights; 0 disables) ---
   c.loss = ml_collections.ConfigDict()
   c.loss.sparsity = 10.0  # mean opacity sparsity (threestudio)
-  c.loss.opaque = 0.0  # binary entropy of opacity
+  c.loss.opaque = 1000.0  # binary entropy of opacity, from `opaque_step` on
+  c.loss.opaque_step = 10_000  # threestudio's opaque weight: 0, then 1000 from step 10k on
   c.loss.entropy = 0.0  # entropy of the ray weights (ProlificDreamer official)
   c.loss.orientation = 0.0  # DreamFusion orientation loss (needs normals)
 
@@ -164,7 +170,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.export.video_frames = 60  # frames of the 360-degree orbit video
   c.export.resolution = 256  # export render size
   c.export.mesh_resolution = 128  # marching-cubes grid
-  c.export.mesh_threshold = 10.0  # density iso-level
+  c.export.mesh_threshold = 25.0  # density iso-level (threestudio's default; lower it if
+  # the mesh has holes, raise it if it is extruded)
   c.export.eval_views = 8  # analytic prior: held-out cameras for eval.json
   c.export.texture_size = 1024  # texture stage: UV atlas size of texture.png
   return c

@@ -83,9 +83,9 @@ class Representation(abc.ABC):
     del params, data, step, key
     return aux
 
-  def regularisers(self, out: dict) -> dict:
-    """Weighted regulariser terms {name: []} of one render (none by default)."""
-    del out
+  def regularisers(self, out: dict, step: jax.Array) -> dict:
+    """Weighted regulariser terms {name: []} of one render at `step` (none by default)."""
+    del out, step
     return {}
 
   def param_labels(self, params: Any) -> Any:

@@ -6,7 +6,7 @@
     step as an argument (never baked in as constants):
       'prior':    the prior's arrays (prior/sd_prior.py, prior/analytic/__init__.py)
       'phi_base': eps_phi's base UNet params ({} for SDS)
-      'phi_emb':  [4, L, D] eps_phi's text conditioning per view label
+      'phi_emb':  [L, D] eps_phi's text conditioning: the prompt without a view
       'representation': the representation's data() ({'shared', 'particle'})
 """
 
@@ -135,9 +135,11 @@ def build(config, key: jax.Array):
   phi = None
   if config.prior.kind == "stable_diffusion":
     sd = _load("prior.name", config.prior.name, prior_dtype(config.prior.dtype))
-    emb = prior_lib.encode_prompts(sd, _view_prompts(config) + [""])  # [5, 77, D]
+    # [6, 77, D]: the 4 view prompts, the prompt alone (eps_phi's: threestudio's VSD guidance
+    # gives the LoRA model the view-independent prompt) and the empty one.
+    emb = prior_lib.encode_prompts(sd, _view_prompts(config) + [config.prompt, ""])
     sd = dataclasses.replace(sd, text_params={}, attention=config.prior.attention)
-    frozen.update(prior={"sd": sd, "emb_cond": emb[:-1], "emb_uncond": emb[-1]}, phi_emb=emb[:-1])
+    frozen.update(prior={"sd": sd, "emb_cond": emb[:4], "emb_uncond": emb[5]}, phi_emb=emb[4])
     # The static copy keeps the modules and the schedule, not the weights.
     prior = sd_prior.SDPrior(dataclasses.replace(sd, unet_params={}, vae_params={}))
     if vsd:
@@ -154,7 +156,7 @@ def build(config, key: jax.Array):
         "emb_cond": jnp.tile(cond[None], (len(cameras.VIEW_NAMES), 1)),
         "emb_uncond": prior_lib.encode_prompts(mixture, [""])[0],
       },
-      phi_emb=jnp.zeros((len(cameras.VIEW_NAMES), 1, _TINY_CROSS_DIM)),
+      phi_emb=jnp.zeros((1, _TINY_CROSS_DIM)),
     )
     prior = analytic.Analytic(mixture, refs, config.prior.reference_render)
     if vsd:
@@ -212,7 +214,7 @@ def build_abstract(config):
       "emb_uncond": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32),
     },
     "phi_base": {},
-    "phi_emb": emb,
+    "phi_emb": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32),
   }
   representation = representations.make(config, stages.previous(config))
   frozen["representation"] = representation.data()

@@ -20,7 +20,8 @@ One step, for key k = fold_in(key, step):
     prior's own image size, so that both UNets always see their native
     latents), t ~ U[t_min, t_max(step)], eps, x_t;
     eps_hat = CFG(prior, x_t, view-dependent prompt of c_ij);
-    target = eps_phi(x_t, t, c_ij) (VSD) or eps (SDS); where eps_phi is LoRA on
+    target = eps_phi(x_t, t, c_ij) (VSD; prompted without the view suffix, as in
+    threestudio's VSD guidance) or eps (SDS); where eps_phi is LoRA on
     the prior's UNet, eps_hat's pair and the target are one batch-3 UNet call;
     grad = w(t) (eps_hat - target); loss = surrogate(x0, grad) + regularisers;
     theta_i's gradient is the mean over its views; Adam step of theta_i.
@@ -112,23 +113,23 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
   num_t = prior.alphas_cumprod.shape[0]
   alphas_cumprod = jnp.asarray(prior.alphas_cumprod)
 
-  def particle_loss(params, own, aux, key, phi, frozen, t_lo, t_hi):
+  def particle_loss(params, own, aux, key, phi, frozen, step, t_lo, t_hi):
     """One render of one particle: (loss, its parts for the metrics and eps_phi)."""
-    k_cam, k_render, k_t, k_eps = jax.random.split(key, 4)
+    k_cam, k_render, k_t, k_eps, k_encode = jax.random.split(key, 5)
     cam = rep.sample_camera(k_cam)
     data = {"shared": frozen["representation"]["shared"], "particle": own, "aux": aux}
     with jax.named_scope("render"):
       out = rep.render(params, data, cam, resolution, k_render)
     with jax.named_scope("encode"):  # [1, C, h, w]
-      x0 = prior.encode(frozen["prior"], out["rgb"][None], jax.random.fold_in(key, 1))
-    label = cameras.view_label(cam.elevation, cam.azimuth)
+      x0 = prior.encode(frozen["prior"], out["rgb"][None], k_encode)
+    label = cameras.view_label(cam.elevation, cam.azimuth, g.front_threshold, g.back_threshold)
     cond = prior.condition(frozen["prior"], cam, label, x0.shape[-1])
     t = distill.sample_t(k_t, t_lo, t_hi, num_t, (1,))  # [1]
     a_t, s_t = schedule.coefficients(alphas_cumprod, t)
     eps = jax.random.normal(k_eps, x0.shape)
     x_t = jax.lax.stop_gradient(schedule.add_noise(x0, eps, a_t, s_t))
     camera = cam.c2w.reshape(1, 16)
-    phi_emb = frozen["phi_emb"][label][None]  # [1, L, D]
+    phi_emb = frozen["phi_emb"][None]  # [1, L, D]: the prompt without its view
     with jax.named_scope("guidance"):
       if models.batch_with_prior:  # one UNet call: the prior's (uncond, cond) and eps_phi
         (eps_u, eps_c), target = phi_model.predict_eps_with_base(
@@ -147,12 +148,11 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
       distill.weight(a_t**2),
       g.grad_clip,
     )
-    terms = {"guidance": distill.surrogate_loss(x0, grad), **rep.regularisers(out)}
+    terms = {"guidance": distill.surrogate_loss(x0, grad), **rep.regularisers(out, step)}
     loss = sum(terms.values())
     aux = {
       "x0": jax.lax.stop_gradient(x0[0]),
       "camera": camera[0],
-      "label": label,
       "terms": terms,
       "t": t[0],
       "grad_norm": jnp.sqrt(jnp.sum(grad**2)),
@@ -198,13 +198,14 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     if n_views == 1:
       per_render = over_views = lambda tree: tree
     grad_fn = jax.value_and_grad(particle_loss, has_aux=True)
-    (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, 0, None, None, None, None))(
+    (loss, aux), grads = jax.vmap(grad_fn, in_axes=(0, 0, 0, 0, None, None, None, None, None))(
       per_render(state["particles"]),
       per_render(frozen["representation"]["particle"]),
       per_render(rep_aux),
       keys,
       state["phi"],
       frozen,
+      step,
       t_lo,
       t_hi,
     )
@@ -228,7 +229,7 @@ def make_train_step(config, models, frozen, resolution: int, mesh=None) -> Calla
     metrics.update(rep.step_metrics(particles))
     phi, phi_state = state["phi"], state["phi_opt"]
     if phi_model is not None:
-      emb = frozen["phi_emb"][aux["label"]]  # [n V, L, D]
+      emb = jnp.broadcast_to(frozen["phi_emb"], (n * n_views,) + frozen["phi_emb"].shape)
       phi_loss_fn = functools.partial(phi_model.loss, frozen["phi_base"])
       for i in range(config.eps_phi.steps_per_step):
         with jax.named_scope("eps_phi_update"):

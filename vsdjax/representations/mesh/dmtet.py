@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from vsdjax import cameras, console
+from vsdjax import cameras, checks, console
 from vsdjax.prior.analytic import evaluate, shapes
 from vsdjax.representations import Representation
 from vsdjax.representations.mesh import export, geometry, marching_tets, tetgrid, view
@@ -109,7 +109,8 @@ class DMTet(Representation):
     mesh = self.mesh(params, data["shared"])
     return render_normals(mesh, camera.c2w, camera.fovy, resolution)
 
-  def regularisers(self, out):
+  def regularisers(self, out, step):
+    del step
     terms = {}
     args = (out["verts"], out["faces"], out["face_mask"])
     if self.normal_consistency > 0:
@@ -159,7 +160,8 @@ def nerf_sdf(
 ) -> np.ndarray:
   """[n, V] sdf = clip(iso - density, -1, 1) of the previous stage's NeRF particles at points.
 
-  Made solid (see `solid`, which `close` is passed to).
+  Made solid (see `solid`, which `close` is passed to). Raises checks.ConfigError
+  naming mesh.iso when a particle's density never exceeds it (no surface).
   """
   prev_config, particles = previous
   spec = scene.spec_from_config(prev_config).field
@@ -170,6 +172,11 @@ def nerf_sdf(
     dens = np.concatenate(
       [np.asarray(density(params, points[s : s + batch])) for s in range(0, len(points), batch)]
     )
+    if not np.any(dens > iso):
+      raise checks.ConfigError(
+        f"config field mesh.iso={iso}: particle {i}'s NeRF density never exceeds it on the "
+        f"grid (max {dens.max():.4g}), so it has no surface; lower mesh.iso"
+      )
     out.append(solid(np.clip(iso - dens, -1.0, 1.0).astype(np.float32), close))
   return np.stack(out)
 

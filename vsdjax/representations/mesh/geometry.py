@@ -160,7 +160,12 @@ def normal_consistency(verts, faces, face_mask) -> jnp.ndarray:
 
 
 def uniform_laplacian(verts, faces, face_mask):
-  """Uniform Laplacian: mean of each vertex's neighbours minus the vertex.
+  """Uniform Laplacian: the sum over each vertex's neighbours of (neighbour - vertex).
+
+  That is degree x (mean of the neighbours - vertex), the rows of the graph
+  Laplacian (degree - adjacency) applied to the positions, up to sign: the
+  form of threestudio's `laplacian` regulariser (stable-dreamfusion's), whose
+  weight 1e4 the stage-2 config uses.
 
   Args:
     verts: [V, 3] float.
@@ -180,12 +185,11 @@ def uniform_laplacian(verts, faces, face_mask):
   sums = jnp.zeros_like(verts).at[ids].add(neighbour)  # [V, 3]
   degree = jnp.zeros(verts.shape[:1], verts.dtype).at[ids].add(weight)  # [V]
   used = degree > 0  # [V]
-  mean = sums / jnp.where(used, degree, 1.0)[:, None]  # [V, 3]
-  return jnp.where(used[:, None], mean - verts, 0.0), used
+  return jnp.where(used[:, None], sums - degree[:, None] * verts, 0.0), used
 
 
 def laplacian_smoothness(verts, faces, face_mask) -> jnp.ndarray:
-  """Mean over used vertices of |mean of neighbours - vertex| (uniform Laplacian).
+  """Mean over used vertices of |sum over neighbours of (neighbour - vertex)|.
 
   Args:
     verts: [V, 3] float.

@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 
 from vsdjax import cameras, console
 from vsdjax.prior.analytic import evaluate
@@ -45,6 +46,7 @@ class NeRF(Representation):
     spec: scene.SceneSpec (grid, field, renderer, shading, background).
     camera_ranges: cameras.CameraRanges the training cameras are drawn from.
     loss_weights: (name, weight) of the regularisers with weight > 0.
+    opaque_step: the "opaque" regulariser counts from this step on (0 before).
     ray_batch: rays per lax.map batch at training renders (0: one batch).
     occupancy: OccupancySpec of the empty-space skipping (resolution 0: off).
   """
@@ -52,6 +54,7 @@ class NeRF(Representation):
   spec: scene.SceneSpec
   camera_ranges: cameras.CameraRanges
   loss_weights: tuple = ()
+  opaque_step: int = 0
   ray_batch: int = 0
   occupancy: OccupancySpec = OccupancySpec()
 
@@ -61,7 +64,10 @@ class NeRF(Representation):
     return cls(
       spec=scene.spec_from_config(config),
       camera_ranges=scene.camera_ranges_from_config(config),
-      loss_weights=tuple((k, float(v)) for k, v in config.loss.items() if v > 0),
+      loss_weights=tuple(
+        (k, float(v)) for k, v in config.loss.items() if k in _REGULARISERS and v > 0
+      ),
+      opaque_step=config.loss.opaque_step,
       ray_batch=config.render.ray_batch,
       occupancy=OccupancySpec(
         resolution=config.render.occupancy_grid,
@@ -112,9 +118,12 @@ class NeRF(Representation):
       out["metrics"] = {"occupied_fraction": occupied.mean()}
     return out
 
-  def regularisers(self, out):
+  def regularisers(self, out, step):
     flat = jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), out)  # [H W, ...]
-    return {name: w * _REGULARISERS[name](flat) for name, w in self.loss_weights}
+    terms = {name: w * _REGULARISERS[name](flat) for name, w in self.loss_weights}
+    if "opaque" in terms:
+      terms["opaque"] = jnp.where(step >= self.opaque_step, terms["opaque"], 0.0)
+    return terms
 
   def param_labels(self, params):
     labels = jax.tree.map(lambda _: "rest", params)
