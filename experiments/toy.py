@@ -60,6 +60,10 @@ def get_config():
   c.optim.lr = 1e-3
 
   c.export.mesh_threshold = 10.0  # an iso-level for trunc_exp densities
+  # Elevations uniform in degrees, as when benchmarks/README.md measured the toy (half on the
+  # sphere, as the references draw: 25.56 against 26.35 dB at seed 0, 26.90 against 26.88 at
+  # seed 1, so within the seeds' spread)
+  c.camera.sphere_prob = 0.0
   c.log_every = 25
   c.checkpoint_every = 200
   c.export.resolution = 64

@@ -1,5 +1,6 @@
 """Tests for vsdjax.cameras against direct numpy geometry."""
 
+import dataclasses
 import math
 
 import jax
@@ -115,6 +116,23 @@ def test_sample_and_orbit():
   assert np.all(az >= -180.0) and np.all(az < 180.0)
   np.testing.assert_allclose(ring.elevation, 20.0)
   np.testing.assert_allclose(np.linalg.norm(ring.c2w[:, :3, 3], axis=-1), 1.5, rtol=1e-6)
+
+
+def test_elevation_uniform_on_the_sphere():
+  """sphere_prob 1: sin(elevation) is uniform over the range (threestudio's draw), so a band
+  near the pole gets fewer cameras than uniform degrees would give it."""
+  ranges = cameras.CameraRanges(elevation=(-10.0, 80.0), sphere_prob=1.0)
+  e = np.asarray(cameras.sample(jax.random.key(0), ranges, 4096).elevation)
+  assert e.min() >= -10.0 - 1e-3 and e.max() <= 80.0 + 1e-3
+  lo, hi = np.sin(np.radians([-10.0, 80.0]))
+  quarters = np.histogram(np.sin(np.radians(e)), bins=4, range=(lo, hi))[0] / len(e)
+  np.testing.assert_allclose(quarters, 0.25, atol=0.03)
+  top = (hi - np.sin(np.radians(57.5))) / (hi - lo)  # 0.12 of the draws above 57.5 degrees
+  assert abs(np.mean(e > 57.5) - top) < 0.02
+  # Half the cameras on the sphere: between the two.
+  half = dataclasses.replace(ranges, sphere_prob=0.5)
+  e = np.asarray(cameras.sample(jax.random.key(1), half, 4096).elevation)
+  assert abs(np.mean(e > 57.5) - 0.5 * (top + 0.25)) < 0.02
 
 
 def _angle(u, v):
@@ -253,6 +271,8 @@ def test_view_prompt():
     ("fovy", (0.0, 60.0)),
     ("fovy", (40.0, 180.0)),
     ("fovy", (70.0, 40.0)),
+    ("sphere_prob", 1.5),
+    ("sphere_prob", (0.5, 0.5)),
   ],
 )
 def test_camera_ranges_validation(field, value):

@@ -18,8 +18,9 @@ Conventions (used by every module of vsdjax):
   "right" horizontal, right = (-sin(a), cos(a), 0); this frame stays well
   defined straight above or below the object (elevation +-90).
 - `sample` draws radius, elevation, azimuth and fovy independently and
-  uniformly in their ranges. Elevation is uniform in degrees, not uniform on
-  the sphere.
+  uniformly in their ranges; with probability `sphere_prob` a camera's
+  elevation is instead uniform on the sphere's band between the two
+  elevations (uniform in sin(elevation)), as threestudio draws half its cameras.
 - Images have row 0 at the top; rays go through pixel centres.
 - View labels: "overhead" if elevation > 60; otherwise, with
   the azimuth wrapped to [-180, 180), "front" if |azimuth| < front, "back" if
@@ -56,12 +57,15 @@ class CameraRanges:
     elevation: degrees above the xy-plane, within [-90, 90].
     azimuth: degrees; any finite range (angles wrap around).
     fovy: vertical field of view in degrees, within (0, 180).
+    sphere_prob: probability, per camera, that the elevation is uniform on the
+      sphere (in sin(elevation)) over its range instead of uniform in degrees.
   """
 
   radius: Tuple[float, float] = (1.0, 1.5)
   elevation: Tuple[float, float] = (-10.0, 45.0)
   azimuth: Tuple[float, float] = (-180.0, 180.0)
   fovy: Tuple[float, float] = (40.0, 70.0)
+  sphere_prob: float = 0.0
 
   def __post_init__(self):
     # Plain float tuples, so instances hash and compare by value.
@@ -71,6 +75,7 @@ class CameraRanges:
       elevation=checks.interval(-90.0, 90.0),
       azimuth=checks.interval(),
       fovy=checks.interval(0.0, 180.0, lo_open=True, hi_open=True),
+      sphere_prob=checks.number(0.0, 1.0),
     )
 
 
@@ -202,7 +207,8 @@ def from_spherical(radius, elevation, azimuth, fovy) -> Cameras:
 
 
 def sample(key: jax.Array, ranges: CameraRanges, n: int) -> Cameras:
-  """Draws n cameras, each parameter uniform in its range of `ranges`.
+  """Draws n cameras, each parameter uniform in its range of `ranges` (elevation: see
+  CameraRanges.sphere_prob).
 
   Args:
     key: PRNG key.
@@ -215,16 +221,21 @@ def sample(key: jax.Array, ranges: CameraRanges, n: int) -> Cameras:
   if not isinstance(ranges, CameraRanges):
     raise ValueError(f"ranges must be a CameraRanges, got {type(ranges)}")
   n = checks.check_int("n", n)
-  k_r, k_e, k_a, k_f = jax.random.split(key, 4)
+  k_r, k_e, k_a, k_f, k_sphere = jax.random.split(key, 5)
 
   def uniform(k, bounds):
     return jax.random.uniform(k, (n,), jnp.float32, bounds[0], bounds[1])
 
+  elevation = uniform(k_e, ranges.elevation)  # [n] degrees
+  if ranges.sphere_prob > 0.0:
+    k_pick, k_sin = jax.random.split(k_sphere)
+    sin_range = tuple(math.sin(math.radians(e)) for e in ranges.elevation)
+    on_sphere = jnp.rad2deg(jnp.arcsin(jnp.clip(uniform(k_sin, sin_range), -1.0, 1.0)))
+    elevation = jnp.where(
+      jax.random.bernoulli(k_pick, ranges.sphere_prob, (n,)), on_sphere, elevation
+    )
   return from_spherical(
-    uniform(k_r, ranges.radius),
-    uniform(k_e, ranges.elevation),
-    uniform(k_a, ranges.azimuth),
-    uniform(k_f, ranges.fovy),
+    uniform(k_r, ranges.radius), elevation, uniform(k_a, ranges.azimuth), uniform(k_f, ranges.fovy)
   )
 
 

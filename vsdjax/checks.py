@@ -280,6 +280,7 @@ RULES = {
   "camera.elevation": _by_dataclass,
   "camera.azimuth": _by_dataclass,
   "camera.fovy": _by_dataclass,
+  "camera.sphere_prob": _by_dataclass,
   "optim.lr": POSITIVE,
   "optim.grid_lr": POSITIVE,
   "optim.b1": number(0.0, 1.0),

@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eps_phi.rank = 4  # LoRA rank r
   c.eps_phi.alpha = 4.0  # LoRA scale alpha / r
   c.eps_phi.lr = 1e-4  # AdamW learning rate
-  c.eps_phi.weight_decay = 0.0  # AdamW weight decay
+  c.eps_phi.weight_decay = 0.01  # AdamW weight decay (torch's AdamW default, which both
+  # reference implementations keep)
   c.eps_phi.camera_dropout = 0.1  # probability the camera is replaced by zeros
   c.eps_phi.steps_per_step = 1  # eps_phi updates per particle update
   c.eps_phi.tiny_channels = (64, 64)  # "tiny" base: UNet level widths (>= 64, multiples of 32)
@@ -130,6 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.camera.elevation = (-10.0, 45.0)
   c.camera.azimuth = (-180.0, 180.0)
   c.camera.fovy = (40.0, 70.0)
+  c.camera.sphere_prob = 0.5  # probability that an elevation is uniform on the sphere, not in
+  # degrees (threestudio's random cameras; the official code also draws half on a sphere)
 
   # --- particle optimiser (Adam) ---
   c.optim = ml_collections.ConfigDict()

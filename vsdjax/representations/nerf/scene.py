@@ -90,6 +90,7 @@ def camera_ranges_from_config(config) -> cameras.CameraRanges:
     elevation=tuple(c.elevation),
     azimuth=tuple(c.azimuth),
     fovy=tuple(c.fovy),
+    sphere_prob=c.sphere_prob,
   )
 
 
