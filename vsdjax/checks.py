@@ -355,6 +355,7 @@ def validate_config(config) -> None:
   dataclasses built from the config. Builds no model and touches no file.
   """
   # Deferred: these modules import jax-heavy code; checks.py stays importable alone.
+  from vsdjax import cameras
   from vsdjax.guidance import eps_phi
   from vsdjax.prior.analytic import mixture, shapes
   from vsdjax.representations.nerf import scene
@@ -379,12 +380,10 @@ def validate_config(config) -> None:
   for name in ("t_max", "t_max_after"):
     if g.t_min > g[name]:
       _config_fail(f"guidance.{name}", f"must be >= guidance.t_min = {g.t_min}, got {g[name]}")
-  if g.front_threshold + g.back_threshold > 180.0:
-    _config_fail(
-      "guidance.back_threshold",
-      f"front_threshold + back_threshold must be <= 180 degrees, got "
-      f"{g.front_threshold} + {g.back_threshold}",
-    )
+  try:
+    cameras.check_thresholds(g.front_threshold, g.back_threshold)
+  except ValueError as e:
+    _config_fail("guidance.front_threshold / back_threshold", str(e))
   analytic = config.prior.kind == "analytic"
   if config.representation == "image" and not analytic:
     _config_fail(
