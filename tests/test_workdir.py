@@ -81,6 +81,8 @@ def test_every_experiment_and_the_defaults_validate(module):
     ("guidance.front_threshold", 160.0, "guidance.front_threshold / back_threshold: front \\+"),
     ("camera.sphere_prob", 1.5, "camera.sphere_prob"),
     ("loss.opaque_step", -1, "loss.opaque_step"),
+    ("mesh.outlier_faces", 1.5, r"mesh.outlier_faces: must be in \[0.0, 1.0\]"),
+    ("export.mesh_outlier_faces", -0.1, "export.mesh_outlier_faces"),
     ("eps_phi.steps_per_step", 0, "eps_phi.steps_per_step"),
     ("eps_phi.camera_dropout", 1.5, "eps_phi.camera_dropout"),
     ("prior.dtype", "float16", "prior.dtype: must be one of 'float32', 'bfloat16'"),

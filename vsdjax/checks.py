@@ -266,6 +266,7 @@ RULES = {
   "mesh.normal_consistency": NONNEGATIVE,
   "mesh.laplacian": NONNEGATIVE,
   "mesh.supersample": integer(1, 8),
+  "mesh.outlier_faces": UNIT,
   "render.resolution": integer(1),
   "render.resolution_after": integer(1),
   "render.resolution_step": integer(0),
@@ -303,6 +304,7 @@ RULES = {
   "export.resolution": integer(8),
   "export.mesh_resolution": integer(2),
   "export.mesh_threshold": number(),
+  "export.mesh_outlier_faces": UNIT,
   "export.eval_views": integer(1),
   "export.texture_size": integer(8),
 }

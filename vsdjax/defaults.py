@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges
   c.mesh.laplacian = 10_000.0  # weight of the uniform Laplacian smoothness
   c.mesh.supersample = 1  # texture stage: s x s texture lookups per pixel, averaged
+  c.mesh.outlier_faces = 0.01  # texture stage: drop mesh pieces with fewer faces than this
+  # fraction of the largest's (threestudio's isosurface_outlier_n_faces_threshold; 0: keep all; 1: the largest only)
 
   # --- render ---
   c.render = ml_collections.ConfigDict()
@@ -175,6 +177,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.export.mesh_resolution = 128  # marching-cubes grid
   c.export.mesh_threshold = 25.0  # density iso-level (threestudio's default; lower it if
   # the mesh has holes, raise it if it is extruded)
+  c.export.mesh_outlier_faces = 0.01  # drop pieces with fewer faces than this fraction of the
+  # largest's, as threestudio's NeRF exports do (0: keep all)
   c.export.eval_views = 8  # analytic prior: held-out cameras for eval.json
   c.export.texture_size = 1024  # texture stage: UV atlas size of texture.png
   return c

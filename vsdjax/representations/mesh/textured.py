@@ -1,11 +1,13 @@
 """The textured-mesh representation (stage 3): a fixed mesh, a learned 3D texture field.
 
-Each particle keeps the mesh its geometry stage ended with (fixed, per
-particle: data['particle'] = {'verts': [V, 3], 'faces': [F, 3], 'face_mask':
-[F]}, padded to the largest particle) and learns {'field': ..., 'background':
-...}, the NeRF particle's structure: the texture is the field's albedo head
-(hash grid + MLP + sigmoid) evaluated at the world position of each pixel's
-surface point, and the background is the view-direction MLP (or a random
+Each particle keeps the mesh its geometry stage ended with, less its small
+pieces (fewer faces than mesh.outlier_faces times the largest piece's, as
+threestudio drops them; pieces.py), fixed, per particle: data['particle'] =
+{'verts': [V, 3], 'faces': [F, 3], 'face_mask': [F]}, padded to the largest
+particle. It learns {'field': ..., 'background': ...}, the NeRF particle's
+structure: the texture is the field's albedo head (hash grid + MLP +
+sigmoid) evaluated at the world position of each pixel's surface point, and
+the background is the view-direction MLP (or a random
 solid colour) of stage 1. So the texture starts from the stage-1 NeRF's
 albedo when the chain has one (its density head stays unused), and the
 optimiser groups are stage 1's.
@@ -25,7 +27,7 @@ import numpy as np
 from vsdjax import cameras, console
 from vsdjax.prior.analytic import evaluate, shapes
 from vsdjax.representations import Representation
-from vsdjax.representations.mesh import dmtet, export, view
+from vsdjax.representations.mesh import dmtet, export, pieces, view
 from vsdjax.representations.nerf import background, field as field_lib, scene
 
 
@@ -54,7 +56,12 @@ class TexturedMesh(Representation):
     if not previous:
       raise ValueError("representation 'textured_mesh' needs init_from (a geometry-stage run)")
     geometry_config, geometry_particles = previous[0]
-    meshes = dmtet.meshes_of(geometry_config, geometry_particles)
+    meshes = []
+    for i, (verts, faces) in enumerate(dmtet.meshes_of(geometry_config, geometry_particles)):
+      verts, faces, dropped = pieces.drop_small_pieces(verts, faces, config.mesh.outlier_faces)
+      if dropped:
+        console.say(f"particle {i}: dropped {dropped} small mesh pieces (mesh.outlier_faces)")
+      meshes.append((verts, faces))
     spec, start = scene.spec_from_config(config), None
     if len(previous) > 1 and previous[1][0].representation == "nerf":
       # The texture starts from the stage-1 field, so it keeps that field's settings.

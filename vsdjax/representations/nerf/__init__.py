@@ -153,6 +153,7 @@ class NeRF(Representation):
         resolution=e.resolution,
         mesh_resolution=e.mesh_resolution,
         mesh_threshold=e.mesh_threshold,
+        mesh_outlier_faces=e.mesh_outlier_faces,
         occupied=None if occupied is None else occupied[i],
       )
 

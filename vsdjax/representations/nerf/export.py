@@ -22,7 +22,9 @@ Conventions:
     along x, y and z (bound = spec.field.bound). The grid is padded with one
     layer of zero density before marching cubes, so the surface is closed
     also where the density reaches the faces of the scene cube; vertices are
-    then clipped to [-bound, bound]^3. Vertices are in world units (z up),
+    then clipped to [-bound, bound]^3. Pieces with fewer faces than
+    mesh_outlier_faces times the largest piece's are dropped (floaters, as
+    threestudio's exports drop them; mesh/pieces.py). Vertices are in world units (z up),
     faces are wound counter-clockwise seen from outside (outward normals),
     and each vertex is coloured by the field's albedo there (RGBA uint8,
     alpha 255). The density is evaluated in batches of
@@ -46,6 +48,7 @@ import numpy as np
 import trimesh
 
 from vsdjax import cameras, checks
+from vsdjax.representations.mesh import pieces
 from vsdjax.representations.nerf import field as field_lib, scene
 
 # Frames per second of the orbit video.
@@ -198,6 +201,7 @@ def extract_mesh(
   resolution: int,
   threshold: float,
   batch: int = 2**18,
+  outlier_faces: float = 0.0,
 ) -> dict:
   """Marching cubes of a field's density, with albedo vertex colours.
 
@@ -209,6 +213,8 @@ def extract_mesh(
     resolution: R, grid points per axis (>= 2).
     threshold: density iso-level (> 0).
     batch: points per field evaluation (bounds memory).
+    outlier_faces: drop the pieces with fewer faces than this fraction of
+      the largest piece's (in [0, 1]; 0 keeps all, 1 the largest piece only).
 
   Returns:
     {'vertices': [V, 3] float32 world points, 'faces': [F, 3] int64,
@@ -218,6 +224,7 @@ def extract_mesh(
   resolution = checks.check_int("mesh_resolution", resolution, 2)
   threshold = checks.check_number("mesh_threshold", threshold, 0.0, math.inf)
   batch = min(checks.check_int("batch", batch), resolution**3)
+  outlier_faces = checks.check_number("mesh_outlier_faces", outlier_faces, 0.0, 1.0, closed=True)
   bound = spec.bound
   axis = np.linspace(-bound, bound, resolution, dtype=np.float32)  # [R]
   grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)  # [R^3, 3]
@@ -240,6 +247,7 @@ def extract_mesh(
     vertices, faces = mcubes.marching_cubes(padded, threshold)  # index units
   if vertices.shape[0] == 0:
     return empty
+  vertices, faces, _ = pieces.drop_small_pieces(vertices, faces, outlier_faces)
   spacing = 2.0 * bound / (resolution - 1)
   vertices = np.clip(-bound + (vertices - 1.0) * spacing, -bound, bound).astype(
     np.float32
@@ -291,6 +299,7 @@ def export_particle(
   resolution: int = 256,
   mesh_resolution: int = 128,
   mesh_threshold: float = 10.0,
+  mesh_outlier_faces: float = 0.0,
   radius: float = 1.5,
   elevation: float = 15.0,
   fovy: float = 45.0,
@@ -309,6 +318,8 @@ def export_particle(
     resolution: render size (square) of the views and the video.
     mesh_resolution: marching-cubes grid points per axis.
     mesh_threshold: density iso-level of the mesh, > 0.
+    mesh_outlier_faces: the mesh drops pieces with fewer faces than this
+      fraction of the largest piece's, in [0, 1].
     radius, elevation, fovy: the orbit (world units, degrees, degrees).
     ray_batch: rays per render batch; the mesh grid is evaluated
       ray_batch * spec.render.n_samples points at a time.
@@ -327,6 +338,7 @@ def export_particle(
   resolution = checks.check_int("resolution", resolution)
   mesh_resolution = checks.check_int("mesh_resolution", mesh_resolution, 2)
   mesh_threshold = checks.check_number("mesh_threshold", mesh_threshold, 0.0, math.inf)
+  checks.check_number("mesh_outlier_faces", mesh_outlier_faces, 0.0, 1.0, closed=True)
   radius = checks.check_number("radius", radius, 0.0, math.inf)
   elevation = checks.check_number("elevation", elevation, -90.0, 90.0, closed=True)
   fovy = checks.check_number("fovy", fovy, 0.0, 180.0)
@@ -358,6 +370,7 @@ def export_particle(
     mesh_resolution,
     mesh_threshold,
     batch=ray_batch * spec.render.n_samples,
+    outlier_faces=mesh_outlier_faces,
   )
   n_vertices, n_faces = len(mesh["vertices"]), len(mesh["faces"])
   mesh_path, note = os.path.join(out_dir, "mesh.obj"), None
