@@ -90,7 +90,7 @@ def bench(args, base: dict, n: int) -> None:
   grid_s = round(time.perf_counter() - start, 2)
   max_faces = mt.default_max_faces(grid)
   rng = np.random.default_rng(0)
-  noise = rng.uniform(-0.1, 0.1, len(grid.verts)) * grid.cell_size
+  noise = rng.uniform(-0.1, 0.1, len(grid.verts)) * grid.cell_size[0]
   sdf = (np.linalg.norm(grid.verts, axis=1) - _RADIUS + noise).astype(np.float32)  # [V]
   deformation = (0.1 * rng.normal(size=grid.verts.shape)).astype(np.float32)  # [V, 3]
   cotangent = rng.normal(size=(max_faces, 3, 3)).astype(np.float32)  # [M, 3, 3]

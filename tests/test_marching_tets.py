@@ -123,7 +123,7 @@ def test_grid_counts_orientation_and_tiling(n):
   p = grid.verts.astype(np.float64)[grid.tets]  # [T, 4, 3]
   det = np.linalg.det(p[:, 1:] - p[:, :1])
   assert np.all(det > 0)
-  np.testing.assert_allclose(det, grid.cell_size**3, rtol=1e-5)  # each tet: h^3 / 6 volume
+  np.testing.assert_allclose(det, np.prod(grid.cell_size), rtol=1e-5)  # each tet: h^3 / 6
   assert np.sum(det) / 6 == pytest.approx((2 * bound) ** 3, rel=1e-6)
   # Conforming: every triangle is shared by two tets, except on the cube's boundary.
   tris = np.sort(grid.tets[:, [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]].reshape(-1, 3), axis=1)
@@ -182,7 +182,7 @@ def test_sphere_mesh(sphere):
   )
   assert np.all(np.asarray(mesh.faces)[~np.asarray(mesh.face_mask)] == 0)
   verts, faces = mt.used_mesh(mesh)
-  h = grid.cell_size
+  h = grid.cell_size[0]  # a cube's cells
   assert np.max(np.abs(np.linalg.norm(verts, axis=1) - SPHERE_R)) < 0.05 * h
   assert_closed_oriented_surface(faces)
   assert euler_characteristic(faces) == 2
@@ -200,7 +200,7 @@ def test_torus_mesh():
   mesh = march(grid, torus_sdf(grid.verts))
   assert not mesh.overflow
   verts, faces = mt.used_mesh(mesh)
-  assert np.max(np.abs(torus_sdf(verts))) < 0.15 * grid.cell_size
+  assert np.max(np.abs(torus_sdf(verts))) < 0.15 * grid.cell_size[0]
   assert_closed_oriented_surface(faces)
   assert euler_characteristic(faces) == 0
   assert signed_volume(verts, faces) == pytest.approx(2 * np.pi**2 * TORUS_R * TORUS_r**2, rel=0.02)
@@ -228,11 +228,32 @@ def test_deform():
   d = np.random.default_rng(1).normal(size=grid.verts.shape).astype(np.float32) * 3
   got = mt.deform(grid, d)
   np.testing.assert_allclose(got, grid.verts + np.tanh(d) * 0.5 * grid.cell_size, atol=1e-6)
-  assert np.max(np.abs(got - grid.verts)) <= 0.5 * grid.cell_size  # tanh saturates in float32
+  assert np.all(np.abs(got - grid.verts) <= 0.5 * grid.cell_size)  # tanh saturates in float32
   with pytest.raises(ValueError, match="deformation"):
     mt.deform(grid, d[:-1])
   with pytest.raises(ValueError, match="max_fraction"):
     mt.deform(grid, d, max_fraction=1.5)
+
+
+def test_a_grid_in_a_box_keeps_its_topology_and_scales_its_cells_and_deformation():
+  cube = tetgrid.kuhn_grid(3, 1.0)
+  lo, hi = np.array([-0.2, 0.1, -0.9]), np.array([0.6, 0.4, 0.3])
+  grid = tetgrid.in_box(cube, lo, hi)
+  for name in ("tets", "edges", "tet_edges"):
+    np.testing.assert_array_equal(getattr(grid, name), getattr(cube, name))
+  np.testing.assert_allclose(grid.cell_size, (hi - lo) / 3)
+  # Vertex (i, j, k) at lo + h * (i, j, k), x fastest, as in the cube.
+  k, j, i = np.meshgrid(*(np.arange(4),) * 3, indexing="ij")
+  ijk = np.stack([i, j, k], axis=-1).reshape(-1, 3)
+  np.testing.assert_allclose(grid.verts, lo + ijk * grid.cell_size, atol=1e-6)
+  p = grid.verts.astype(np.float64)[grid.tets]
+  det = np.linalg.det(p[:, 1:] - p[:, :1])  # [T], 6 x each tet's volume, all positive
+  np.testing.assert_allclose(det, np.prod(grid.cell_size), rtol=1e-5)
+  d = np.random.default_rng(2).normal(size=grid.verts.shape).astype(np.float32)
+  moved = np.asarray(mt.deform(grid, d)) - grid.verts
+  np.testing.assert_allclose(moved, np.tanh(d) * 0.5 * grid.cell_size, atol=1e-6)
+  with pytest.raises(ValueError, match="lo < hi"):
+    tetgrid.in_box(cube, hi, lo)
 
 
 def reference_face_count(grid, sdf):

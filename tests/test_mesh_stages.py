@@ -127,6 +127,69 @@ def test_a_nerf_without_a_surface_at_mesh_iso_is_refused():
     dmtet.nerf_sdf((c, particles), points, iso=1e30)
 
 
+def _bbox_of_meshes(meshes):
+  lo = np.min([v.min(axis=0) for v, _ in meshes], axis=0)
+  hi = np.max([v.max(axis=0) for v, _ in meshes], axis=0)
+  return lo.astype(np.float64), hi.astype(np.float64)
+
+
+def test_fitted_box_is_the_union_of_the_meshes_boxes_widened_and_clipped():
+  grid = tetgrid.kuhn_grid(16, 1.0)
+  x = grid.verts.astype(np.float64)
+  sdf = np.stack(
+    [
+      np.linalg.norm(x - [0.75, 0.0, 0.1], axis=-1) - 0.3,  # reaches past x = 1 (clipped)
+      np.linalg.norm(x - [-0.2, 0.1, 0.0], axis=-1) - 0.4,
+    ]
+  ).astype(np.float32)
+  max_faces = marching_tets.default_max_faces(grid)
+  meshes = [
+    marching_tets.used_mesh(marching_tets.marching_tets(grid, s, grid.verts, max_faces))
+    for s in sdf
+  ]
+  lo, hi = _bbox_of_meshes(meshes)
+  got_lo, got_hi = dmtet.fitted_box(grid, sdf, 0.1, 1.0)
+  np.testing.assert_allclose(got_lo, lo - 0.1 * (hi - lo), atol=1e-5)
+  np.testing.assert_allclose(got_hi, np.minimum(hi + 0.1 * (hi - lo), 1.0), atol=1e-5)
+  assert got_hi[0] == 1.0 and got_lo[0] > -1.0
+
+
+def test_the_geometry_stage_fits_its_grid_to_the_nerf_surface_and_stage_3_rebuilds_it():
+  from experiments import toy_geometry
+
+  c1 = _stage1_config()
+  m, frozen = models.build(c1, jax.random.PRNGKey(0))
+  particles = train_step.init_state(c1, m, frozen, jax.random.PRNGKey(1))["particles"]
+  previous = [(c1, jax.tree.map(np.asarray, particles))]
+  c2 = toy_geometry.get_config()
+  c2.mesh.grid_resolution, c2.mesh.iso = 16, 1.0
+  start = lambda rep, s: {"sdf": s, "deformation": np.zeros(s.shape + (3,), np.float32)}
+  meshes = lambda rep: [rep.host_mesh(start(rep, s), rep.data()["shared"]) for s in rep.sdf0]
+
+  c2.mesh.fit_box = False
+  whole = dmtet.DMTet.from_config(c2, previous)
+  assert whole.grid.box == ((-1.0,) * 3, (1.0,) * 3)
+  lo, hi = _bbox_of_meshes(meshes(whole))
+  c2.mesh.fit_box = True
+  fitted = dmtet.DMTet.from_config(c2, previous)
+  pad = 0.1 * (hi - lo)
+  np.testing.assert_allclose(fitted.grid.box, [lo - pad, hi + pad], atol=1e-5)
+  assert np.all(fitted.grid.cell_size < 0.7 * whole.grid.cell_size)
+  # The same surface, drawn with finer cells.
+  np.testing.assert_allclose(
+    _bbox_of_meshes(meshes(fitted)), (lo, hi), atol=0.5 * whole.grid.cell_size[0]
+  )
+  # Stage 3 rebuilds the fitted grid from the runs stage 2 started from.
+  geometry = {"sdf": fitted.sdf0 + 0.01, "deformation": np.zeros(fitted.sdf0.shape + (3,))}
+  for (v, f), s in zip(dmtet.meshes_of(c2, geometry, previous), geometry["sdf"]):
+    v_ref, f_ref = fitted.host_mesh(start(fitted, s), fitted.data()["shared"])
+    np.testing.assert_array_equal(v, v_ref)
+    np.testing.assert_array_equal(f, f_ref)
+  # A run recorded before mesh.fit_box existed keeps the whole cube.
+  del c2.mesh["fit_box"]
+  assert dmtet.DMTet.from_config(c2, previous).grid.box == whole.grid.box
+
+
 @pytest.mark.slow
 def test_the_toy_chain_nerf_geometry_texture(tmp_path):
   from experiments import toy_geometry, toy_texture

@@ -261,6 +261,8 @@ RULES = {
   "mesh.grid_resolution": integer(2, 512),
   "mesh.max_faces": integer(0),
   "mesh.iso": number(),
+  "mesh.fit_box": boolean,
+  "mesh.box_margin": NONNEGATIVE,
   "mesh.close_holes": integer(0, 16),
   "mesh.init_shape": nonempty_string,
   "mesh.normal_consistency": NONNEGATIVE,

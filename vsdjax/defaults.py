@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.max_faces = 0  # marching-tets face budget; 0: 64 * grid_resolution^2
   c.mesh.iso = 25.0  # NeRF density that becomes the surface when starting from stage 1
   # (threestudio's isosurface_threshold, which its ProlificDreamer stage 2 keeps)
+  c.mesh.fit_box = True  # starting from stage 1: the grid spans the NeRF surface's box, not
+  # the scene cube (threestudio's coarse-to-fine isosurface; finer cells on the object)
+  c.mesh.box_margin = 0.1  # that box widened by this fraction of its size on each side
   c.mesh.close_holes = 1  # fill cavities reached through openings < ~2k cells (k; 0: off)
   c.mesh.init_shape = "sphere"  # without init_from: the analytic shape the sdf starts from
   c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges

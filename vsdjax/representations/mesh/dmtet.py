@@ -1,7 +1,12 @@
 """The DMTet representation (stage 2): a signed distance and a deformation per tet-grid vertex.
 
 One particle is {'sdf': [V], 'deformation': [V, 3]} on a Kuhn tet grid of
-`mesh.grid_resolution` cells per axis over the scene cube. Its surface is
+`mesh.grid_resolution` cells per axis over the scene cube, or, when the
+stage starts from a NeRF and `mesh.fit_box` is on, over the box of the NeRF
+particles' surfaces widened by `mesh.box_margin` of its size on each side
+and clipped to the scene cube (threestudio's coarse-to-fine isosurface:
+a surface on the whole cube first, then the grid on its box, so the cells
+are finer where the object is). Its surface is
 the marching-tetrahedra mesh of the sdf on the deformed vertices
 (marching_tets.py); it renders as a normal map,
 
@@ -69,6 +74,11 @@ class DMTet(Representation):
       sdf0 = np.tile(sdf[None], (config.n_particles, 1))
     elif previous[0][0].representation == "nerf":
       sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
+      # Runs recorded before mesh.fit_box existed used the whole cube.
+      if m.get("fit_box", False):
+        lo, hi = fitted_box(grid, sdf0, m.box_margin, config.scene.bound)
+        grid = tetgrid.in_box(grid, lo, hi)
+        sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
     else:
       raise ValueError(
         f"representation 'dmtet' starts from a 'nerf' run, not {previous[0][0].representation!r}"
@@ -147,9 +157,13 @@ class DMTet(Representation):
 _jitted_mesh = jax.jit(DMTet.mesh, static_argnums=0)
 
 
-def meshes_of(config, particles) -> list:
-  """The host meshes [(verts [v, 3], faces [f, 3])] of a geometry-stage run's particles."""
-  rep = DMTet.from_config(config)  # Its start shape is unused: the particles' sdf replaces it.
+def meshes_of(config, particles, previous=()) -> list:
+  """The host meshes [(verts [v, 3], faces [f, 3])] of a geometry-stage run's particles.
+
+  `previous` are the runs that run started from (stages.previous), which its
+  grid's box was fitted to.
+  """
+  rep = DMTet.from_config(config, previous)  # Its start sdf is unused: the particles' replaces it.
   shared = rep.data()["shared"]
   n = np.shape(particles["sdf"])[0]
   return [rep.host_mesh(jax.tree.map(lambda v, i=i: v[i], particles), shared) for i in range(n)]
@@ -179,6 +193,33 @@ def nerf_sdf(
       )
     out.append(solid(np.clip(iso - dens, -1.0, 1.0).astype(np.float32), close))
   return np.stack(out)
+
+
+def surface_box(grid: tetgrid.TetGrid, sdf: np.ndarray):
+  """(lo [3], hi [3]): the box of sdf's zero crossings on the grid's edges (its mesh's vertices).
+
+  Where the sdf has no crossing, the grid's box.
+  """
+  a, b = np.asarray(sdf)[grid.edges.T]  # [E] each
+  cut = (a > 0) != (b > 0)
+  if not np.any(cut):
+    return tuple(np.asarray(c, np.float64) for c in grid.box)
+  a, b = a[cut].astype(np.float64), b[cut].astype(np.float64)
+  va, vb = (grid.verts[grid.edges[cut, k]].astype(np.float64) for k in (0, 1))  # [c, 3] each
+  x = va + (a / (a - b))[:, None] * (vb - va)  # [c, 3]
+  return x.min(axis=0), x.max(axis=0)
+
+
+def fitted_box(grid: tetgrid.TetGrid, sdf: np.ndarray, margin: float, bound: float):
+  """(lo [3], hi [3]): the union of the particles' surface boxes (sdf [n, V] on the grid),
+  widened by margin times its size on each side and clipped to [-bound, bound]^3."""
+  boxes = [surface_box(grid, s) for s in sdf]
+  lo = np.min([b[0] for b in boxes], axis=0)
+  hi = np.max([b[1] for b in boxes], axis=0)
+  size = hi - lo
+  # A flat object still gets a box of one cell across.
+  pad = np.maximum(margin * size, 0.5 * grid.cell_size)
+  return np.maximum(lo - pad, -bound), np.minimum(hi + pad, bound)
 
 
 def solid(sdf: np.ndarray, close: int = 0, min_piece: float = 0.01) -> np.ndarray:

@@ -173,13 +173,14 @@ def marching_tets(grid: TetGrid, sdf: jnp.ndarray, positions: jnp.ndarray, max_f
 
 
 def deform(grid: TetGrid, deformation: jnp.ndarray, max_fraction: float = 0.5) -> jnp.ndarray:
-  """Deformed grid positions: verts + tanh(deformation) * max_fraction * cell_size.
+  """Deformed grid positions: verts + tanh(deformation) * max_fraction * cell_size (per axis).
 
   Each vertex moves by less than max_fraction of a cell along each axis. With
-  the default 0.5 the displacement is tanh(d) * (2 * bound) / (2 N): at
-  N = 64 that is tanh(d) / 128 of the box side, the displacement tanh(d) /
-  resolution of a "resolution 128" tet grid on a unit box (a grid of about
-  the same number of vertices and tets).
+  the default 0.5 the displacement is tanh(d) * side / (2 N) of the box's
+  side along that axis: at N = 64 that is tanh(d) / 128 of the side, the
+  displacement tanh(d) / resolution of threestudio's "resolution 128" tet
+  grid on its (unit, then scaled to the box) grid, which has about the same
+  number of vertices and tets.
 
   Args:
     grid: the tet grid.
@@ -195,7 +196,7 @@ def deform(grid: TetGrid, deformation: jnp.ndarray, max_fraction: float = 0.5) -
   if deformation.shape != (n_verts, 3):
     raise ValueError(f"deformation must have shape [{n_verts}, 3], got {deformation.shape}")
   dtype = jnp.promote_types(deformation.dtype, jnp.float32)
-  scale = max_fraction * 2.0 * grid.bound / grid.resolution
+  scale = jnp.asarray(max_fraction * grid.cell_size, dtype)  # [3]
   return jnp.asarray(grid.verts, dtype) + jnp.tanh(deformation.astype(dtype)) * scale
 
 

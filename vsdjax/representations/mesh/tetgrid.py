@@ -1,8 +1,9 @@
-"""A tetrahedral grid of the cube [-bound, bound]^3 for DMTet (Kuhn / Freudenthal split).
+"""A tetrahedral grid of a box for DMTet (Kuhn / Freudenthal split).
 
-The cube is cut into N^3 cells of side h = 2 * bound / N (N = `resolution`);
-vertex (i, j, k), 0 <= i, j, k <= N, sits at -bound + h * (i, j, k) and has
-the flat id i + (N + 1) * j + (N + 1)^2 * k (x fastest). Each cell is split
+The box [lo, hi] (the cube [-bound, bound]^3 of `kuhn_grid`, or a box fitted
+to an object, `in_box`) is cut into N^3 cells of sides h = (hi - lo) / N per
+axis (N = `resolution`); vertex (i, j, k), 0 <= i, j, k <= N, sits at
+lo + h * (i, j, k) and has the flat id i + (N + 1) * j + (N + 1)^2 * k (x fastest). Each cell is split
 into 6 tetrahedra along its main diagonal: for a permutation (a, b, c) of the
 axes, the tet of the monotone path
 
@@ -11,8 +12,8 @@ axes, the tet of the monotone path
 from the cell's lower corner c0. The six paths share the diagonal and fill the
 cell; neighbouring cells cut their common face along the same diagonal, so
 the tets form a conforming mesh (each interior triangle is shared by exactly
-two tets). Every tet has volume h^3 / 6. Its orientation
-det[v1 - v0, v2 - v0, v3 - v0] = h^3 det[e_a, e_b, e_c] is the sign of the
+two tets). Every tet has volume h_x h_y h_z / 6. Its orientation
+det[v1 - v0, v2 - v0, v3 - v0] = h_x h_y h_z det[e_a, e_b, e_c] is the sign of the
 permutation; the odd ones swap their local vertices 1 and 2, so that all tets
 are positively oriented (the marching-tets triangle table relies on it).
 
@@ -51,7 +52,7 @@ class TetGrid(NamedTuple):
   """A tetrahedral grid (numpy arrays, static for jit).
 
   Attributes:
-    verts: [V, 3] float32 rest positions in [-bound, bound]^3, V = (N + 1)^3.
+    verts: [V, 3] float32 rest positions in the box, V = (N + 1)^3.
     tets: [T, 4] int32 vertex ids, T = 6 N^3, all positively oriented
       (det[v1 - v0, v2 - v0, v3 - v0] > 0).
     edges: [E, 2] int32 unique vertex pairs (a, b), a < b, in lexicographic
@@ -59,7 +60,7 @@ class TetGrid(NamedTuple):
     tet_edges: [T, 6] int32 edge ids of each tet's local vertex pairs 01, 02,
       03, 12, 13, 23 (`TET_EDGE_PAIRS`).
     resolution: cells per axis N.
-    bound: half the side of the cube.
+    box: ((lo_x, lo_y, lo_z), (hi_x, hi_y, hi_z)), the grid's corners (floats).
   """
 
   verts: np.ndarray
@@ -67,12 +68,13 @@ class TetGrid(NamedTuple):
   edges: np.ndarray
   tet_edges: np.ndarray
   resolution: int
-  bound: float
+  box: tuple
 
   @property
-  def cell_size(self) -> float:
-    """Side h = 2 * bound / resolution of a grid cell."""
-    return 2.0 * self.bound / self.resolution
+  def cell_size(self) -> np.ndarray:
+    """[3] sides h = (hi - lo) / resolution of a grid cell along x, y, z."""
+    lo, hi = np.asarray(self.box, np.float64)
+    return (hi - lo) / self.resolution
 
 
 def _kuhn_cell() -> np.ndarray:
@@ -141,5 +143,25 @@ def kuhn_grid(resolution: int, bound: float) -> TetGrid:
     edges=edges.astype(np.int32),
     tet_edges=tet_edges.astype(np.int32),
     resolution=n,
-    bound=bound,
+    box=((-bound,) * 3, (bound,) * 3),
+  )
+
+
+def in_box(grid: TetGrid, lo, hi) -> TetGrid:
+  """The same grid (ids, tets, edges) with its vertices mapped affinely onto the box [lo, hi].
+
+  A positive scaling per axis, so the tets stay positively oriented.
+
+  Args:
+    grid: a tet grid.
+    lo, hi: [3] the new box's corners, lo < hi on every axis.
+  """
+  lo, hi = (np.asarray(c, np.float64).reshape(3) for c in (lo, hi))
+  if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo < hi)):
+    raise ValueError(f"in_box needs finite corners lo < hi on every axis, got {lo} and {hi}")
+  old_lo, old_hi = np.asarray(grid.box, np.float64)
+  unit = (grid.verts - old_lo) / (old_hi - old_lo)  # [V, 3] in [0, 1]
+  return grid._replace(
+    verts=(lo + unit * (hi - lo)).astype(np.float32),
+    box=(tuple(float(x) for x in lo), tuple(float(x) for x in hi)),
   )

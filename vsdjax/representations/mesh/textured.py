@@ -57,7 +57,9 @@ class TexturedMesh(Representation):
       raise ValueError("representation 'textured_mesh' needs init_from (a geometry-stage run)")
     geometry_config, geometry_particles = previous[0]
     meshes = []
-    for i, (verts, faces) in enumerate(dmtet.meshes_of(geometry_config, geometry_particles)):
+    # previous[1:]: the runs the geometry stage started from, which its grid was fitted to.
+    geometry = dmtet.meshes_of(geometry_config, geometry_particles, previous[1:])
+    for i, (verts, faces) in enumerate(geometry):
       verts, faces, dropped = pieces.drop_small_pieces(verts, faces, config.mesh.outlier_faces)
       if dropped:
         console.say(f"particle {i}: dropped {dropped} small mesh pieces (mesh.outlier_faces)")
