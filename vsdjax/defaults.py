@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.guidance.t_switch_step = 5_000  # hard switch of t_max (ProlificDreamer, threestudio)
   c.guidance.t_anneal_steps = 0  # >0: anneal t_max linearly over this many steps
   # ending at t_switch_step instead of the hard switch
-  c.guidance.grad_clip = 0.0  # >0: clip each particle's VSD gradient (in x0 space) to this norm
+  c.guidance.grad_clip = 0.0  # >0: clamp each entry of the SDS / VSD gradient (in x0 space)
+  # to [-grad_clip, grad_clip], as both references do (both leave it off)
   c.guidance.view_prompts = True  # append ", front/side/back/overhead view" by camera
   c.guidance.front_threshold = 30.0  # "front" if |azimuth| < this (degrees; threestudio's
   # ProlificDreamer stages 1 and 3; its stage 2 keeps the prompt processor's default 45)

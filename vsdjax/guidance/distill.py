@@ -56,7 +56,8 @@ def guidance_grad(eps_pretrained, eps_target, w_t, clip=0.0):
     eps_pretrained: [B, C, h, w] CFG noise prediction of the frozen prior.
     eps_target: [B, C, h, w] eps_phi's prediction (VSD) or the sampled noise (SDS).
     w_t: [B] weights.
-    clip: > 0 clips the gradient of each batch element to this L2 norm.
+    clip: > 0 clamps each entry to [-clip, clip], as threestudio's grad_clip
+      and the official code's do.
 
   Returns:
     (grad [B, C, h, w], n_nonfinite [] int32: entries that were NaN or infinite).
@@ -66,8 +67,7 @@ def guidance_grad(eps_pretrained, eps_target, w_t, clip=0.0):
   n_nonfinite = jnp.sum(~finite, dtype=jnp.int32)
   grad = jnp.where(finite, grad, 0.0)
   if clip > 0:
-    norm = jnp.sqrt(jnp.sum(grad**2, axis=(1, 2, 3), keepdims=True))
-    grad = grad * jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-12))
+    grad = jnp.clip(grad, -clip, clip)
   return grad, n_nonfinite
 
 
