@@ -133,6 +133,8 @@ def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
       train.train_and_evaluate(_config_2d(**{field: value}), run)
   with pytest.raises(checks.ConfigError, match="n_particles: this field sets the shapes"):
     train.train_and_evaluate(_config_2d(n_particles=2), run, allow_changes=["n_particles"])
+  with pytest.raises(checks.ConfigError, match="mesh.fit_box: this field sets"):
+    train.train_and_evaluate(_config_2d(), run, allow_changes=["mesh.fit_box"])
   assert (tmp_path / "run" / "config.json").read_bytes() == saved
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
   # steps, logging and exports may change; a named field may too.

@@ -42,13 +42,16 @@ MAY_CHANGE = (
   "compile_cache",
   "export.",
 )
-# Fields that set the shapes of the saved state: a run cannot continue with others.
+# Fields that set the shapes or the meaning of the saved state: a run cannot continue with
+# others (the tet grid's box places a DMTet particle's sdf values).
 NEVER_CHANGE = (
   "seed",
   "n_particles",
   "representation",
   "init_from",
   "mesh.grid_resolution",
+  "mesh.fit_box",
+  "mesh.box_margin",
   "guidance.mode",
   "prior.kind",
   "prior.references",
