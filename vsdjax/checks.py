@@ -289,6 +289,7 @@ RULES = {
   "optim.b1": number(0.0, 1.0),
   "optim.b2": number(0.0, 1.0),
   "optim.eps": NONNEGATIVE,
+  "optim.weight_decay": NONNEGATIVE,
   "loss.sparsity": NONNEGATIVE,
   "loss.opaque": NONNEGATIVE,
   "loss.opaque_step": integer(0),

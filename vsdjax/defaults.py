@@ -147,6 +147,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.99
   c.optim.eps = 1e-15
+  c.optim.weight_decay = 0.0  # >0: AdamW, each leaf decays by lr * weight_decay a step
+  # (threestudio's AdamW: 0.01; the official code's Adam: 0)
 
   # --- regularisers (weights; 0 disables) ---
   c.loss = ml_collections.ConfigDict()

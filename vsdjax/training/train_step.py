@@ -50,10 +50,18 @@ from vsdjax.training import sharding
 
 
 def particle_optimizer(config, representation) -> optax.GradientTransformation:
-  """Adam of one particle: "grid" leaves at optim.grid_lr, the rest at optim.lr."""
+  """Adam of one particle: "grid" leaves at optim.grid_lr, the rest at optim.lr.
+
+  AdamW (decoupled decay of every leaf by lr * optim.weight_decay a step, as
+  threestudio's optimiser) when optim.weight_decay > 0; plain Adam, the
+  official code's, keeps the optimiser state's layout of runs without it.
+  """
   o = config.optim
+  decay = o.get("weight_decay", 0.0)  # Absent in runs recorded before the field existed.
 
   def adam(lr):
+    if decay > 0:
+      return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=decay)
     return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
 
   return optax.multi_transform(

@@ -52,6 +52,7 @@ NEVER_CHANGE = (
   "mesh.grid_resolution",
   "mesh.fit_box",
   "mesh.box_margin",
+  "optim.weight_decay",
   "guidance.mode",
   "prior.kind",
   "prior.references",
