@@ -19,6 +19,7 @@ import pytest
 from experiments import sds, toy, toy2d, vsd
 from helpers import leaves, tiny_config
 from vsdjax import checks, defaults, train
+from vsdjax.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # toy2d at toy size with SDS (no eps_phi: compiles in seconds), as command-line overrides.
@@ -153,6 +154,31 @@ def test_resume_checks_the_saved_config(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_run_recorded_before_fields_were_added_resumes_with_the_values_it_had(tmp_path):
+  config = vsd.get_config()
+  recorded = json.loads(config.to_json_best_effort())
+  for field in workdir_lib.ADDED_FIELDS:
+    section, _, name = field.rpartition(".")
+    del (recorded[section] if section else recorded)[name]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+  # Today's defaults differ from what such a run did: each difference is named.
+  with pytest.raises(checks.ConfigError) as refused:
+    workdir_lib.check_resume(config, str(tmp_path))
+  for text in ("mesh.fit_box: False in the run, True now", "camera.sphere_prob: 0.0 in the run"):
+    assert text in str(refused.value)
+  assert "mesh.iso" not in str(refused.value)  # ANY: it acted on no such run
+  old = workdir_lib.with_added_fields(json.loads(json.dumps(recorded)))
+  assert old["mesh"]["fit_box"] is False and "iso" not in old["mesh"]
+  # The values the run had resume it; the fields marked ANY take any value.
+  for field, value in workdir_lib.ADDED_FIELDS.items():
+    if value is not workdir_lib.ANY:
+      section, _, name = field.rpartition(".")
+      (config[section] if section else config)[name] = value
+  config.mesh.iso = 3.0
+  assert workdir_lib.check_resume(config, str(tmp_path))
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_an_older_one(tmp_path, capsys):
   full = train.train_and_evaluate(_config_2d(steps=6), str(tmp_path / "full"))
   run = tmp_path / "run"

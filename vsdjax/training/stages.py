@@ -30,7 +30,7 @@ def load_run(workdir: str) -> tuple:
       f"config field init_from={workdir!r}: no checkpoint in {workdir_lib.checkpoint_dir(workdir)}"
     )
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(workdir_lib.with_added_fields(json.load(f)))
   mngr = ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir))
   state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
   return config, {k: v for k, v in state["particles"].items()}

@@ -57,7 +57,7 @@ def particle_optimizer(config, representation) -> optax.GradientTransformation:
   official code's, keeps the optimiser state's layout of runs without it.
   """
   o = config.optim
-  decay = o.get("weight_decay", 0.0)  # Absent in runs recorded before the field existed.
+  decay = o.weight_decay
 
   def adam(lr):
     if decay > 0:

@@ -62,6 +62,52 @@ NEVER_CHANGE = (
   "scene.",
   "render.resolution",
 )
+# Fields added after runs were recorded without them, with the value that reproduces those
+# runs: a run whose config.json lacks one resumes when the new config has that value. ANY:
+# the field acted on no run recorded without it (the mesh stages came later), so any value.
+ANY = object()
+ADDED_FIELDS = {
+  "init_from": "",
+  "views_per_step": 1,
+  "prior.reference_render": "rgb",
+  "prior.attention": "diffusers",
+  "scene.albedo_init_std": 0.0,
+  "render.ray_batch": 0,
+  "render.occupancy_grid": 0,
+  "render.occupancy_threshold": ANY,  # with occupancy_grid 0, no grid
+  "render.occupancy_decay": ANY,
+  "render.occupancy_every": ANY,
+  "guidance.front_threshold": 45.0,
+  "guidance.back_threshold": 45.0,
+  "camera.sphere_prob": 0.0,
+  "loss.opaque_step": 0,
+  "optim.weight_decay": 0.0,
+  "mesh.grid_resolution": ANY,
+  "mesh.max_faces": ANY,
+  "mesh.iso": ANY,
+  "mesh.init_shape": ANY,
+  "mesh.normal_consistency": ANY,
+  "mesh.laplacian": ANY,
+  "mesh.supersample": 1,
+  "mesh.close_holes": 0,
+  "mesh.outlier_faces": 0.0,
+  "mesh.fit_box": False,
+  "mesh.box_margin": ANY,  # with fit_box False, no fitted box
+}
+
+
+def with_added_fields(recorded: dict) -> dict:
+  """A recorded config (nested dict, as config.json holds it) with the ADDED_FIELDS it lacks
+  set to the values that reproduce it (ANY ones left out); changed in place and returned."""
+  for field, value in ADDED_FIELDS.items():
+    if value is ANY:
+      continue
+    *sections, name = field.split(".")
+    node = recorded
+    for section in sections:
+      node = node.setdefault(section, {})
+    node.setdefault(name, value)
+  return recorded
 
 
 def _matches(field: str, patterns) -> bool:
@@ -93,7 +139,8 @@ def check_resume(config, workdir: str, allow_changes=()) -> bool:
 
   Reads DIR/config.json when DIR holds a checkpoint and compares it with
   `config`; writes nothing. A field that differs must be in MAY_CHANGE, or be
-  named in `allow_changes` and not be in NEVER_CHANGE.
+  named in `allow_changes` and not be in NEVER_CHANGE. A field the run's
+  config.json lacks compares as its ADDED_FIELDS value.
   """
   for field in allow_changes:
     if _matches(field, NEVER_CHANGE):
@@ -113,6 +160,9 @@ def check_resume(config, workdir: str, allow_changes=()) -> bool:
       "against the new config; restore the file or use a new --workdir"
     ) from e
   new = checks.flatten(json.loads(config.to_json_best_effort()))
+  for k, value in ADDED_FIELDS.items():
+    if k not in saved and k in new:
+      saved[k] = new[k] if value is ANY else value
   refused = [
     (k, a, b)
     for k, a, b in config_differences(saved, new)

@@ -74,8 +74,7 @@ class DMTet(Representation):
       sdf0 = np.tile(sdf[None], (config.n_particles, 1))
     elif previous[0][0].representation == "nerf":
       sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
-      # Runs recorded before mesh.fit_box existed used the whole cube.
-      if m.get("fit_box", False):
+      if m.fit_box:
         lo, hi = fitted_box(grid, sdf0, m.box_margin, config.scene.bound)
         grid = tetgrid.in_box(grid, lo, hi)
         sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
