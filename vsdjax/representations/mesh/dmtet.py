@@ -211,13 +211,12 @@ def surface_box(grid: tetgrid.TetGrid, sdf: np.ndarray):
 
 def fitted_box(grid: tetgrid.TetGrid, sdf: np.ndarray, margin: float, bound: float):
   """(lo [3], hi [3]): the union of the particles' surface boxes (sdf [n, V] on the grid),
-  widened by margin times its size on each side and clipped to [-bound, bound]^3."""
+  widened by margin times its size (at least half a cell, so that a flat object's box is not
+  empty) on each side and clipped to [-bound, bound]^3."""
   boxes = [surface_box(grid, s) for s in sdf]
   lo = np.min([b[0] for b in boxes], axis=0)
   hi = np.max([b[1] for b in boxes], axis=0)
-  size = hi - lo
-  # A flat object still gets a box of one cell across.
-  pad = np.maximum(margin * size, 0.5 * grid.cell_size)
+  pad = np.maximum(margin * (hi - lo), 0.5 * grid.cell_size)
   return np.maximum(lo - pad, -bound), np.minimum(hi + pad, bound)
 
 
