@@ -43,7 +43,8 @@ MAY_CHANGE = (
   "export.",
 )
 # Fields that set the shapes or the meaning of the saved state: a run cannot continue with
-# others (the tet grid's box places a DMTet particle's sdf values).
+# others (the tet grid's box places a DMTet particle's sdf values; optim.weight_decay > 0
+# gives AdamW's optimiser state, 0 Adam's).
 NEVER_CHANGE = (
   "seed",
   "n_particles",

@@ -29,9 +29,9 @@ overflow flag come with the mesh: truncation is never silent, and
 Gradients flow to the sdf and to the vertex positions through the crossing
 vertices (the topology, i.e. the faces, is piecewise constant). The
 interpolation uses a masked denominator, floored away from zero, so uncut
-edges have zero gradient and no edge gives NaN or inf. A tet flattened or inverted by large deformations can give
-flipped or degenerate faces; `deform` bounds the displacement to a fraction
-of a cell.
+edges have zero gradient and no edge gives NaN or inf. A tet flattened or
+inverted by large deformations can give flipped or degenerate faces;
+`deform` bounds the displacement to a fraction of a cell.
 """
 
 from typing import NamedTuple

@@ -3,9 +3,9 @@
 The box [lo, hi] (the cube [-bound, bound]^3 of `kuhn_grid`, or a box fitted
 to an object, `in_box`) is cut into N^3 cells of sides h = (hi - lo) / N per
 axis (N = `resolution`); vertex (i, j, k), 0 <= i, j, k <= N, sits at
-lo + h * (i, j, k) and has the flat id i + (N + 1) * j + (N + 1)^2 * k (x fastest). Each cell is split
-into 6 tetrahedra along its main diagonal: for a permutation (a, b, c) of the
-axes, the tet of the monotone path
+lo + h * (i, j, k) and has the flat id i + (N + 1) * j + (N + 1)^2 * k
+(x fastest). Each cell is split into 6 tetrahedra along its main diagonal:
+for a permutation (a, b, c) of the axes, the tet of the monotone path
 
     c0,  c0 + e_a,  c0 + e_a + e_b,  c0 + e_a + e_b + e_c = c0 + (1, 1, 1)
 
@@ -13,9 +13,10 @@ from the cell's lower corner c0. The six paths share the diagonal and fill the
 cell; neighbouring cells cut their common face along the same diagonal, so
 the tets form a conforming mesh (each interior triangle is shared by exactly
 two tets). Every tet has volume h_x h_y h_z / 6. Its orientation
-det[v1 - v0, v2 - v0, v3 - v0] = h_x h_y h_z det[e_a, e_b, e_c] is the sign of the
-permutation; the odd ones swap their local vertices 1 and 2, so that all tets
-are positively oriented (the marching-tets triangle table relies on it).
+det[v1 - v0, v2 - v0, v3 - v0] = h_x h_y h_z det[e_a, e_b, e_c] is the sign
+of the permutation; the odd ones swap their local vertices 1 and 2, so that
+all tets are positively oriented (the marching-tets triangle table relies on
+it).
 
 Edges: every tet edge joins a vertex to one of 7 neighbours with offsets in
 {0, 1}^3 \\ {0} (the path is monotone), so an edge is a pair (lower vertex,

@@ -7,10 +7,10 @@ threestudio drops them; pieces.py), fixed, per particle: data['particle'] =
 particle. It learns {'field': ..., 'background': ...}, the NeRF particle's
 structure: the texture is the field's albedo head (hash grid + MLP +
 sigmoid) evaluated at the world position of each pixel's surface point, and
-the background is the view-direction MLP (or a random
-solid colour) of stage 1. So the texture starts from the stage-1 NeRF's
-albedo when the chain has one (its density head stays unused), and the
-optimiser groups are stage 1's.
+the background is the view-direction MLP (or a random solid colour) of
+stage 1. So the texture starts from the stage-1 NeRF's albedo when the chain
+has one (its density head stays unused), and the optimiser groups are
+stage 1's.
 
     rgb = mask * albedo(x_surface) + (1 - mask) * background(d),
 

@@ -24,10 +24,10 @@ Conventions:
     also where the density reaches the faces of the scene cube; vertices are
     then clipped to [-bound, bound]^3. Pieces with fewer faces than
     mesh_outlier_faces times the largest piece's are dropped (floaters, as
-    threestudio's exports drop them; mesh/pieces.py). Vertices are in world units (z up),
-    faces are wound counter-clockwise seen from outside (outward normals),
-    and each vertex is coloured by the field's albedo there (RGBA uint8,
-    alpha 255). The density is evaluated in batches of
+    threestudio's exports drop them; mesh/pieces.py). Vertices are in world
+    units (z up), faces are wound counter-clockwise seen from outside
+    (outward normals), and each vertex is coloured by the field's albedo
+    there (RGBA uint8, alpha 255). The density is evaluated in batches of
     ray_batch * spec.render.n_samples points (as many as one render batch).
   - An empty iso-surface (no density above the threshold) writes no mesh:
     the returned dict then has 'mesh': None, 'n_vertices': 0 and says why in
