@@ -58,10 +58,15 @@ def parse_args():
   return args
 
 
-def programs(max_faces: int, cotangent):
-  """(forward, forward_backward, regularised_forward_backward) of (grid, sdf, deformation)."""
+def programs(template, max_faces: int, cotangent):
+  """(forward, forward_backward, regularised_forward_backward) of (arrays, sdf, deformation).
 
-  def forward(grid, sdf, deformation):
+  `arrays` are the grid's arrays (jit arguments, as DMTet passes them); its
+  resolution and box stay static, from `template`.
+  """
+
+  def forward(arrays, sdf, deformation):
+    grid = template._replace(**arrays)
     return mt.marching_tets(grid, sdf, mt.deform(grid, deformation), max_faces)
 
   def corners(mesh):  # [M, 3, 3] valid faces' corner positions, 0 elsewhere
@@ -94,8 +99,9 @@ def bench(args, base: dict, n: int) -> None:
   sdf = (np.linalg.norm(grid.verts, axis=1) - _RADIUS + noise).astype(np.float32)  # [V]
   deformation = (0.1 * rng.normal(size=grid.verts.shape)).astype(np.float32)  # [V, 3]
   cotangent = rng.normal(size=(max_faces, 3, 3)).astype(np.float32)  # [M, 3, 3]
-  forward, forward_backward, regularised = programs(max_faces, cotangent)
-  fn_args = (grid, sdf, deformation)
+  forward, forward_backward, regularised = programs(grid, max_faces, cotangent)
+  arrays = {k: getattr(grid, k) for k in ("verts", "tets", "edges", "tet_edges")}
+  fn_args = (arrays, sdf, deformation)
   n_faces = None
   for name, fn in (
     ("marching_tets_forward", forward),
