@@ -2,7 +2,8 @@
 
 The published settings: VSD with SD 2.1-base (CFG 7.5) and eps_phi = LoRA on
 SD 2.1, 512x512, 30k steps; the texture field (hash grid + MLP) starts from
-the stage-1 NeRF's albedo (grid lr 0.01, MLP and background 1e-3, LoRA
+the stage-1 NeRF's albedo, as in the official code (mesh.texture_from_nerf;
+threestudio starts it afresh) (grid lr 0.01, MLP and background 1e-3, LoRA
 1e-4); cameras as in stage 1 (fovy [40, 70], elevation [-10, 45]), "front" /
 "back" view prompts within 30 degrees, and the background MLP without random
 solid colours (threestudio's prolificdreamer-texture config).

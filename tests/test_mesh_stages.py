@@ -20,7 +20,8 @@ import trimesh
 from helpers import tiny_config
 from vsdjax import cameras, checks, train
 from vsdjax.prior.analytic import shapes
-from vsdjax.representations.mesh import dmtet, export, marching_tets, tetgrid
+from vsdjax.representations.mesh import dmtet, export, marching_tets, tetgrid, textured
+from vsdjax.representations.nerf import scene
 from vsdjax.training import models, stages, train_step, workdir as workdir_lib
 
 
@@ -155,15 +156,21 @@ def test_fitted_box_is_the_union_of_the_meshes_boxes_widened_and_clipped():
   assert got_hi[0] == 1.0 and got_lo[0] > -1.0
 
 
-def test_the_geometry_stage_fits_its_grid_to_the_nerf_surface_and_stage_3_rebuilds_it():
+def _nerf_and_geometry_configs():
+  """(stage-1 run (config, fresh NeRF particles), a stage-2 config on a 16-cell grid)."""
   from experiments import toy_geometry
 
   c1 = _stage1_config()
   m, frozen = models.build(c1, jax.random.PRNGKey(0))
   particles = train_step.init_state(c1, m, frozen, jax.random.PRNGKey(1))["particles"]
-  previous = [(c1, jax.tree.map(np.asarray, particles))]
   c2 = toy_geometry.get_config()
   c2.mesh.grid_resolution, c2.mesh.iso = 16, 1.0
+  return (c1, jax.tree.map(np.asarray, particles)), c2
+
+
+def test_the_geometry_stage_fits_its_grid_to_the_nerf_surface_and_stage_3_rebuilds_it():
+  stage1, c2 = _nerf_and_geometry_configs()
+  previous = [stage1]
   start = lambda rep, s: {"sdf": s, "deformation": np.zeros(s.shape + (3,), np.float32)}
   meshes = lambda rep: [rep.host_mesh(start(rep, s), rep.data()["shared"]) for s in rep.sdf0]
 
@@ -191,6 +198,23 @@ def test_the_geometry_stage_fits_its_grid_to_the_nerf_surface_and_stage_3_rebuil
   del recorded["mesh"]["fit_box"]
   old = ml_collections.ConfigDict(workdir_lib.with_added_fields(recorded))
   assert dmtet.DMTet.from_config(old, previous).grid.box == whole.grid.box
+
+
+def test_the_texture_starts_from_the_stage_1_field_or_afresh():
+  from experiments import toy_texture
+
+  stage1, c2 = _nerf_and_geometry_configs()
+  sdf = dmtet.DMTet.from_config(c2, [stage1]).sdf0
+  geometry = {"sdf": sdf, "deformation": np.zeros(sdf.shape + (3,), np.float32)}
+  c3 = toy_texture.get_config()
+  inherited = textured.TexturedMesh.from_config(c3, [(c2, geometry), stage1])
+  assert inherited.start is stage1[1]
+  assert inherited.spec.field == scene.spec_from_config(stage1[0]).field
+  c3.mesh.texture_from_nerf = False
+  fresh = textured.TexturedMesh.from_config(c3, [(c2, geometry), stage1])
+  assert fresh.start is None and "start" not in fresh.data()["particle"]
+  assert fresh.spec.field == scene.spec_from_config(c3).field != inherited.spec.field
+  np.testing.assert_array_equal(fresh.meshes["faces"], inherited.meshes["faces"])
 
 
 @pytest.mark.slow

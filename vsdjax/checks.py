@@ -269,6 +269,7 @@ RULES = {
   "mesh.laplacian": NONNEGATIVE,
   "mesh.supersample": integer(1, 8),
   "mesh.outlier_faces": UNIT,
+  "mesh.texture_from_nerf": boolean,
   "render.resolution": integer(1),
   "render.resolution_after": integer(1),
   "render.resolution_step": integer(0),

@@ -109,6 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.normal_consistency = 10_000.0  # weight of 1 - cos between vertex normals along edges
   c.mesh.laplacian = 10_000.0  # weight of the uniform Laplacian smoothness
   c.mesh.supersample = 1  # texture stage: s x s texture lookups per pixel, averaged
+  c.mesh.texture_from_nerf = True  # texture stage: start the texture field and background
+  # from the stage-1 NeRF's (the official code); False: afresh (threestudio)
   c.mesh.outlier_faces = 0.01  # texture stage: drop mesh pieces with fewer faces than this
   # fraction of the largest's (threestudio's isosurface_outlier_n_faces_threshold; 0: keep
   # all; 1: the largest only)

@@ -43,8 +43,8 @@ MAY_CHANGE = (
   "export.",
 )
 # Fields that set the shapes or the meaning of the saved state: a run cannot continue with
-# others (the tet grid's box places a DMTet particle's sdf values; optim.weight_decay > 0
-# gives AdamW's optimiser state, 0 Adam's).
+# others (the tet grid's box places a DMTet particle's sdf values; texture_from_nerf sets
+# the texture field's sizes; optim.weight_decay > 0 gives AdamW's optimiser state, 0 Adam's).
 NEVER_CHANGE = (
   "seed",
   "n_particles",
@@ -53,6 +53,7 @@ NEVER_CHANGE = (
   "mesh.grid_resolution",
   "mesh.fit_box",
   "mesh.box_margin",
+  "mesh.texture_from_nerf",
   "optim.weight_decay",
   "guidance.mode",
   "prior.kind",
@@ -92,6 +93,7 @@ ADDED_FIELDS = {
   "mesh.supersample": 1,
   "mesh.close_holes": 0,
   "mesh.outlier_faces": 0.0,
+  "mesh.texture_from_nerf": True,
   "mesh.fit_box": False,
   "mesh.box_margin": ANY,  # with fit_box False, no fitted box
 }

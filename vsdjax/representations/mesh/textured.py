@@ -8,9 +8,10 @@ particle. It learns {'field': ..., 'background': ...}, the NeRF particle's
 structure: the texture is the field's albedo head (hash grid + MLP +
 sigmoid) evaluated at the world position of each pixel's surface point, and
 the background is the view-direction MLP (or a random solid colour) of
-stage 1. So the texture starts from the stage-1 NeRF's albedo when the chain
-has one (its density head stays unused), and the optimiser groups are
-stage 1's.
+stage 1. So the texture starts from the stage-1 NeRF's field and background
+when the chain has one and mesh.texture_from_nerf is on (the official code's
+way; the density head stays unused), or afresh (threestudio's), and the
+optimiser groups are stage 1's.
 
     rgb = mask * albedo(x_surface) + (1 - mask) * background(d),
 
@@ -65,7 +66,8 @@ class TexturedMesh(Representation):
         console.say(f"particle {i}: dropped {dropped} small mesh pieces (mesh.outlier_faces)")
       meshes.append((verts, faces))
     spec, start = scene.spec_from_config(config), None
-    if len(previous) > 1 and previous[1][0].representation == "nerf":
+    nerf = len(previous) > 1 and previous[1][0].representation == "nerf"
+    if nerf and config.mesh.texture_from_nerf:
       # The texture starts from the stage-1 field, so it keeps that field's settings.
       start = previous[1][1]
       spec = dataclasses.replace(spec, field=scene.spec_from_config(previous[1][0]).field)
