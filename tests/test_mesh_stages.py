@@ -171,8 +171,8 @@ def _nerf_and_geometry_configs():
 def test_the_geometry_stage_fits_its_grid_to_the_nerf_surface_and_stage_3_rebuilds_it():
   stage1, c2 = _nerf_and_geometry_configs()
   previous = [stage1]
-  start = lambda rep, s: {"sdf": s, "deformation": np.zeros(s.shape + (3,), np.float32)}
-  meshes = lambda rep: [rep.host_mesh(start(rep, s), rep.data()["shared"]) for s in rep.sdf0]
+  start = lambda s: {"sdf": s, "deformation": np.zeros(s.shape + (3,), np.float32)}
+  meshes = lambda rep: [rep.host_mesh(start(s), rep.data()["shared"]) for s in rep.sdf0]
 
   c2.mesh.fit_box = False
   whole = dmtet.DMTet.from_config(c2, previous)
@@ -190,7 +190,7 @@ def test_the_geometry_stage_fits_its_grid_to_the_nerf_surface_and_stage_3_rebuil
   # Stage 3 rebuilds the fitted grid from the runs stage 2 started from.
   geometry = {"sdf": fitted.sdf0 + 0.01, "deformation": np.zeros(fitted.sdf0.shape + (3,))}
   for (v, f), s in zip(dmtet.meshes_of(c2, geometry, previous), geometry["sdf"]):
-    v_ref, f_ref = fitted.host_mesh(start(fitted, s), fitted.data()["shared"])
+    v_ref, f_ref = fitted.host_mesh(start(s), fitted.data()["shared"])
     np.testing.assert_array_equal(v, v_ref)
     np.testing.assert_array_equal(f, f_ref)
   # A run recorded before mesh.fit_box existed, read as stages.load_run reads it: the whole cube.
