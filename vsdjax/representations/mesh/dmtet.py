@@ -68,16 +68,12 @@ class DMTet(Representation):
   @classmethod
   def from_config(cls, config, previous=()) -> "DMTet":
     m = config.mesh
-    grid = tetgrid.kuhn_grid(m.grid_resolution, config.scene.bound)
+    grid = grid_of(config, previous)
     if not previous:
       sdf = np.asarray(shapes.sdf(m.init_shape, jnp.asarray(grid.verts)), np.float32)
       sdf0 = np.tile(sdf[None], (config.n_particles, 1))
     elif previous[0][0].representation == "nerf":
       sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
-      if m.fit_box:
-        lo, hi = fitted_box(grid, sdf0, m.box_margin, config.scene.bound)
-        grid = tetgrid.in_box(grid, lo, hi)
-        sdf0 = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)
     else:
       raise ValueError(
         f"representation 'dmtet' starts from a 'nerf' run, not {previous[0][0].representation!r}"
@@ -162,10 +158,23 @@ def meshes_of(config, particles, previous=()) -> list:
   `previous` are the runs that run started from (stages.previous), which its
   grid's box was fitted to.
   """
-  rep = DMTet.from_config(config, previous)  # Its start sdf is unused: the particles' replaces it.
+  # The grid alone is rebuilt from `previous`: the start sdf is unused (the particles' replaces
+  # it) and the face budget depends on the resolution only.
+  rep = dataclasses.replace(DMTet.from_config(config), grid=grid_of(config, previous))
   shared = rep.data()["shared"]
   n = np.shape(particles["sdf"])[0]
   return [rep.host_mesh(jax.tree.map(lambda v, i=i: v[i], particles), shared) for i in range(n)]
+
+
+def grid_of(config, previous=()) -> tetgrid.TetGrid:
+  """The stage's tet grid: over the scene cube, or, starting from a NeRF run (previous[0])
+  with mesh.fit_box on, over the fitted box of that NeRF's surfaces on the cube's grid."""
+  m = config.mesh
+  grid = tetgrid.kuhn_grid(m.grid_resolution, config.scene.bound)
+  if m.fit_box and previous and previous[0][0].representation == "nerf":
+    coarse = nerf_sdf(previous[0], grid.verts, m.iso, m.close_holes)  # [n, V]
+    grid = tetgrid.in_box(grid, *fitted_box(grid, coarse, m.box_margin, config.scene.bound))
+  return grid
 
 
 def nerf_sdf(
