@@ -145,10 +145,10 @@ def test_outside_points_are_clamped_and_batch_shape(tables):
 def test_corners_rows_within_levels_and_weights_sum_to_one():
   x = _test_points().astype(np.float32)
   row, weights = jax.jit(hashgrid.corners, static_argnums=1)(x, SPEC)
-  assert row.shape == weights.shape == (len(x), 4, 8) and row.dtype == jnp.int32
+  assert row.shape == weights.shape == (8, 4, len(x)) and row.dtype == jnp.int32
   size = hashgrid.levels(SPEC).size[None, :, None]
   assert bool(jnp.all(row >= 0)) and bool(jnp.all(row < size))
-  np.testing.assert_allclose(jnp.sum(weights, axis=-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(jnp.sum(weights, axis=0), 1.0, atol=1e-6)
   assert bool(jnp.all(weights >= 0))
 
 

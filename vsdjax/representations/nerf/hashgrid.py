@@ -25,10 +25,10 @@ are those of tiny-cuda-nn's `GridEncoding`:
   features, ...], i.e. [..., L * F] with feature f of level l at l * F + f.
 
 scale_l is computed in float64. All levels are handled by one gather of
-[N, L, 8] rows, so the backward pass w.r.t. the tables is one scatter-add.
-Reverse mode keeps the [N, L, 8] rows and weights (64 bytes per point and
-level), so differentiate through `encode` in chunks of points (the volume
-renderer's rematerialised scan does).
+[8, L, N] rows per feature, so the backward pass w.r.t. the tables is one
+scatter-add per feature. Reverse mode keeps the [8, L, N] rows and weights
+(64 bytes per point and level), so differentiate through `encode` in chunks of
+points (the volume renderer's rematerialised scan does).
 """
 
 import dataclasses
@@ -135,37 +135,40 @@ def init(key: jax.Array, spec: GridSpec) -> dict:
 def corners(x: jnp.ndarray, spec: GridSpec) -> tuple[jnp.ndarray, jnp.ndarray]:
   """The 8 cell corners of every point and level: their rows and trilinear weights.
 
+  Points are the last (minor) axis of every array here and in `encode`: a TPU
+  tiles the two minor axes of an array by (8, 128), so [N, L, 8] would pad its
+  8 corners to 128 lanes (16x the bytes), while [8, L, N] is dense.
+
   Args:
     x: [N, 3] positions in the unit cube [0, 1]^3 (clamped to it), float.
     spec: grid settings.
 
   Returns:
-    row: [N, L, 8] int32, each corner's row within its level (< size_l).
-    weights: [N, L, 8] in the dtype of `x`, summing to 1 over the corners.
+    row: [8, L, N] int32, each corner's row within its level (< size_l).
+    weights: [8, L, N] in the dtype of `x`, summing to 1 over the corners.
   """
   lv = levels(spec)
-  x = jnp.clip(x[:, None, :], 0.0, 1.0)  # [N, 1, 3]
+  x = jnp.clip(x, 0.0, 1.0).T  # [3, N]
   scale = jnp.asarray(lv.scale[:, None], x.dtype)  # [L, 1]
-  pos = x * scale + 0.5  # [N, L, 3]
-  cell = jnp.floor(pos)  # [N, L, 3]
-  frac = pos - cell  # [N, L, 3]
-
-  # Integer corners and their table rows, all levels at once.
-  corner = cell.astype(jnp.uint32)[:, :, None, :] + jnp.asarray(_CORNERS)  # [N, L, 8, 3]
-  c0, c1, c2 = corner[..., 0], corner[..., 1], corner[..., 2]  # [N, L, 8]
+  pos = x[:, None, :] * scale + 0.5  # [3, L, N]
+  cell = jnp.floor(pos)
+  frac = pos - cell  # [3, L, N]
+  lower = cell.astype(jnp.uint32)  # [3, L, N]
   res = jnp.asarray(lv.resolution[:, None], jnp.uint32)  # [L, 1]
-  dense_row = c0 + c1 * res + c2 * (res * res)  # [N, L, 8]
-  hashed_row = (
-    c0 * jnp.uint32(_PRIMES[0]) ^ c1 * jnp.uint32(_PRIMES[1]) ^ c2 * jnp.uint32(_PRIMES[2])
-  )  # [N, L, 8]
-  row = jnp.where(lv.dense[:, None], dense_row, hashed_row)  # [N, L, 8]
-  row = row % jnp.asarray(lv.size[:, None], jnp.uint32)  # [N, L, 8]
-
-  # Trilinear weights: product over dims of frac (offset 1) or 1 - frac.
-  upper = jnp.asarray(_CORNERS, bool)  # [8, 3]
-  f = frac[:, :, None, :]  # [N, L, 1, 3]
-  weights = jnp.prod(jnp.where(upper, f, 1.0 - f), axis=-1)  # [N, L, 8]
-  return row.astype(jnp.int32), weights
+  size = jnp.asarray(lv.size[:, None], jnp.uint32)  # [L, 1]
+  dense = jnp.asarray(lv.dense[:, None])  # [L, 1]
+  rows, weights = [], []
+  for offset in _CORNERS:  # Corner offsets (o0, o1, o2) in {0, 1}^3.
+    c0, c1, c2 = (lower[d] + offset[d] for d in range(3))  # [L, N] each
+    dense_row = c0 + c1 * res + c2 * (res * res)
+    hashed_row = (
+      c0 * jnp.uint32(_PRIMES[0]) ^ c1 * jnp.uint32(_PRIMES[1]) ^ c2 * jnp.uint32(_PRIMES[2])
+    )
+    rows.append(jnp.where(dense, dense_row, hashed_row) % size)
+    # Trilinear weight: product over dims of frac (offset 1) or 1 - frac.
+    w0, w1, w2 = (frac[d] if offset[d] else 1.0 - frac[d] for d in range(3))
+    weights.append(w0 * w1 * w2)
+  return jnp.stack(rows).astype(jnp.int32), jnp.stack(weights)
 
 
 def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
@@ -186,20 +189,19 @@ def encode(params: dict, x: jnp.ndarray, spec: GridSpec) -> jnp.ndarray:
   x = jnp.asarray(x)
   dtype = jnp.promote_types(x.dtype, tables.dtype)
   batch_shape = x.shape[:-1]
-  row, weights = corners(x.astype(dtype).reshape(-1, 3), spec)  # [N, L, 8] each
-  level_start = jnp.asarray(np.arange(n_levels)[:, None] * t, jnp.int32)
-  flat_row = row + level_start  # [N, L, 8]
-  feats = (
-    tables.astype(dtype)
-    .reshape(n_levels * t, n_features)
-    .at[flat_row]
-    .get(mode="promise_in_bounds")
-  )  # [N, L, 8, F]
-  # The 8 corners' sum written out: elementwise work that XLA fuses on every backend.
-  # (jnp.sum over the corner axis ran as a slow reduction on XLA:CPU, the render's
-  # largest cost; an einsum is a dot that GPUs would not strength-reduce.)
-  out = sum(weights[..., c, None] * feats[..., c, :] for c in range(8))  # [N, L, F]
-  return out.reshape(*batch_shape, n_levels * n_features)
+  row, weights = corners(x.astype(dtype).reshape(-1, 3), spec)  # [8, L, N] each
+  level_start = jnp.asarray(np.arange(n_levels)[:, None] * t, jnp.int32)  # [L, 1]
+  flat_row = row + level_start  # [8, L, N]
+  out = []
+  for f in range(n_features):  # One scalar gather per feature (a [.., F] row pads on TPUs).
+    column = tables[..., f].astype(dtype).reshape(n_levels * t)
+    feats = column.at[flat_row].get(mode="promise_in_bounds")  # [8, L, N]
+    # The 8 corners' sum written out: elementwise work that XLA fuses on every backend.
+    # (jnp.sum over the corner axis ran as a slow reduction on XLA:CPU, the render's
+    # largest cost; an einsum is a dot that GPUs would not strength-reduce.)
+    out.append(sum(weights[c] * feats[c] for c in range(8)))  # [L, N]
+  out = jnp.stack(out, axis=-1)  # [L, N, F]
+  return out.transpose(1, 0, 2).reshape(*batch_shape, n_levels * n_features)
 
 
 # XLA:GPU in jaxlib 0.10.2 - 0.11.0 runs float32 scatter-adds as a compare-and-
