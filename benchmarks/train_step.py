@@ -187,6 +187,19 @@ def nbytes(tree) -> int:
   return sum(int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize for v in jax.tree.leaves(tree))
 
 
+def shared_bytes(compiled, frozen: dict, shared: bool) -> int:
+  """Bytes of the UNet params that are two arguments of the step but one buffer at run time.
+
+  With eps_phi on the prior's own UNet (`shared`), frozen['prior'] and
+  frozen['phi_base'] hold the same params; 0 when not shared, or when the
+  program reads only one copy and XLA dropped the other from its arguments.
+  """
+  if not shared:
+    return 0
+  both = nbytes(frozen["phi_base"])
+  return 0 if compiled.memory_analysis().argument_size_in_bytes < nbytes(frozen) - both / 2 else both
+
+
 def compile_step(step, state, key, frozen):
   """(compiled step, seconds to lower and compile, TFLOP of the lowered program).
 
@@ -304,10 +317,7 @@ def bench_sd(args, base: dict) -> None:
           state = jax.eval_shape(init, frozen, key)
           step = train_step.make_train_step(config, models, frozen, res)
           compiled, compile_s, tflop = compile_step(step, state, key, frozen)
-          shared = phi_base == "prior"
-          shared_bytes = nbytes(frozen["phi_base"]) if shared else 0
-          if compiled.memory_analysis().argument_size_in_bytes < nbytes(frozen) - shared_bytes / 2:
-            shared_bytes = 0  # One copy is unused, so not an argument.
+          shared = shared_bytes(compiled, frozen, phi_base == "prior")
           sd = frozen["prior"]["sd"]
           row = dict(
             bench="sd_step",
@@ -325,7 +335,7 @@ def bench_sd(args, base: dict) -> None:
             overrides=args.set,
             compile_s=round(compile_s, 2),
             tflop=tflop,
-            memory=memory(compiled, shared_bytes),
+            memory=memory(compiled, shared),
             state_bytes={k: nbytes(v) for k, v in state.items()},
             frozen_bytes={
               "prior_unet": nbytes(sd.unet_params),
@@ -337,14 +347,14 @@ def bench_sd(args, base: dict) -> None:
             },
           )
           if args.time:
-            real_frozen = materialize(frozen, shared, 0)
+            real_frozen = materialize(frozen, phi_base == "prior", 0)
             real_state = jax.jit(init)(real_frozen, key)
             seconds, profile = time_steps(
               compiled, real_state, key, real_frozen, args.repeats, args.warmup, args.profile
             )
             row["value"] = round(seconds, 5)
             row["per_particle_s"] = round(seconds / n, 5)
-            row["memory"] = memory(compiled, shared_bytes)  # With the device peak.
+            row["memory"] = memory(compiled, shared)  # With the device peak.
             if profile:
               row["profile"] = profile
             del real_frozen, real_state

@@ -190,7 +190,7 @@ def _builtin(field: str, name: str) -> str:
   return builtin
 
 
-def build_abstract(config):
+def build_abstract(config, previous=None):
   """(Models, frozen) as `build` returns them for Stable Diffusion, without weights.
 
   The architectures are the shipped configs named by the last part of
@@ -198,6 +198,8 @@ def build_abstract(config):
   stable-diffusion-2-1-base; eps_phi.base may be "prior"). Params and
   embeddings in `frozen` are jax.ShapeDtypeStruct, so the train step of the
   real models can be traced (jax.eval_shape) or compiled on any machine.
+  `previous` (stages.previous's pairs) stands in for the runs of init_from;
+  None reads them.
   """
   if config.prior.kind != "stable_diffusion":
     raise checks.ConfigError("config field prior.kind: build_abstract is for 'stable_diffusion'")
@@ -216,7 +218,9 @@ def build_abstract(config):
     "phi_base": {},
     "phi_emb": jax.ShapeDtypeStruct((n_tokens, width), jnp.float32),
   }
-  representation = representations.make(config, stages.previous(config))
+  if previous is None:
+    previous = stages.previous(config)
+  representation = representations.make(config, previous)
   frozen["representation"] = representation.data()
   phi = None
   if config.guidance.mode == "vsd":

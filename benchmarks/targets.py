@@ -1,0 +1,214 @@
+"""Each stage's train step compiled for accelerators this machine does not have.
+
+Prints one JSON object per line. The step of each --stages entry is built at
+Stable Diffusion 2.1-base's real shapes without weights (models.build_abstract:
+every parameter, embedding and state leaf a jax.ShapeDtypeStruct) and compiled
+by the target's own compiler for a topology of compile-only devices
+(jax.experimental.topologies; TPUs through libtpu, `pip install "jax[tpu]"`).
+The particles x views mesh is training/sharding.py's over the target's chips.
+
+Stages: "1@64" and "1@512" (experiments/vsd.py, NeRF, render 64 or 512),
+"2" (experiments/vsd_geometry.py: DMTet normal maps at 512, SDS), "3"
+(experiments/vsd_texture.py: texture at 512, VSD). Stages 2 and 3 start from
+runs made here, shaped as real ones: a grid-64 sphere DMTet (the start without
+init_from) and, for stage 3, that sphere's mesh (24,472 faces) textured from a
+stage-1 NeRF field, as the official code starts it.
+
+Each row: bench "target", target, stage, resolution, n_particles,
+views_per_step, mesh ([particle, view] chips), prior_dtype, phi_base,
+overrides, compile_s, and per device: memory (the compiler's analysis in
+bytes: arguments, outputs, alias, temp, generated_code, shared and total, as
+xla_memory.memory), hbm (bytes), fits (compiled and total <= hbm), tflop and
+bytes_accessed (the compiled program's cost analysis) and roofline_s = max(
+FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth), a lower bound on the step's
+time. A program the compiler refuses gives fits false and its error.
+
+--effort sets the compiler's exec_time_optimization_effort (-1 to 1; 0 is its
+default): -1 compiles SD steps about 10x faster, with the same memory analysis
+to within 1 % (measured on the stage-1 512 step); runtime code may be slower.
+
+  python benchmarks/targets.py                                   # v5e-1, every stage, n = V = 1
+  python benchmarks/targets.py --targets v5e-8,v4-8 --particles 4 --views 1,4
+  python benchmarks/targets.py --stages 1@512 --set render.ray_batch=8192
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+from jax.experimental import topologies
+from jax.sharding import AxisType
+import jax.numpy as jnp
+import numpy as np
+
+from train_step import load_config, shared_bytes
+from vsdjax import checks
+from vsdjax.representations.mesh import dmtet
+from vsdjax.representations.nerf import scene
+from vsdjax.training import models as models_lib, sharding, train_step
+from xla_memory import memory
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A chip and topology to compile for, with its published peaks (per chip)."""
+
+  topology: str  # get_topology_desc's topology_name
+  host_bounds: tuple  # chips_per_host_bounds
+  hbm: float  # bytes of HBM
+  bf16_flops: float  # peak dense bfloat16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+
+
+TARGETS = {
+  "v5e-1": Target("v5e:1x1", (1, 1, 1), 16 * 2**30, 197e12, 819e9),  # Colab
+  "v5e-8": Target("v5e:2x4", (2, 4, 1), 16 * 2**30, 197e12, 819e9),  # Kaggle
+  "v6e-1": Target("v6e:1x1", (1, 1, 1), 32 * 2**30, 918e12, 1640e9),
+  "v4-8": Target("v4:2x2x1", (2, 2, 1), 32 * 2**30, 275e12, 1228e9),
+}
+STAGES = {
+  "1@64": ("vsd.py", 64),
+  "1@512": ("vsd.py", 512),
+  "2": ("vsd_geometry.py", 512),
+  "3": ("vsd_texture.py", 512),
+}
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--targets", default="v5e-1", help="comma-separated, of " + ", ".join(TARGETS))
+  p.add_argument("--stages", default="1@64,1@512,2,3", help="comma-separated, of " + ", ".join(STAGES))
+  p.add_argument("--particles", default="1", help="comma-separated n_particles")
+  p.add_argument("--views", default="1", help="comma-separated views_per_step")
+  p.add_argument("--prior-dtype", default="bfloat16", help="prior.dtype (auto means the CPU's here)")
+  p.add_argument(
+    "--phi-base", default="prior", help="eps_phi.base: prior (the notebook's) or the config's"
+  )
+  p.add_argument("--effort", type=float, default=0.0, help="exec_time_optimization_effort")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  args = p.parse_args()
+  args.targets, args.stages = args.targets.split(","), args.stages.split(",")
+  for name, values, known in (("--targets", args.targets, TARGETS), ("--stages", args.stages, STAGES)):
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+      p.error(f"{name}: unknown {unknown}, expected some of {list(known)}")
+  args.particles = [int(v) for v in args.particles.split(",")]
+  args.views = [int(v) for v in args.views.split(",")]
+  return args
+
+
+def devices(target: Target):
+  topo = topologies.get_topology_desc(
+    topology_name=target.topology,
+    platform="tpu",
+    chip_config_name="default",
+    chips_per_host_bounds=target.host_bounds,
+    num_slices=1,
+    wrap=(False, False, False),
+  )
+  return topo.devices
+
+
+def stage_runs(stage: str, n: int) -> tuple:
+  """The runs a stage starts from (stages.previous's pairs), made here: () for stages 1 and 2.
+
+  Stage 3: a grid-64 sphere DMTet (vsd_geometry.py without init_from, on the
+  whole cube: the fitted box changes no shape) and a stage-1 NeRF whose field
+  the texture starts from (zeros of its shapes).
+  """
+  if stage != "3":
+    return ()
+  geometry = load_config(os.path.join(_ROOT, "experiments", "vsd_geometry.py"), [])
+  geometry.init_from, geometry.n_particles, geometry.mesh.fit_box = "", n, False
+  sdf0 = dmtet.DMTet.from_config(geometry).sdf0  # [n, V]
+  shapes = {"sdf": sdf0, "deformation": np.zeros(sdf0.shape + (3,), np.float32)}
+  nerf = load_config(os.path.join(_ROOT, "experiments", "vsd.py"), [])
+  field = jax.eval_shape(functools.partial(scene.init, spec=scene.spec_from_config(nerf)), jax.random.PRNGKey(0))
+  field = jax.tree.map(lambda a: np.zeros((n,) + a.shape, a.dtype), field)
+  return ((geometry, shapes), (nerf, field))
+
+
+def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
+  target = TARGETS[target_name]
+  path, res = STAGES[stage]
+  config = load_config(os.path.join(_ROOT, "experiments", path), args.set)
+  config.init_from = ""
+  config.n_particles, config.views_per_step = n, views
+  config.render.resolution = res
+  config.prior.dtype = args.prior_dtype
+  if config.guidance.mode == "vsd" and args.phi_base == "prior":
+    config.eps_phi.base = "prior"
+  checks.validate_config(config)
+  chips = devices(target)
+  p_size, v_size = sharding.mesh_shape(config, len(chips))
+  mesh = jax.make_mesh(
+    (p_size, v_size),
+    (sharding.PARTICLES, sharding.VIEWS),
+    (AxisType.Auto,) * 2,
+    devices=chips[: p_size * v_size],
+  )
+  models, frozen = models_lib.build_abstract(config, stage_runs(stage, n))
+  frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), frozen)
+  init = functools.partial(train_step.init_state, config, models)
+  state = jax.eval_shape(init, frozen, jax.random.PRNGKey(0))
+  step = train_step.make_train_step(config, models, frozen, res, mesh)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  row = dict(
+    bench="target",
+    target=target_name,
+    topology=target.topology,
+    stage=stage,
+    representation=config.representation,
+    mode=config.guidance.mode,
+    resolution=res,
+    n_particles=n,
+    views_per_step=views,
+    mesh=[p_size, v_size],
+    prior_dtype=args.prior_dtype,
+    phi_base=config.eps_phi.base if config.guidance.mode == "vsd" else None,
+    effort=args.effort,
+    overrides=args.set,
+    jax=jax.__version__,
+    hbm=target.hbm,
+  )
+  start = time.perf_counter()
+  try:
+    lowered = step.jitted.lower(state, key, frozen)
+    options = {"exec_time_optimization_effort": args.effort} if args.effort else None
+    compiled = lowered.compile(compiler_options=options)
+  except Exception as e:  # pylint: disable=broad-except  # The compiler's verdict.
+    row.update(compile_s=round(time.perf_counter() - start, 1), fits=False, error=str(e)[:400])
+    return row
+  row["compile_s"] = round(time.perf_counter() - start, 1)
+  mem = memory(compiled, shared_bytes(compiled, frozen, config.eps_phi.base == "prior"))
+  cost = compiled.cost_analysis()
+  flops, accessed = cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
+  row.update(
+    memory=mem,
+    total_gb=round(mem["total"] / _GB, 2),
+    fits=mem["total"] <= target.hbm,
+    tflop=round(flops / 1e12, 3),
+    bytes_accessed=accessed,
+    roofline_s=round(max(flops / target.bf16_flops, accessed / target.hbm_bandwidth), 4),
+  )
+  return row
+
+
+def main():
+  args = parse_args()
+  for target in args.targets:
+    for stage in args.stages:
+      for n in args.particles:
+        for views in args.views:
+          print(json.dumps(compile_row(args, target, stage, n, views)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
