@@ -41,11 +41,11 @@ import time
 
 import jax
 from jax.experimental import topologies
-from jax.sharding import AxisType
 import jax.numpy as jnp
+from jax.sharding import AxisType
 import numpy as np
-
 from train_step import load_config, shared_bytes
+
 from vsdjax import checks
 from vsdjax.representations.mesh import dmtet
 from vsdjax.representations.nerf import scene
@@ -58,20 +58,59 @@ _GB = 1e9
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """A chip and topology to compile for, with its published peaks (per chip)."""
+  """A chip and topology to compile for, with its published peaks (per chip).
+
+  TPUs: topology and host_bounds as get_topology_desc takes them. GPUs
+  (platform "cuda"): one device, and `gpu` the fields of XLA's
+  GpuTargetConfigProto's gpu_device_info that differ between the chips.
+  """
 
   topology: str  # get_topology_desc's topology_name
-  host_bounds: tuple  # chips_per_host_bounds
-  hbm: float  # bytes of HBM
-  bf16_flops: float  # peak dense bfloat16 FLOP/s
+  hbm: float  # bytes of device memory
+  bf16_flops: float  # peak dense bfloat16 FLOP/s (T4: float16)
   hbm_bandwidth: float  # bytes/s
+  host_bounds: tuple = (1, 1, 1)  # TPU chips_per_host_bounds
+  platform: str = "tpu"
+  gpu: tuple = ()  # (name, sm, SMs, L2 bytes, clock GHz, shared memory per SM, threads per SM)
 
 
 TARGETS = {
-  "v5e-1": Target("v5e:1x1", (1, 1, 1), 16 * 2**30, 197e12, 819e9),  # Colab
-  "v5e-8": Target("v5e:2x4", (2, 4, 1), 16 * 2**30, 197e12, 819e9),  # Kaggle
-  "v6e-1": Target("v6e:1x1", (1, 1, 1), 32 * 2**30, 918e12, 1640e9),
-  "v4-8": Target("v4:2x2x1", (2, 2, 1), 32 * 2**30, 275e12, 1228e9),
+  "v5e-1": Target("v5e:1x1", 16 * 2**30, 197e12, 819e9),  # Colab
+  "v5e-8": Target("v5e:2x4", 16 * 2**30, 197e12, 819e9, (2, 4, 1)),  # Kaggle
+  "v6e-1": Target("v6e:1x1", 32 * 2**30, 918e12, 1640e9),
+  "v4-8": Target("v4:2x2x1", 32 * 2**30, 275e12, 1228e9, (2, 2, 1)),
+  "h100-80": Target(
+    "1x1x1",
+    80 * 2**30,
+    989e12,
+    3.35e12,
+    platform="cuda",
+    gpu=("NVIDIA H100 80GB HBM3", (9, 0), 132, 50 * 2**20, 1.98, 228 * 1024, 2048),
+  ),
+  "a100-40": Target(
+    "1x1x1",
+    40 * 2**30,
+    312e12,
+    1.555e12,
+    platform="cuda",
+    gpu=("NVIDIA A100-SXM4-40GB", (8, 0), 108, 40 * 2**20, 1.41, 164 * 1024, 2048),
+  ),
+  "l4-24": Target(
+    "1x1x1",
+    24 * 2**30,
+    121e12,
+    300e9,
+    platform="cuda",
+    gpu=("NVIDIA L4", (8, 9), 58, 48 * 2**20, 2.04, 100 * 1024, 1536),
+  ),
+  "t4-16": Target(
+    "1x1x1",
+    16 * 2**30,
+    65e12,
+    320e9,
+    platform="cuda",
+    gpu=("Tesla T4", (7, 5), 40, 4 * 2**20, 1.59, 64 * 1024, 1024),
+  ),
 }
 STAGES = {
   "1@64": ("vsd.py", 64),
@@ -84,10 +123,14 @@ STAGES = {
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--targets", default="v5e-1", help="comma-separated, of " + ", ".join(TARGETS))
-  p.add_argument("--stages", default="1@64,1@512,2,3", help="comma-separated, of " + ", ".join(STAGES))
+  p.add_argument(
+    "--stages", default="1@64,1@512,2,3", help="comma-separated, of " + ", ".join(STAGES)
+  )
   p.add_argument("--particles", default="1", help="comma-separated n_particles")
   p.add_argument("--views", default="1", help="comma-separated views_per_step")
-  p.add_argument("--prior-dtype", default="bfloat16", help="prior.dtype (auto means the CPU's here)")
+  p.add_argument(
+    "--prior-dtype", default="bfloat16", help="prior.dtype (auto means the CPU's here)"
+  )
   p.add_argument(
     "--phi-base", default="prior", help="eps_phi.base: prior (the notebook's) or the config's"
   )
@@ -95,7 +138,10 @@ def parse_args():
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   args = p.parse_args()
   args.targets, args.stages = args.targets.split(","), args.stages.split(",")
-  for name, values, known in (("--targets", args.targets, TARGETS), ("--stages", args.stages, STAGES)):
+  for name, values, known in (
+    ("--targets", args.targets, TARGETS),
+    ("--stages", args.stages, STAGES),
+  ):
     unknown = sorted(set(values) - set(known))
     if unknown:
       p.error(f"{name}: unknown {unknown}, expected some of {list(known)}")
@@ -104,7 +150,30 @@ def parse_args():
   return args
 
 
+def gpu_target_config(target: Target) -> str:
+  """XLA's GpuTargetConfigProto (text) of a GPU target, from its published figures."""
+  name, (major, minor), sms, l2, clock, smem, threads = target.gpu
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem} shared_memory_per_block_optin: {smem - 1024}
+  threads_per_core_limit: {threads} core_count: {sms} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(target.hbm_bandwidth)} l2_cache_size: {l2} clock_rate_ghz: {clock}
+  device_memory_size: {int(target.hbm)} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536 cuda_compute_capability {{ major: {major} minor: {minor} }}
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 8 }} runtime_version {{ major: 12 minor: 9 }}
+device_description_str: "{name}"
+"""
+
+
 def devices(target: Target):
+  """Compile-only devices of `target` (GPUs need jax's CUDA plugin, `jax[cuda12]`)."""
+  if target.platform == "cuda":
+    topo = topologies.get_topology_desc(
+      platform="cuda", topology=target.topology, target_config=gpu_target_config(target)
+    )
+    return topo.devices
   topo = topologies.get_topology_desc(
     topology_name=target.topology,
     platform="tpu",
@@ -130,7 +199,9 @@ def stage_runs(stage: str, n: int) -> tuple:
   sdf0 = dmtet.DMTet.from_config(geometry).sdf0  # [n, V]
   shapes = {"sdf": sdf0, "deformation": np.zeros(sdf0.shape + (3,), np.float32)}
   nerf = load_config(os.path.join(_ROOT, "experiments", "vsd.py"), [])
-  field = jax.eval_shape(functools.partial(scene.init, spec=scene.spec_from_config(nerf)), jax.random.PRNGKey(0))
+  field = jax.eval_shape(
+    functools.partial(scene.init, spec=scene.spec_from_config(nerf)), jax.random.PRNGKey(0)
+  )
   field = jax.tree.map(lambda a: np.zeros((n,) + a.shape, a.dtype), field)
   return ((geometry, shapes), (nerf, field))
 
@@ -188,12 +259,15 @@ def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
     return row
   row["compile_s"] = round(time.perf_counter() - start, 1)
   mem = memory(compiled, shared_bytes(compiled, frozen, config.eps_phi.base == "prior"))
-  cost = compiled.cost_analysis()
+  cost, source = compiled.cost_analysis(), "compiled"
+  if not cost:  # GPU compile-only executables have none: the program before optimisation.
+    cost, source = lowered.cost_analysis(), "lowered"
   flops, accessed = cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
   row.update(
     memory=mem,
     total_gb=round(mem["total"] / _GB, 2),
     fits=mem["total"] <= target.hbm,
+    cost=source,
     tflop=round(flops / 1e12, 3),
     bytes_accessed=accessed,
     roofline_s=round(max(flops / target.bf16_flops, accessed / target.hbm_bandwidth), 4),

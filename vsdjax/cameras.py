@@ -267,7 +267,11 @@ def _rays(c2w, fovy, height, width):
   y = jnp.broadcast_to(-rows[:, None] / focal, batch + (height, width))
   d_cam = jnp.stack([x, y, -jnp.ones_like(x)], axis=-1)  # [..., H, W, 3]
   rot = jnp.broadcast_to(c2w[..., :3, :3], batch + (3, 3))  # [..., 3, 3]
-  d_world = jnp.einsum("...ij,...hwj->...hwi", rot, d_cam)  # [..., H, W, 3]
+  # HIGHEST: a TPU's default float32 matmul is one bfloat16 pass (8 significant bits), which
+  # would move a 512x512 camera's rays by pixels and merge adjacent ones.
+  d_world = jnp.einsum(
+    "...ij,...hwj->...hwi", rot, d_cam, precision=jax.lax.Precision.HIGHEST
+  )  # [..., H, W, 3]
   directions = _safe_normalize(d_world)
   position = jnp.broadcast_to(c2w[..., :3, 3], batch + (3,))  # [..., 3]
   origins = jnp.broadcast_to(position[..., None, None, :], directions.shape)

@@ -202,7 +202,7 @@ def _sdf_cone(p):
   # Point in the meridian half-plane (radial, axial), apex at the origin.
   w = jnp.stack([_safe_norm(p[..., :2]), p[..., 2] - DIMS.cone_half_height], axis=-1)  # [..., 2]
   # Nearest points on the slanted side and on the base disc.
-  a = w - q * jnp.clip(jnp.sum(w * q, axis=-1, keepdims=True) / (q @ q), 0.0, 1.0)
+  a = w - q * jnp.clip(jnp.sum(w * q, axis=-1, keepdims=True) / jnp.sum(q * q), 0.0, 1.0)
   b = w - q * jnp.stack([jnp.clip(w[..., 0] / q[0], 0.0, 1.0), jnp.ones_like(w[..., 0])], axis=-1)
   dist2 = jnp.minimum(jnp.sum(a**2, axis=-1), jnp.sum(b**2, axis=-1))
   # Positive outside: beyond the slanted side or below the base (q.y < 0).
@@ -358,7 +358,7 @@ def _render_rays(refs, o, d, background, light, ambient, n_steps, t_max, hit_eps
   for ref in refs:
     t, hit = _trace(ref.shape, o, d, n_steps, t_max, hit_eps)  # [N], [N]
     normal = _normal(ref.shape, o + t[:, None] * d)  # [N, 3]
-    lambert = jnp.maximum(normal @ light, 0.0)  # [N]
+    lambert = jnp.maximum(jnp.sum(normal * light, axis=-1), 0.0)  # [N]
     albedo = jnp.asarray(ref.color, jnp.float32)  # [3]
     shaded = albedo * (ambient + (1.0 - ambient) * lambert[:, None])  # [N, 3]
     out["rgb"].append(jnp.where(hit[:, None], shaded, background))

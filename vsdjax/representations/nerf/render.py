@@ -52,6 +52,9 @@ PointFn = Callable[[jnp.ndarray, jnp.ndarray], Dict[str, jnp.ndarray]]
 # Directions smaller than this per component are treated as this (with their
 # sign) in the slab test, so 1 / d stays finite.
 _TINY_DIRECTION = 1e-15
+# The compositing sums over a chunk's samples in full float32: a TPU's default float32
+# einsum is one bfloat16 pass (8 significant bits).
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,14 +225,14 @@ def render(
     w = alpha * trans  # [R, C]
     rgb = field["rgb"].reshape(n_rays, chunk, 3)  # [R, C, 3]
     new = {
-      "rgb": sums["rgb"] + jnp.einsum("rc,rck->rk", w, rgb),
+      "rgb": sums["rgb"] + jnp.einsum("rc,rck->rk", w, rgb, precision=_EXACT),
       "opacity": sums["opacity"] + jnp.sum(w, axis=-1),
       "depth": sums["depth"] + jnp.sum(w * t, axis=-1),
     }
     if has_normal:
       normal = field["normal"].reshape(n_rays, chunk, 3)  # [R, C, 3]
-      facing = jnp.einsum("rck,rk->rc", normal, unit_d)  # [R, C]
-      new["normal"] = sums["normal"] + jnp.einsum("rc,rck->rk", w, normal)
+      facing = jnp.einsum("rck,rk->rc", normal, unit_d, precision=_EXACT)  # [R, C]
+      new["normal"] = sums["normal"] + jnp.einsum("rc,rck->rk", w, normal, precision=_EXACT)
       new["orientation"] = sums["orientation"] + jnp.sum(
         jax.lax.stop_gradient(w) * jnp.square(jnp.maximum(facing, 0.0)), axis=-1
       )
