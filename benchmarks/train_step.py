@@ -197,7 +197,9 @@ def shared_bytes(compiled, frozen: dict, shared: bool) -> int:
   if not shared:
     return 0
   both = nbytes(frozen["phi_base"])
-  return 0 if compiled.memory_analysis().argument_size_in_bytes < nbytes(frozen) - both / 2 else both
+  return (
+    0 if compiled.memory_analysis().argument_size_in_bytes < nbytes(frozen) - both / 2 else both
+  )
 
 
 def compile_step(step, state, key, frozen):
