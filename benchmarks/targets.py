@@ -9,9 +9,10 @@ The particles x views mesh is training/sharding.py's over the target's chips.
 
 Stages: "1@64" and "1@512" (experiments/vsd.py, NeRF, render 64 or 512),
 "2" (experiments/vsd_geometry.py: DMTet normal maps at 512, SDS), "3"
-(experiments/vsd_texture.py: texture at 512, VSD). Stages 2 and 3 start from
+(experiments/vsd_texture.py: texture at 512, VSD), and "sds@512" (experiments/
+sds.py: the SDS baseline's NeRF at 512). Stages 2 and 3 start from
 runs made here, shaped as real ones: a grid-64 sphere DMTet (the start without
-init_from) and, for stage 3, that sphere's mesh (24,472 faces) textured from a
+init_from) and, for stage 3, that sphere's mesh textured from a
 stage-1 NeRF field, as the official code starts it.
 
 Each row: bench "target", target, stage, resolution, n_particles,
@@ -117,6 +118,7 @@ STAGES = {
   "1@512": ("vsd.py", 512),
   "2": ("vsd_geometry.py", 512),
   "3": ("vsd_texture.py", 512),
+  "sds@512": ("sds.py", 512),
 }
 
 
@@ -210,7 +212,6 @@ def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
   target = TARGETS[target_name]
   path, res = STAGES[stage]
   config = load_config(os.path.join(_ROOT, "experiments", path), args.set)
-  config.init_from = ""
   config.n_particles, config.views_per_step = n, views
   config.render.resolution = res
   config.prior.dtype = args.prior_dtype
