@@ -20,9 +20,10 @@ views_per_step, mesh ([particle, view] chips), prior_dtype, phi_base,
 overrides, compile_s, and per device: memory (the compiler's analysis in
 bytes: arguments, outputs, alias, temp, generated_code, shared and total, as
 xla_memory.memory), hbm (bytes), fits (compiled and total <= hbm), tflop and
-bytes_accessed (the compiled program's cost analysis) and roofline_s = max(
-FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth), a lower bound on the step's
-time. A program the compiler refuses gives fits false and its error.
+bytes_accessed (the compiled program's cost analysis; a gather or scatter
+counts its whole table), flop_s = FLOPs / peak bf16 FLOP/s, byte_s = bytes /
+HBM bandwidth and roofline_s, the larger: a lower bound on the step's time
+where the byte count is one. A program the compiler refuses gives fits false and its error.
 
 --effort sets the compiler's exec_time_optimization_effort (-1 to 1; 0 is its
 default): -1 compiles SD steps about 10x faster, with the same memory analysis
@@ -271,6 +272,8 @@ def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
     cost=source,
     tflop=round(flops / 1e12, 3),
     bytes_accessed=accessed,
+    flop_s=round(flops / target.bf16_flops, 4),
+    byte_s=round(accessed / target.hbm_bandwidth, 4),
     roofline_s=round(max(flops / target.bf16_flops, accessed / target.hbm_bandwidth), 4),
   )
   return row
