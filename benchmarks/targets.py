@@ -21,7 +21,7 @@ overrides, compile_s, and per device: memory (the compiler's analysis in
 bytes: arguments, outputs, alias, temp, generated_code, shared and total, as
 xla_memory.memory), hbm (bytes), fits (compiled and total <= hbm), tflop and
 bytes_accessed (the compiled program's cost analysis; a gather or scatter
-counts its whole table), flop_s = FLOPs / peak bf16 FLOP/s, byte_s = bytes /
+counts at least its whole table), flop_s = FLOPs / peak bf16 FLOP/s, byte_s = bytes /
 HBM bandwidth and roofline_s, the larger: a lower bound on the step's time
 where the byte count is one. A program the compiler refuses gives fits false and its error.
 
@@ -56,6 +56,9 @@ from xla_memory import memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GB = 1e9
+# libtpu locks /tmp/libtpu_lockfile for the one process that may drive a TPU; compiling for
+# an absent one needs no exclusive access, so several runs (or a test) can compile at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @dataclasses.dataclass(frozen=True)
