@@ -116,7 +116,11 @@ def test_trainable_state_and_hash_grid_gradient_stay_float32_over_a_bfloat16_pri
 def test_auto_dtype_is_float32_on_the_cpu_and_bfloat16_on_accelerators():
   assert jax.default_backend() == "cpu"  # conftest.py
   assert models.prior_dtype("auto") == jnp.float32
-  assert models.prior_dtype("auto", "gpu") == models.prior_dtype("auto", "tpu") == jnp.bfloat16
+  assert (
+    models.prior_dtype("auto", "gpu", "9.0") == models.prior_dtype("auto", "tpu") == jnp.bfloat16
+  )
+  assert models.prior_dtype("auto", "gpu", "8.0") == jnp.bfloat16  # A100
+  assert models.prior_dtype("auto", "gpu", "7.5") == jnp.float32  # T4: no bfloat16 dot
   assert models.prior_dtype("bfloat16") == jnp.bfloat16
   assert models.prior_dtype("float32", "gpu") == jnp.float32
 

@@ -48,9 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.prior.kind = "stable_diffusion"  # "stable_diffusion" or "analytic"
   c.prior.name = "stabilityai/stable-diffusion-2-1-base"  # hub id or local diffusers folder
   c.prior.dtype = "auto"  # the frozen UNet / VAE: "float32", "bfloat16", or "auto" = bfloat16 on
-  # a GPU / TPU and float32 on the CPU (per backend: a run resumed on another kind of device
-  # switches; set it explicitly to pin it). Trainable state stays float32; bfloat16's error:
-  # benchmarks/README.md "precision.py"
+  # a TPU or GPU, float32 on the CPU and on GPUs without bfloat16 dots (compute capability < 8,
+  # a T4) (per kind of device: a run resumed on another switches; set it explicitly to pin
+  # it). Trainable state stays float32; bfloat16's error: benchmarks/README.md "precision.py"
   c.prior.attention = "fused"  # the UNets' attention (prior and eps_phi): "fused"
   # (jax.nn.dot_product_attention, cuDNN on a GPU in bfloat16, XLA elsewhere), "xla" or
   # "diffusers" (diffusers' own einsums); stable_diffusion.intercept_attention

@@ -77,16 +77,21 @@ def tiny_unet_config(channels, size: int, in_channels: int = 3) -> dict:
   }
 
 
-def prior_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+def prior_dtype(name: str, backend: str | None = None, compute_capability=None) -> jnp.dtype:
   """The frozen prior's dtype for config field prior.dtype ("auto", "float32", "bfloat16").
 
-  "auto" is float32 on the CPU and bfloat16 on accelerators (GPU, TPU), decided
-  by `backend` (default jax.default_backend()): the same on every run of one
-  backend, so a resumed run gets the dtype it started with unless it moved to
-  another kind of device.
+  "auto" is bfloat16 on TPUs and GPUs, float32 on the CPU and on GPUs of compute
+  capability below 8.0 (a T4: XLA has no bfloat16 dot there), decided by
+  `backend` (default jax.default_backend()) and `compute_capability` (default
+  the first device's): the same on every run of one kind of device, so a resumed
+  run gets the dtype it started with unless it moved to another kind.
   """
   if name == "auto":
-    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and compute_capability is None:
+      compute_capability = getattr(jax.devices()[0], "compute_capability", None)
+    old_gpu = backend == "gpu" and compute_capability and float(compute_capability) < 8.0
+    name = "float32" if backend == "cpu" or old_gpu else "bfloat16"
   return jnp.dtype(name)
 
 
