@@ -212,6 +212,22 @@ def stage_runs(stage: str, n: int) -> tuple:
   return ((geometry, shapes), (nerf, field))
 
 
+def program_cost(lowered, compiled) -> tuple:
+  """(XLA's cost analysis, "compiled" or "lowered"): the compiled program's where the
+  target gives one, else the program's before optimisation (compile-only GPUs)."""
+  cost = compiled.cost_analysis()
+  if cost:
+    return cost, "compiled"
+  cost = lowered.cost_analysis()
+  if not cost:  # jax 0.10's CUDA plugin has none: XLA's analysis on the CPU client.
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+
+    hlo = lowered.compiler_ir("hlo").as_hlo_module()
+    cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), hlo)
+  return cost, "lowered"
+
+
 def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
   target = TARGETS[target_name]
   path, res = STAGES[stage]
@@ -264,9 +280,7 @@ def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
     return row
   row["compile_s"] = round(time.perf_counter() - start, 1)
   mem = memory(compiled, shared_bytes(compiled, frozen, config.eps_phi.base == "prior"))
-  cost, source = compiled.cost_analysis(), "compiled"
-  if not cost:  # GPU compile-only executables have none: the program before optimisation.
-    cost, source = lowered.cost_analysis(), "lowered"
+  cost, source = program_cost(lowered, compiled)
   flops, accessed = cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
   row.update(
     memory=mem,
