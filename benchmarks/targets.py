@@ -17,7 +17,7 @@ stage-1 NeRF field, as the official code starts it.
 
 Each row: bench "target", target, stage, resolution, n_particles,
 views_per_step, mesh ([particle, view] chips), prior_dtype, phi_base,
-overrides, compile_s, and per device: memory (the compiler's analysis in
+level, overrides, xla_flags, compile_s, and per device: memory (the compiler's analysis in
 bytes: arguments, outputs, alias, temp, generated_code, shared and total, as
 xla_memory.memory), hbm (bytes), fits (compiled and total <= hbm), tflop and
 bytes_accessed (the compiled program's cost analysis; a gather or scatter
@@ -268,6 +268,7 @@ def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
     level=args.level or "default",
     overrides=args.set,
     jax=jax.__version__,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
     hbm=target.hbm,
   )
   start = time.perf_counter()
