@@ -9,10 +9,10 @@ Layouts of the same parameters (default GridSpec: 16 levels, F = 2, T = 2^19; it
 5 coarse levels, 16^3 .. 71^3 cells, fit the table and are indexed densely):
 
   current       hashgrid.encode: one [L, T, F] table; a coarse level uses the first
-                res^3 rows of its [T, F] slice; one gather, backward one scatter-add
-                into [L * T, F].
-  split         current, with the coarse and the hashed levels gathered apart (two
-                gathers from the same table): separates the layout from the split.
+                res^3 rows of its [T, F] slice; [8, L, N] rows (points minor), one
+                gather per feature, backward one scatter-add per feature into [L * T].
+  split         [N, L, 8] rows gathered as [.., F] rows, the coarse and the hashed
+                levels apart (two gathers from the same [L * T, F] table).
   dense         the coarse levels in their own rows, [sum_l size_l, F] (0.53M rows
                 instead of 5 * 2^19), the hashed levels in [L_h, T, F]: two gathers,
                 two scatter-adds into smaller tables.
@@ -96,7 +96,7 @@ def encode_dense(params: dict, x: jnp.ndarray, spec: hashgrid.GridSpec, sorted_b
   """hashgrid.encode on the dense layout; x: [N, 3] float32 -> [N, L * F]."""
   k, size, t = coarse_levels(spec), hashgrid.levels(spec).size, spec.table_size
   n_feat = spec.n_features
-  row, weights = hashgrid.corners(x, spec)  # [N, L, 8] each
+  row, weights = (a.transpose(2, 1, 0) for a in hashgrid.corners(x, spec))  # [N, L, 8] each
   start = jnp.asarray(np.concatenate([[0], np.cumsum(size[: k - 1])])[:, None], jnp.int32)
   coarse_rows = (row[:, :k] + start).reshape(-1)  # [N * K * 8]
   if sorted_bwd:
@@ -115,7 +115,7 @@ def encode_split(params: dict, x: jnp.ndarray, spec: hashgrid.GridSpec):
   """hashgrid.encode with the coarse and the hashed levels gathered apart (same table)."""
   k, t, n_feat = coarse_levels(spec), spec.table_size, spec.n_features
   flat = params["tables"].reshape(-1, n_feat)  # [L * T, F]
-  row, weights = hashgrid.corners(x, spec)  # [N, L, 8] each
+  row, weights = (a.transpose(2, 1, 0) for a in hashgrid.corners(x, spec))  # [N, L, 8] each
   row = row + jnp.asarray(np.arange(spec.n_levels)[:, None] * t, jnp.int32)
   coarse = flat.at[row[:, :k]].get(mode="promise_in_bounds")  # [N, K, 8, F]
   hashed = flat.at[row[:, k:]].get(mode="promise_in_bounds")  # [N, L - K, 8, F]

@@ -15,13 +15,14 @@ runs made here, shaped as real ones: a grid-64 sphere DMTet (the start without
 init_from) and, for stage 3, that sphere's mesh textured from a
 stage-1 NeRF field, as the official code starts it.
 
-Each row: bench "target", target, stage, resolution, n_particles,
-views_per_step, mesh ([particle, view] chips), prior_dtype, phi_base,
-level, overrides, xla_flags, compile_s, and per device: memory (the compiler's analysis in
+Each row: bench "target", target, topology, stage, representation, mode,
+resolution, n_particles, views_per_step, mesh ([particle, view] chips), prior_dtype, phi_base,
+level, overrides, jax, xla_flags, compile_s, and per device: memory (the compiler's analysis in
 bytes: arguments, outputs, alias, temp, generated_code, shared and total, as
 xla_memory.memory), hbm (bytes), fits (compiled and total <= hbm), tflop and
-bytes_accessed (the compiled program's cost analysis; a gather or scatter
-counts at least its whole table), flop_s = FLOPs / peak bf16 FLOP/s, byte_s = bytes /
+bytes_accessed (XLA's cost analysis of the compiled program, or of the
+lowered one where a compile-only GPU has none: `cost`; a gather counts at
+least its whole table), flop_s = FLOPs / peak bf16 FLOP/s, byte_s = bytes /
 HBM bandwidth and roofline_s, the larger: a lower bound on the step's time
 where the byte count is one. A program the compiler refuses gives fits false and its error.
 
@@ -29,7 +30,7 @@ where the byte count is one. A program the compiler refuses gives fits false and
 own). O0 compiles the SD steps for a TPU about 5x faster, with 4 % less temp
 memory on the stage-1 512 step; what it costs in step time needs a TPU.
 
-  python benchmarks/targets.py                                   # v5e-1, every stage, n = V = 1
+  python benchmarks/targets.py                                   # v5e-1, stages 1-3, n = V = 1
   python benchmarks/targets.py --targets v5e-8,v4-8 --particles 4 --views 1,4
   python benchmarks/targets.py --stages 1@512 --set render.ray_batch=8192
 """
@@ -55,7 +56,6 @@ from vsdjax.training import models as models_lib, sharding, train_step
 from xla_memory import memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_GB = 1e9
 # libtpu locks /tmp/libtpu_lockfile for the one process that may drive a TPU; compiling for
 # an absent one needs no exclusive access, so several runs (or a test) can compile at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -284,7 +284,6 @@ def compile_row(args, target_name: str, stage: str, n: int, views: int) -> dict:
   flops, accessed = cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
   row.update(
     memory=mem,
-    total_gb=round(mem["total"] / _GB, 2),
     fits=mem["total"] <= target.hbm,
     cost=source,
     tflop=round(flops / 1e12, 3),

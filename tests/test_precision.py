@@ -121,6 +121,7 @@ def test_auto_dtype_is_float32_on_the_cpu_and_bfloat16_on_accelerators():
   )
   assert models.prior_dtype("auto", "gpu", "8.0") == jnp.bfloat16  # A100
   assert models.prior_dtype("auto", "gpu", "7.5") == jnp.float32  # T4: no bfloat16 dot
+  assert models.prior_dtype("auto", "gpu", "gfx90a") == jnp.bfloat16  # ROCm
   assert models.prior_dtype("bfloat16") == jnp.bfloat16
   assert models.prior_dtype("float32", "gpu") == jnp.float32
 

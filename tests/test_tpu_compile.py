@@ -19,7 +19,7 @@ from vsdjax import checks
 from vsdjax.training import models, sharding, train_step
 
 # The toy step's total on v5e:1x1 is 0.14 GiB (arguments, outputs, temp, code); with the hash
-# grid's corners and features on the minor axes (padded to 128 lanes) it was 1.15 GiB.
+# grid's corners and features on the minor axes (padded to 128 lanes) it is 1.15 GiB.
 BUDGET = 2**29
 
 pytestmark = pytest.mark.skipif(

@@ -90,9 +90,16 @@ def prior_dtype(name: str, backend: str | None = None, compute_capability=None) 
     backend = backend or jax.default_backend()
     if backend == "gpu" and compute_capability is None:
       compute_capability = getattr(jax.devices()[0], "compute_capability", None)
-    old_gpu = backend == "gpu" and compute_capability and float(compute_capability) < 8.0
-    name = "float32" if backend == "cpu" or old_gpu else "bfloat16"
+    name = "float32" if backend == "cpu" or _before_ampere(compute_capability) else "bfloat16"
   return jnp.dtype(name)
+
+
+def _before_ampere(compute_capability) -> bool:
+  """Whether a CUDA compute capability ("7.5") is below 8.0; False for None or a ROCm "gfx90a"."""
+  try:
+    return float(compute_capability) < 8.0
+  except (TypeError, ValueError):
+    return False
 
 
 def _load(field: str, name: str, dtype) -> stable_diffusion.StableDiffusion:
