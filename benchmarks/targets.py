@@ -75,6 +75,7 @@ class Target:
   bf16_flops: float  # peak dense bfloat16 FLOP/s (T4: float16)
   hbm_bandwidth: float  # bytes/s
   host_bounds: tuple = (1, 1, 1)  # TPU chips_per_host_bounds
+  chip_config: str = "default"  # v4: "megacore", its two cores one device (jax's meshes need it)
   platform: str = "tpu"
   gpu: tuple = ()  # (name, sm, SMs, L2 bytes, clock GHz, shared memory per SM, threads per SM)
 
@@ -83,7 +84,7 @@ TARGETS = {
   "v5e-1": Target("v5e:1x1", 16 * 2**30, 197e12, 819e9),  # Colab
   "v5e-8": Target("v5e:2x4", 16 * 2**30, 197e12, 819e9, (2, 4, 1)),  # Kaggle
   "v6e-1": Target("v6e:1x1", 32 * 2**30, 918e12, 1640e9),
-  "v4-8": Target("v4:2x2x1", 32 * 2**30, 275e12, 1228e9, (2, 2, 1)),
+  "v4-8": Target("v4:2x2x1", 32 * 2**30, 275e12, 1228e9, (2, 2, 1), "megacore"),
   "h100-80": Target(
     "1x1x1",
     80 * 2**30,
@@ -183,7 +184,7 @@ def devices(target: Target):
   topo = topologies.get_topology_desc(
     topology_name=target.topology,
     platform="tpu",
-    chip_config_name="default",
+    chip_config_name=target.chip_config,
     chips_per_host_bounds=target.host_bounds,
     num_slices=1,
     wrap=(False, False, False),
