@@ -4,7 +4,8 @@ Prints one JSON object per line. The step of each --stages entry is built at
 Stable Diffusion 2.1-base's real shapes without weights (models.build_abstract:
 every parameter, embedding and state leaf a jax.ShapeDtypeStruct) and compiled
 by the target's own compiler for a topology of compile-only devices
-(jax.experimental.topologies; TPUs through libtpu, `pip install "jax[tpu]"`).
+(jax.experimental.topologies): TPUs through libtpu (`pip install "jax[tpu]"`),
+GPUs through jax's CUDA plugin (`jax[cuda12]`, run with JAX_PLATFORMS=cpu).
 The particles x views mesh is training/sharding.py's over the target's chips.
 
 Stages: "1@64" and "1@512" (experiments/vsd.py, NeRF, render 64 or 512),
