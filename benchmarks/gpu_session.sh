@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's GPU measurements, for one lease of the `device` tool (one run of
+# The step's GPU measurements, for one run of the `device` tool (one run of
 # at most 10 minutes): the whole SD 2.1-base VSD step on random weights, most
 # important first, one benchmark process at a time (nothing else compiles on
 # the GPU while one is timed), each its own process (its peak memory is its
@@ -84,7 +84,7 @@ sd_step 64 bfloat16 4
 stage unet_batch benchmarks/prior.py --batch 1,2,3 --dtypes bfloat16 --lora intercept,merge \
   --torch off
 
-# Stage 1's projected wall-clock (issue 11: 5k steps at 64 + 20k at 512) from
+# Stage 1's projected wall-clock (5k steps at 64 + 20k at 512) from
 # the bfloat16 rows, per particle count that has both.
 [ -n "${DRY:-}" ] || python3 - "$OUT/gpu.jsonl" << 'PY' | tee -a "$OUT/gpu.log"
 import json, sys
