@@ -1,6 +1,7 @@
 """Helpers shared by several test modules."""
 
 import jax
+from jax.extend import core as jex
 import numpy as np
 
 from vsdjax import defaults
@@ -103,3 +104,15 @@ def sharded_config(representation: str, steps: int, particles: int = 0, views: i
 def leaves(state):
   """The arrays of a state as numpy, in tree order."""
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, pjit, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jex.ClosedJaxpr):
+          sub = sub.jaxpr
+        if isinstance(sub, jex.Jaxpr):
+          yield from eqns(sub)

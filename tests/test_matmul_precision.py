@@ -14,6 +14,7 @@ from jax.extend import core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from helpers import eqns
 from vsdjax import cameras
 from vsdjax.prior.analytic import shapes
 from vsdjax.representations.mesh import dmtet, geometry, marching_tets, tetgrid
@@ -23,25 +24,13 @@ HIGHEST = jax.lax.Precision.HIGHEST
 CAMERA = cameras.from_spherical(1.3, 20.0, 35.0, 40.0)
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs nested in it (scan, pjit, ...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jex.ClosedJaxpr):
-          sub = sub.jaxpr
-        if isinstance(sub, jex.Jaxpr):
-          yield from _eqns(sub)
-
-
 def _rounded_dots(fn, *args) -> list:
   """The float dots of fn(*args) traced as on a TPU that do not ask for HIGHEST."""
   with jax.default_matmul_precision("bfloat16"):
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
   return [
     e
-    for e in _eqns(jaxpr)
+    for e in eqns(jaxpr)
     if e.primitive.name == "dot_general"
     and jnp.issubdtype(e.invars[0].aval.dtype, jnp.floating)
     and e.params["precision"] != (HIGHEST, HIGHEST)

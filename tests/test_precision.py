@@ -14,14 +14,13 @@ makes. A weight gradient is one more convolution per frozen convolution.
 import dataclasses
 
 import jax
-from jax.extend import core as jex
 from jax.extend.source_info_util import summarize
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import vsd
-from helpers import get
+from helpers import eqns, get
 from tiny_sd import tiny_sd, tiny_sd_dir  # noqa: F401 (fixtures)
 from vsdjax import checks, prior as prior_lib
 from vsdjax.guidance import lora as lora_lib
@@ -36,22 +35,10 @@ def _rel_l2(reference, approx) -> float:
   return float(np.linalg.norm(approx - reference) / np.linalg.norm(reference))
 
 
-def _eqns(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, pjit, ...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jex.ClosedJaxpr):
-          sub = sub.jaxpr
-        if isinstance(sub, jex.Jaxpr):
-          yield from _eqns(sub)
-
-
 def _convs(fn, *args) -> int:
   """Convolutions in the jaxpr of fn(*args)."""
   jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-  return sum(eqn.primitive.name == "conv_general_dilated" for eqn in _eqns(jaxpr))
+  return sum(eqn.primitive.name == "conv_general_dilated" for eqn in eqns(jaxpr))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +94,7 @@ def test_trainable_state_and_hash_grid_gradient_stay_float32_over_a_bfloat16_pri
   # the frozen UNet's own scatter-adds (its upsampling's gradient) are bfloat16.
   scatters = [
     e
-    for e in _eqns(closed.jaxpr)
+    for e in eqns(closed.jaxpr)
     if e.primitive.name == "scatter-add" and "hashgrid.py" in summarize(e.source_info)
   ]
   assert scatters and {e.outvars[0].aval.dtype for e in scatters} == {jnp.dtype(jnp.float32)}
@@ -152,7 +139,7 @@ def test_the_step_computes_no_weight_gradient_of_a_frozen_network(bf16_step):
   phi = _convs(jax.grad(lambda p: phi_loss(p)[0]), state["phi"])
   assert unet < phi <= 2 * unet  # forward and at most one input gradient per convolution
 
-  step = sum(e.primitive.name == "conv_general_dilated" for e in _eqns(closed.jaxpr))
+  step = sum(e.primitive.name == "conv_general_dilated" for e in eqns(closed.jaxpr))
   assert m.batch_with_prior and step == vae + unet + phi
 
 
@@ -173,7 +160,7 @@ def test_the_lora_update_makes_no_product_of_a_frozen_kernels_shape(bf16_step):
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     return sum(
       e.primitive.name == "dot_general" and e.outvars[0].aval.shape in kernel_shapes
-      for e in _eqns(jaxpr)
+      for e in eqns(jaxpr)
     )
 
   unmerged = lambda phi: m.eps_phi.loss(frozen["phi_base"], phi, x0, emb, camera, key)[0]
